@@ -1,0 +1,122 @@
+"""CIFAR-10/100 in the original python pickle format, with verified download."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import pickle
+import shutil
+import tarfile
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from ..errors import DataError
+from ..models.spec import DataSpec
+from .transforms import normalize
+
+log = logging.getLogger(__name__)
+
+# variant -> (url, md5 of the archive, folder inside it, test file, train files, label key)
+CIFAR_SOURCES = {
+    "cifar10": ("https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz", "c58f30108f718f92721af3b95e74349a",
+                "cifar-10-batches-py", ["test_batch"], [f"data_batch_{i}" for i in range(1, 6)], "labels"),
+    "cifar100": ("https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz", "eb9058c3a382ffc7106e4002c42a8d85",
+                 "cifar-100-python", ["test"], ["train"], "fine_labels"),
+}
+
+
+def _source(variant: str) -> tuple:
+    if variant not in CIFAR_SOURCES:
+        raise DataError(f"unknown CIFAR variant {variant!r}; use one of {sorted(CIFAR_SOURCES)}")
+    return CIFAR_SOURCES[variant]
+
+
+def _md5(path: Path) -> str:
+    h = hashlib.md5()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def download_cifar(root: str | Path, variant: str = "cifar10") -> Path:
+    """Download, md5-check and extract the archive under ``root``; return the extracted folder."""
+    url, md5, folder, *_ = _source(variant)
+    root = Path(root)
+    if (root / folder).is_dir():
+        return root / folder
+    root.mkdir(parents=True, exist_ok=True)
+    archive = root / url.rsplit("/", 1)[1]
+    if not archive.is_file() or _md5(archive) != md5:
+        _fetch(url, archive)
+    if _md5(archive) != md5:
+        raise DataError(f"{archive} has md5 {_md5(archive)}, expected {md5}: delete it and download again")
+    with tarfile.open(archive) as tar:
+        # The "data" filter refuses absolute paths and links out of root (Python >= 3.10.12 / 3.11.4).
+        kwargs = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+        tar.extractall(root, **kwargs)
+    return root / folder
+
+
+def _fetch(url: str, dest: Path) -> None:
+    log.info("downloading %s to %s", url, dest)
+    tmp = dest.with_name(dest.name + ".part")
+    try:
+        with urllib.request.urlopen(url, timeout=60) as r, open(tmp, "wb") as f:
+            shutil.copyfileobj(r, f)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise DataError(f"could not download {url}: {e}; download it by hand and extract it under "
+                        f"{dest.parent}") from e
+    tmp.replace(dest)
+
+
+def read_cifar_batch(path: Path, label_key: str) -> tuple[np.ndarray, np.ndarray]:
+    """One pickle -> (uint8 images N x 32 x 32 x 3, int64 labels)."""
+    try:
+        with open(path, "rb") as f:
+            d = pickle.load(f, encoding="latin1")
+    except (OSError, pickle.UnpicklingError, EOFError) as e:
+        raise DataError(f"cannot read CIFAR batch {path}: {e}") from e
+    d = {k.decode() if isinstance(k, bytes) else k: v for k, v in d.items()}
+    if "data" not in d or label_key not in d:
+        raise DataError(f"{path} is not a CIFAR batch: expected keys 'data' and {label_key!r}, got {list(d)}")
+    images = np.asarray(d["data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+    return images, np.asarray(d[label_key], dtype=np.int64)
+
+
+class CifarDataset(Dataset):
+    """The CIFAR test (or train) split as normalized tensors.
+
+    ``root`` holds ``cifar-10-batches-py/`` or ``cifar-100-python/`` (or is that folder itself).
+    """
+
+    def __init__(self, root: str | Path, spec: DataSpec, variant: str = "cifar10", train: bool = False,
+                 download: bool = False) -> None:
+        _, _, folder, test_files, train_files, label_key = _source(variant)
+        base = self._locate(Path(root), folder, variant, download)
+        batches = [read_cifar_batch(base / name, label_key) for name in (train_files if train else test_files)]
+        images = torch.from_numpy(np.concatenate([b[0] for b in batches])).permute(0, 3, 1, 2)
+        self.images = normalize(images.float().div_(255.0), spec)
+        self.labels = torch.from_numpy(np.concatenate([b[1] for b in batches]))
+        self.spec = spec
+
+    @staticmethod
+    def _locate(root: Path, folder: str, variant: str, download: bool) -> Path:
+        for cand in (root / folder, root):
+            if cand.is_dir() and cand.name == folder:
+                return cand
+        if download:
+            return download_cifar(root, variant)
+        raise DataError(f"{root / folder} not found: pass download=True (or --download) or extract "
+                        f"{_source(variant)[0]} under {root}")
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return self.images[i], int(self.labels[i])

@@ -1,0 +1,78 @@
+"""``root/<class>/<image>`` datasets (ImageFolder layout) without torchvision."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from ..errors import DataError
+from ..models.spec import DataSpec
+from .transforms import load_and_preprocess
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
+
+
+def read_class_index(path: str | Path) -> list[str]:
+    """One class name per line; a class's label is its (0-based) line number."""
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"class index file {p} does not exist")
+    return [line.strip() for line in p.read_text().splitlines() if line.strip()]
+
+
+def _images_in(folder: Path) -> list[Path]:
+    return sorted(f for f in folder.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+class ImageFolderDataset(Dataset):
+    """Images under ``root/<class>/``, returned as (normalized tensor, label).
+
+    Labels follow the sorted class folders, or the line numbers of ``class_index`` when given
+    (e.g. ImageNet's wnids.txt, so a 10-class subset keeps its 1000-way labels).
+    ``limit`` keeps at most that many images per class (the first in sorted file order).
+    """
+
+    def __init__(self, root: str | Path, spec: DataSpec, class_index: str | Path | None = None,
+                 limit: int | None = None) -> None:
+        self.root = Path(root)
+        self.spec = spec
+        folders = self._class_folders()
+        self.classes = [f.name for f in folders]
+        self.class_to_idx = self._labels(self.classes, class_index)
+        self.samples: list[tuple[Path, int]] = [
+            (img, self.class_to_idx[f.name]) for f in folders for img in _images_in(f)[:limit]
+        ]
+
+    def _class_folders(self) -> list[Path]:
+        if not self.root.is_dir():
+            raise DataError(f"image folder {self.root} does not exist")
+        folders = sorted(d for d in self.root.iterdir() if d.is_dir() and _images_in(d))
+        if not folders:
+            raise DataError(f"no images found under {self.root}: expected {self.root}/<class>/<image>.jpg "
+                            f"(one sub-folder per class, extensions {', '.join(IMAGE_EXTENSIONS)})")
+        return folders
+
+    @staticmethod
+    def _labels(classes: list[str], class_index: str | Path | None) -> dict[str, int]:
+        if class_index is None:
+            return {c: i for i, c in enumerate(classes)}
+        index = {c: i for i, c in enumerate(read_class_index(class_index))}
+        absent = [c for c in classes if c not in index]
+        if absent:
+            raise DataError(f"class folders {absent[:10]} ({len(absent)} in all) are not listed in "
+                            f"{class_index}; folder names must be lines of that file")
+        return {c: index[c] for c in classes}
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        path, label = self.samples[i]
+        return load_and_preprocess(path, self.spec), label
+
+
+def make_loader(dataset: Dataset, batch_size: int, num_workers: int = 0, shuffle: bool = False) -> DataLoader:
+    """A plain DataLoader; in-process loading by default (the images are small)."""
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers)

@@ -1,0 +1,82 @@
+"""Image preprocessing with PIL and torch only (torchvision is optional for sadag)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..errors import DataError
+from ..models.spec import DataSpec
+
+
+def load_image(path: str | Path) -> Image.Image:
+    """Open an image file as RGB; unreadable files raise DataError naming the file."""
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise DataError(f"cannot read image {path}: {e}") from e
+
+
+def resize_and_crop(img: Image.Image, spec: DataSpec) -> Image.Image:
+    """Shorter side to ``spec.resize`` then centre crop (the torchvision eval recipe).
+
+    Images that already are ``input_size`` square are returned untouched: datasets stored at the
+    model's resolution (CIFAR, the 224x224 val500 copy) must not be upscaled and cropped.
+    """
+    size = spec.input_size
+    if img.size == (size, size):
+        return img
+    if spec.resize is None:
+        return img.resize((size, size), Image.BILINEAR)
+    w, h = img.size
+    short, long = (w, h) if w <= h else (h, w)
+    new_long = int(spec.resize * long / short)
+    img = img.resize((spec.resize, new_long) if w <= h else (new_long, spec.resize), Image.BILINEAR)
+    return center_crop(img, size)
+
+
+def center_crop(img: Image.Image, size: int) -> Image.Image:
+    w, h = img.size
+    if w < size or h < size:
+        raise DataError(f"image of {w}x{h} pixels is smaller than the {size}x{size} crop; "
+                        f"set DataSpec.resize >= {size}")
+    left, top = int(round((w - size) / 2.0)), int(round((h - size) / 2.0))
+    return img.crop((left, top, left + size, top + size))
+
+
+def to_tensor(img: Image.Image) -> torch.Tensor:
+    """RGB PIL image -> float CHW tensor in [0, 1]."""
+    arr = np.asarray(img, dtype=np.uint8)
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255.0)
+
+
+def _stats(x: torch.Tensor, spec: DataSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    shape = (3, 1, 1) if x.dim() == 3 else (1, 3, 1, 1)
+    mean = torch.tensor(spec.mean, dtype=x.dtype, device=x.device).view(shape)
+    std = torch.tensor(spec.std, dtype=x.dtype, device=x.device).view(shape)
+    return mean, std
+
+
+def normalize(x: torch.Tensor, spec: DataSpec) -> torch.Tensor:
+    """[0, 1] images ((3,H,W) or (N,3,H,W)) -> model input."""
+    mean, std = _stats(x, spec)
+    return (x - mean) / std
+
+
+def denormalize(x: torch.Tensor, spec: DataSpec) -> torch.Tensor:
+    """Model input -> [0, 1] image range (not clamped)."""
+    mean, std = _stats(x, spec)
+    return x * std + mean
+
+
+def preprocess(img: Image.Image, spec: DataSpec) -> torch.Tensor:
+    """PIL image -> normalized (3, input_size, input_size) tensor."""
+    return normalize(to_tensor(resize_and_crop(img.convert("RGB"), spec)), spec)
+
+
+def load_and_preprocess(path: str | Path, spec: DataSpec) -> torch.Tensor:
+    return preprocess(load_image(path), spec)

@@ -1,0 +1,3 @@
+from .evaluate import evaluate
+
+__all__ = ["evaluate"]

@@ -1,0 +1,40 @@
+"""Top-1 / top-5 accuracy on real labelled images."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import Tensor, nn
+
+Progress = Callable[[str, int, int, dict[str, float]], None]
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    batches: Iterable[tuple[Tensor, Tensor]],
+    device: torch.device | str = "cpu",
+    progress: Progress | None = None,
+    stage: str = "evaluate",
+    total: int | None = None,
+) -> dict[str, float]:
+    """Return {"top1", "top5", "num_images"}; accuracies in percent. Counts stay on the device until the end."""
+    model.eval()
+    correct1 = torch.zeros((), dtype=torch.long, device=device)
+    correct5 = torch.zeros((), dtype=torch.long, device=device)
+    seen = 0
+    total = total if total is not None else len(batches) if hasattr(batches, "__len__") else 0
+    for step, (images, labels) in enumerate(batches, 1):
+        images, labels = images.to(device), labels.to(device)
+        logits = model(images)
+        top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        hits = top5 == labels[:, None]
+        correct1 += hits[:, 0].sum()
+        correct5 += hits.any(dim=1).sum()
+        seen += labels.numel()
+        if progress is not None:
+            progress(stage, step, total, {})
+    if seen == 0:
+        raise ValueError("no images to evaluate")
+    return {"top1": 100.0 * int(correct1) / seen, "top5": 100.0 * int(correct5) / seen, "num_images": seen}

@@ -1,0 +1,35 @@
+"""Synthetic calibration data: Genie-D, SADAG refinement, ZeroQ and noise baselines."""
+
+from .bn_stats import bn_layers, bn_statistics_loss, capture_bn_inputs, input_prior_loss
+from .common import DevicePlateau, Progress
+from .generator import GenieGenerator
+from .genie import GenieBatch, batch_sizes, generate_genie
+from .io import load_synthetic_set, save_synthetic_set
+from .noise import generate_noise
+from .sadag import diversity_loss, gradient_cosine, gradient_matching_loss, refine_sadag
+from .swing import SwingConv2d, swing_model, swing_shift
+from .zeroq import generate_zeroq
+
+__all__ = [
+    "DevicePlateau",
+    "GenieBatch",
+    "GenieGenerator",
+    "Progress",
+    "SwingConv2d",
+    "batch_sizes",
+    "bn_layers",
+    "bn_statistics_loss",
+    "capture_bn_inputs",
+    "diversity_loss",
+    "generate_genie",
+    "generate_noise",
+    "generate_zeroq",
+    "gradient_cosine",
+    "gradient_matching_loss",
+    "input_prior_loss",
+    "load_synthetic_set",
+    "refine_sadag",
+    "save_synthetic_set",
+    "swing_model",
+    "swing_shift",
+]

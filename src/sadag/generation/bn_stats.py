@@ -1,0 +1,75 @@
+"""BatchNorm-statistics losses (Genie's form) and the hooks that feed them."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import ModelError
+
+# Genie adds this fixed eps (not the layer's own) to running_var before the square root.
+BN_STD_EPS = 1e-6
+
+
+def bn_layers(model: nn.Module) -> list[nn.BatchNorm2d]:
+    """Every BatchNorm2d in module order; raises ModelError when there is none."""
+    layers = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    if not layers:
+        raise ModelError(
+            f"{type(model).__name__} has no BatchNorm2d layers: the BN-based methods (genie, sadag, zeroq) "
+            "need BatchNorm statistics to generate data; use --method noise or --method real instead"
+        )
+    return layers
+
+
+@contextlib.contextmanager
+def capture_bn_inputs(model: nn.Module) -> Iterator[list[Tensor | None]]:
+    """Yield a list whose slot i holds the latest input of the i-th BatchNorm2d (module order).
+
+    Slots are overwritten at every forward; the hooks are removed on exit, also on error.
+    """
+    layers = bn_layers(model)
+    captured: list[Tensor | None] = [None] * len(layers)
+
+    def make_hook(i: int):
+        def hook(_m: nn.Module, inputs: tuple[Tensor, ...], _out: Tensor) -> None:
+            captured[i] = inputs[0]
+        return hook
+
+    handles = [m.register_forward_hook(make_hook(i)) for i, m in enumerate(layers)]
+    try:
+        yield captured
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def bn_targets(layers: Sequence[nn.BatchNorm2d]) -> list[tuple[Tensor, Tensor]]:
+    """(running_mean, sqrt(running_var + 1e-6)) per layer, detached."""
+    return [(m.running_mean.detach(), torch.sqrt(m.running_var.detach() + BN_STD_EPS)) for m in layers]
+
+
+def bn_statistics_loss(inputs: Sequence[Tensor | None], bn_layers: Sequence[nn.BatchNorm2d]) -> Tensor:
+    """Genie's BN loss: sum over layers of (||mu_B - mu||^2 + ||sigma_B - sigma||^2) / C.
+
+    mu_B, sigma_B are the batch mean and unbiased std of the layer input over (N, H, W);
+    sigma = sqrt(running_var + 1e-6).
+    """
+    total: Tensor | None = None
+    for x, (mean, std) in zip(inputs, bn_targets(bn_layers), strict=True):
+        if x is None:
+            raise ModelError("a BatchNorm2d layer was not reached by the forward pass; cannot match its statistics")
+        b_std, b_mean = torch.std_mean(x, dim=(0, 2, 3))
+        term = ((b_mean - mean).square().sum() + (b_std - std).square().sum()) / mean.numel()
+        total = term if total is None else total + term
+    assert total is not None
+    return total
+
+
+def input_prior_loss(x: Tensor) -> Tensor:
+    """Push each image's per-channel mean to 0 and (unbiased) std to 1; summed, averaged over images."""
+    std, mean = torch.std_mean(x, dim=(2, 3))
+    return (mean.square().sum() + (std - 1.0).square().sum()) / x.shape[0]

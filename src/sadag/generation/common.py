@@ -1,0 +1,145 @@
+"""Helpers shared by the generators: seeding, freezing, a device-side plateau scheduler, progress."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from ..errors import NumericalError
+
+Progress = Callable[[str, int, int, dict[str, float]], None]
+LOG_EVERY = 50
+
+_STAGE_TAGS = {"genie-z": 1, "genie-g": 2, "swing": 3, "zeroq": 4, "sadag": 5}
+
+
+def batch_seed(seed: int, batch: int, stage: str) -> int:
+    """A 63-bit seed that depends only on (run seed, batch index, stage): batches are independent."""
+    state = np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(batch), _STAGE_TAGS[stage]])
+    return int(state.generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
+
+
+def cpu_generator(seed: int) -> torch.Generator:
+    gen = torch.Generator()
+    gen.manual_seed(seed)
+    return gen
+
+
+def model_device(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    for b in model.buffers():
+        return b.device
+    return torch.device("cpu")
+
+
+@contextlib.contextmanager
+def frozen_eval(*modules: nn.Module) -> Iterator[None]:
+    """Eval mode and requires_grad=False for the duration; the caller's flags are restored after."""
+    saved = [(m, m.training, [(p, p.requires_grad) for p in m.parameters()]) for m in modules]
+    try:
+        for m in modules:
+            m.eval()
+            m.requires_grad_(False)
+        yield
+    finally:
+        for m, training, flags in saved:
+            m.train(training)
+            for p, flag in flags:
+                p.requires_grad_(flag)
+
+
+def lr_dtype(device: torch.device) -> torch.dtype:
+    # On CPU Adam reads the lr as a Python scalar: float64 matches torch's float scheduler bit for bit.
+    # On accelerators Adam's capturable path divides float32 state by it: keep the usual float32.
+    return torch.float64 if device.type == "cpu" else torch.float32
+
+
+def _best_dtype(device: torch.device) -> torch.dtype:
+    return torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
+
+
+def tensor_lr_adam(params: list[Tensor], lr: float, device: torch.device) -> torch.optim.Adam:
+    """Adam whose lr is a device tensor, so a scheduler can change it without a host sync.
+
+    On CUDA-like devices `capturable=True` keeps the whole update on the device; on CPU the
+    tensor lr is read as a CPU scalar, which costs no device sync.
+    """
+    lr_t = torch.tensor(lr, dtype=lr_dtype(device), device=device)
+    capturable = device.type in ("cuda", "xpu", "hpu")
+    return torch.optim.Adam(params, lr=lr_t, capturable=capturable, foreach=False if not capturable else None)
+
+
+class DevicePlateau:
+    """ReduceLROnPlateau(mode="min", threshold_mode="rel", cooldown=0) kept on the device.
+
+    Same rule as torch's: the best loss improves when loss < best * (1 - threshold); after more than
+    `patience` non-improving steps, lr <- max(lr * factor, min_lr) (skipped if the change is <= eps)
+    and the counter resets. `lr` is the optimizer's tensor lr, updated in place.
+    """
+
+    def __init__(self, lr: Tensor, *, factor: float = 0.1, patience: int = 10, min_lr: float = 0.0,
+                 threshold: float = 1e-4, eps: float = 1e-8) -> None:
+        self.lr = lr
+        self.factor, self.patience, self.min_lr = factor, patience, min_lr
+        self.threshold, self.eps = threshold, eps
+        self.best = torch.full((), math.inf, dtype=_best_dtype(lr.device), device=lr.device)
+        self.bad = torch.zeros((), dtype=torch.int64, device=lr.device)
+
+    def step(self, loss: Tensor) -> None:
+        loss = loss.detach().to(self.best.dtype)
+        better = loss < self.best * (1.0 - self.threshold)
+        self.best = torch.where(better, loss, self.best)
+        bad = torch.where(better, torch.zeros_like(self.bad), self.bad + 1)
+        reduce = bad > self.patience
+        new_lr = torch.clamp(self.lr * self.factor, min=self.min_lr)  # stays in the lr's dtype
+        apply = reduce & (self.lr - new_lr > self.eps)
+        with torch.no_grad():
+            self.lr.copy_(torch.where(apply, new_lr, self.lr))
+        self.bad = torch.where(reduce, torch.zeros_like(bad), bad)
+
+
+class StageMonitor:
+    """Accumulates a non-finite flag on the device; syncs only at log intervals and batch ends."""
+
+    def __init__(self, stage: str, total: int, progress: Progress | None, log: logging.Logger,
+                 hint: str, log_every: int = LOG_EVERY) -> None:
+        self.stage, self.total, self.progress, self.log = stage, total, progress, log
+        self.hint, self.log_every = hint, max(1, log_every)
+        self.bad: Tensor | None = None
+
+    def observe(self, loss: Tensor) -> None:
+        flag = ~torch.isfinite(loss.detach())
+        self.bad = flag if self.bad is None else self.bad | flag
+
+    def due(self, it: int, iters: int) -> bool:
+        return (it + 1) % self.log_every == 0 or it + 1 == iters
+
+    def report(self, batch: int, it: int, step: int, metrics: dict[str, Tensor | float]) -> None:
+        """Check for NaN/inf and emit progress; the only place the loop touches host values."""
+        names = list(metrics)
+        dev = next((v.device for v in metrics.values() if isinstance(v, Tensor)), torch.device("cpu"))
+        stacked = torch.stack([torch.as_tensor(metrics[n], device=dev).detach().to(torch.float64).reshape(())
+                               for n in names])
+        values = stacked.tolist()  # one host sync for all metrics
+        out = dict(zip(names, values, strict=True))
+        self.check(batch, it, out.get("loss", 0.0))
+        out["batch"] = float(batch)
+        self.log.debug("%s batch %d iteration %d: %s", self.stage, batch, it + 1,
+                       ", ".join(f"{k}={v:.4g}" for k, v in out.items()))
+        if self.progress is not None:
+            self.progress(self.stage, step, self.total, out)
+
+    def check(self, batch: int, it: int, value: float = math.nan) -> None:
+        if self.bad is not None and bool(self.bad):
+            what = f"loss is {value}" if not math.isfinite(value) else "loss was nan/inf"
+            raise NumericalError(
+                f"{self.stage} batch {batch} iteration {it + 1}: {what} (non-finite at or before this "
+                f"iteration); {self.hint}"
+            )

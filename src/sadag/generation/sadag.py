@@ -1,0 +1,259 @@
+"""SADAG stage C: sharpness-aware refinement of Genie-D batches (ALGORITHM.md section 3)."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..config import GenConfig
+from ..errors import ConfigError, ModelError
+from ..models.spec import DataSpec
+from .bn_stats import bn_layers, bn_statistics_loss, capture_bn_inputs, input_prior_loss
+from .common import (
+    LOG_EVERY,
+    DevicePlateau,
+    Progress,
+    StageMonitor,
+    batch_seed,
+    frozen_eval,
+    model_device,
+    tensor_lr_adam,
+)
+from .genie import GenieBatch, load_batch_generator
+
+log = logging.getLogger(__name__)
+
+_HINT = "lower gen.refine_lr_z / gen.refine_lr_g or check the FP and quantized models' outputs"
+
+
+def gradient_cosine(e_a: Tensor, h_a: Tensor, e_b: Tensor, h_b: Tensor, *, pairwise: bool = True) -> Tensor:
+    """Cosine between per-sample gradients e (x) h of 1/2 ||e||^2 w.r.t. a linear layer's weight.
+
+    cos(e_a (x) h_a, e_b (x) h_b) = cos(e_a, e_b) * cos(h_a, h_b). pairwise: (Na, Nb) matrix;
+    otherwise row i against row i, shape (N,).
+    """
+    ea, eb = F.normalize(e_a.flatten(1), dim=1), F.normalize(e_b.flatten(1), dim=1)
+    ha, hb = F.normalize(h_a.flatten(1), dim=1), F.normalize(h_b.flatten(1), dim=1)
+    if pairwise:
+        return (ea @ eb.T) * (ha @ hb.T)
+    return (ea * eb).sum(1) * (ha * hb).sum(1)
+
+
+def gradient_matching_loss(e: Tensor, h: Tensor, e_n: Tensor, h_n: Tensor) -> Tensor:
+    """L_GM = 1 - mean_i cos(g_i, g'_i) between each sample and its neighbor."""
+    return 1.0 - gradient_cosine(e, h, e_n, h_n, pairwise=False).mean()
+
+
+def diversity_loss(e: Tensor, h: Tensor, pool_e: Tensor | None, pool_h: Tensor | None, zeta: float) -> Tensor:
+    """L_D = mean_i max_{j != i} relu(|cos(g_i, g_j)| - zeta), j over this batch and the pool.
+
+    As in the SADAG code, the gradient flows through the rows only; the columns are detached.
+    """
+    cols_e, cols_h = e.detach(), h.detach()
+    if pool_e is not None and pool_h is not None and pool_e.shape[0] > 0:
+        cols_e, cols_h = torch.cat([cols_e, pool_e]), torch.cat([cols_h, pool_h])
+    sim = torch.relu(gradient_cosine(e, h, cols_e, cols_h).abs() - zeta)
+    mask = torch.ones_like(sim)
+    mask[:, : e.shape[0]].fill_diagonal_(0.0)
+    return (sim * mask).max(dim=1).values.mean()
+
+
+def last_linear(model: nn.Module) -> nn.Linear:
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ModelError(
+            f"{type(model).__name__} has no nn.Linear layer: SADAG needs the classifier's last linear layer "
+            "to form per-sample gradients; use --method genie for this model"
+        )
+    return linears[-1]
+
+
+@contextlib.contextmanager
+def capture_linear_input(layer: nn.Module) -> Iterator[list[Tensor | None]]:
+    """Slot 0 holds the latest input of `layer`, seen by a pre-hook (before any input quantizer)."""
+    slot: list[Tensor | None] = [None]
+
+    def hook(_m: nn.Module, args: tuple[Tensor, ...]) -> None:
+        slot[0] = args[0]
+
+    handle = layer.register_forward_pre_hook(hook)
+    try:
+        yield slot
+    finally:
+        handle.remove()
+
+
+@dataclass
+class _Nets:
+    """The frozen models and the hook slots the refinement reads."""
+
+    fp: nn.Module
+    q: nn.Module
+    bn: list[nn.BatchNorm2d]
+    bn_inputs: list[Tensor | None]
+    h_slot: list[Tensor | None]
+
+    def forward(self, x: Tensor, bn_images: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
+        """e = f_FP(x) - f_Q(x), h (the Q model's last linear input, flattened) and, given bn_images
+        = x[:n], L_BN of those n samples plus Genie's input prior (the SADAG code's BN loss has it).
+
+        L_BN is taken right after the FP forward, before the Q model could re-trigger shared hooks.
+        """
+        fp_out = self.fp(x)
+        bn = None
+        if bn_images is not None:
+            n = bn_images.shape[0]
+            rows = [a[:n] if a is not None else None for a in self.bn_inputs]
+            bn = bn_statistics_loss(rows, self.bn) + input_prior_loss(bn_images)
+        q_out = self.q(x)
+        h = self.h_slot[0]
+        assert h is not None, "the quantized model's last nn.Linear was not called"
+        return fp_out - q_out, h.flatten(1), bn
+
+
+def _random_pair(nets: _Nets, gen: nn.Module, z: Tensor, rho: float, noise: torch.Generator):
+    """Neighbor along a seeded random unit direction; x and x' go through the models as one 2B batch.
+
+    The generator runs on z and z' separately: its BN uses batch statistics, so one 2B call would
+    change the images.
+    """
+    d = torch.randn(z.shape, generator=noise, device=z.device, dtype=z.dtype)
+    x = gen(z)
+    x_n = gen(z - rho * F.normalize(d, dim=1))
+    e2, h2, bn = nets.forward(torch.cat([x, x_n]), bn_images=x)
+    n = x.shape[0]
+    return x, bn, e2[:n], h2[:n], e2[n:], h2[n:]
+
+
+def _adversarial_pair(nets: _Nets, gen: nn.Module, z: Tensor, rho: float, noise: torch.Generator):
+    """Neighbor along -grad_{z'} (e.e')(h.h') at z' = z (e, h held fixed): to first order the
+    neighbor whose gradient is least similar to the sample's. The direction is detached."""
+    x = gen(z)
+    e, h, bn = nets.forward(x, bn_images=x)
+    sim = ((e.detach() * e).sum(1) * (h.detach() * h).sum(1)).sum()
+    (d,) = torch.autograd.grad(sim, z, retain_graph=True)
+    x_n = gen(z - rho * F.normalize(d.detach(), dim=1))
+    e_n, h_n, _ = nets.forward(x_n)
+    return x, bn, e, h, e_n, h_n
+
+
+@dataclass
+class _Pool:
+    e: Tensor | None = None
+    h: Tensor | None = None
+
+    def add(self, e: Tensor, h: Tensor) -> None:
+        e, h = e.detach(), h.detach()
+        self.e = e if self.e is None else torch.cat([self.e, e])
+        self.h = h if self.h is None else torch.cat([self.h, h])
+
+
+def _refine_batch(nets: _Nets, batch: GenieBatch, pool: _Pool, spec: DataSpec, cfg: GenConfig, seed: int,
+                  monitor: StageMonitor) -> Tensor:
+    device = model_device(nets.fp)
+    gen, z = load_batch_generator(batch, spec, cfg, device)
+    opt_z = tensor_lr_adam([z], cfg.refine_lr_z, device)
+    plateau = DevicePlateau(opt_z.param_groups[0]["lr"], patience=cfg.plateau_patience,
+                            min_lr=cfg.refine_min_lr_z)
+    opt_g = torch.optim.Adam(gen.parameters(), lr=cfg.refine_lr_g)
+    noise = torch.Generator(device=device)
+    noise.manual_seed(batch_seed(seed, batch.index, "sadag"))
+    pair = _adversarial_pair if cfg.neighbor == "adversarial" else _random_pair
+    iters, b = cfg.refine_iters, batch.index
+    x = e = h = None
+    for it in range(iters):
+        opt_z.zero_grad(set_to_none=True)
+        opt_g.zero_grad(set_to_none=True)
+        x, bn, e, h, e_n, h_n = pair(nets, gen, z, cfg.rho, noise)
+        gm = gradient_matching_loss(e, h, e_n, h_n)
+        div = diversity_loss(e, h, pool.e, pool.h, cfg.zeta)
+        loss = bn + cfg.lambda_gm * gm + cfg.lambda_div * div
+        loss.backward()
+        opt_z.step()
+        opt_g.step()
+        plateau.step(loss)
+        opt_g.param_groups[0]["lr"] = cfg.refine_lr_g * cfg.refine_g_decay ** (it + 1)
+        monitor.observe(loss)
+        if monitor.due(it, iters):
+            monitor.report(b, it, b * iters + it + 1,
+                           {"loss": loss, "bn": bn, "gm": gm, "div": div, "lr_z": plateau.lr})
+    monitor.check(b, max(iters - 1, 0))
+    if x is None or e is None or h is None:  # zero iterations: the warm-up images unchanged
+        x = batch.images.to(device)
+        e, h = _outputs(nets, x, cfg.batch_size)
+    pool.add(e, h)
+    return x.detach().float().cpu()
+
+
+@torch.no_grad()
+def _outputs(nets: _Nets, images: Tensor, chunk: int) -> tuple[Tensor, Tensor]:
+    """e and h of finished images (used to rebuild the diversity pool on resume)."""
+    es, hs = [], []
+    for part in images.split(max(1, chunk)):
+        e, h, _ = nets.forward(part)
+        es.append(e)
+        hs.append(h)
+    return torch.cat(es), torch.cat(hs)
+
+
+def _check_inputs(batches: list[GenieBatch], done: dict[int, Tensor]) -> list[GenieBatch]:
+    ordered = sorted(batches, key=lambda b: b.index)
+    if len({b.index for b in ordered}) != len(ordered):
+        raise ConfigError("SADAG refinement got two Genie batches with the same index")
+    sizes = {b.index: b.images.shape for b in ordered}
+    for i, images in done.items():
+        if i not in sizes or images.shape != sizes[i]:
+            raise ConfigError(
+                f"checkpointed SADAG batch {i} (shape {tuple(images.shape)}) does not match the Genie batches; "
+                "delete the refinement checkpoint or restore the original settings"
+            )
+    return ordered
+
+
+def refine_sadag(
+    fp_model: nn.Module,
+    q_model: nn.Module,
+    batches: list[GenieBatch],
+    spec: DataSpec,
+    cfg: GenConfig,
+    seed: int,
+    *,
+    done: dict[int, Tensor] | None = None,
+    on_batch: Callable[[int, Tensor], None] | None = None,
+    progress: Progress | None = None,
+    log_every: int = LOG_EVERY,
+) -> Tensor:
+    """Refine each Genie batch from its generator state and latents; returns (N, 3, S, S) float32 CPU.
+
+    Batches are refined in index order; the diversity term of batch b compares against the finished
+    samples of batches < b (recomputed with the frozen models for batches found in `done`).
+    Both models are used frozen and in eval mode; their flags are restored afterwards.
+    """
+    cfg.validate()
+    done = dict(done or {})
+    ordered = _check_inputs(batches, done)
+    bn_layers(fp_model)
+    device = model_device(fp_model)
+    iters = cfg.refine_iters
+    monitor = StageMonitor("sadag", len(ordered) * iters, progress, log, _HINT, log_every)
+    pool, out = _Pool(), []
+    with (frozen_eval(fp_model, q_model), torch.enable_grad(), capture_bn_inputs(fp_model) as bn_inputs,
+          capture_linear_input(last_linear(q_model)) as h_slot):
+        nets = _Nets(fp_model, q_model, bn_layers(fp_model), bn_inputs, h_slot)
+        for batch in ordered:
+            if batch.index in done:
+                images = done[batch.index].float().cpu()
+                pool.add(*_outputs(nets, images.to(device), cfg.batch_size))
+            else:
+                images = _refine_batch(nets, batch, pool, spec, cfg, seed, monitor)
+                log.info("sadag: batch %d refined (%d images)", batch.index, images.shape[0])
+                if on_batch is not None:
+                    on_batch(batch.index, images)
+            out.append(images)
+    return torch.cat(out)

@@ -1,0 +1,55 @@
+"""ImageNet models from torchvision, an optional dependency imported only when one is built."""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+from torch import nn
+
+from ..errors import ModelError
+from .registry import IMAGENET_SPEC, PretrainedLoader, register_model
+from .weights import load_state_dict_strict
+
+_SOURCE = "torchvision"
+
+
+def _torchvision() -> ModuleType:
+    try:
+        import torchvision
+    except ImportError as e:
+        raise ModelError("torchvision is not installed: pip install 'sadag[vision]'") from e
+    return torchvision
+
+
+def _pretrained(weights_enum: str) -> PretrainedLoader:
+    """Loader for torchvision's own published weights (downloaded by torchvision into its cache)."""
+
+    def load(model: nn.Module) -> None:
+        weights = _torchvision().models.get_weight(weights_enum)
+        try:
+            state_dict = weights.get_state_dict(progress=False)
+        except OSError as e:
+            raise ModelError(f"could not download {weights.url}: {e}; download it by hand and pass "
+                             f"--weights PATH") from e
+        load_state_dict_strict(model, state_dict, weights.url)
+
+    return load
+
+
+# V1 weights everywhere: the reference accuracies of the PTQ literature (BRECQ, Genie) use them.
+@register_model("resnet18", spec=IMAGENET_SPEC, source=_SOURCE,
+                pretrained_loader=_pretrained("ResNet18_Weights.IMAGENET1K_V1"))
+def resnet18() -> nn.Module:
+    return _torchvision().models.resnet18(weights=None)
+
+
+@register_model("resnet50", spec=IMAGENET_SPEC, source=_SOURCE,
+                pretrained_loader=_pretrained("ResNet50_Weights.IMAGENET1K_V1"))
+def resnet50() -> nn.Module:
+    return _torchvision().models.resnet50(weights=None)
+
+
+@register_model("mobilenet_v2", spec=IMAGENET_SPEC, source=_SOURCE,
+                pretrained_loader=_pretrained("MobileNet_V2_Weights.IMAGENET1K_V1"))
+def mobilenet_v2() -> nn.Module:
+    return _torchvision().models.mobilenet_v2(weights=None)

@@ -1,0 +1,186 @@
+"""Fetching, verifying and strictly loading pretrained weights."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import pickle
+import shutil
+import urllib.request
+import zipfile
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import ModelError
+
+log = logging.getLogger(__name__)
+
+_WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "net", "params")
+_SHOW = 5  # how many offending keys an error message lists per category
+
+
+def sadag_home() -> Path:
+    """Cache root: ``$SADAG_HOME`` or ``~/.cache/sadag``."""
+    return Path(os.environ.get("SADAG_HOME", Path.home() / ".cache" / "sadag")).expanduser()
+
+
+def is_url(path_or_url: str) -> bool:
+    return path_or_url.startswith(("http://", "https://", "file://"))
+
+
+def file_digest(path: Path, algo: str = "sha256") -> str:
+    h = hashlib.new(algo)
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def verify_hash(path: Path, expected: str | None, algo: str = "sha256") -> None:
+    """Check that the file's hex digest starts with ``expected`` (a full digest or a prefix)."""
+    if not expected:
+        return
+    digest = file_digest(path, algo)
+    if not digest.startswith(expected.lower()):
+        raise ModelError(
+            f"{algo} of {path} is {digest}, expected it to start with {expected}: the file is corrupt or "
+            f"not the published one; delete it and download it again"
+        )
+
+
+def download(url: str, sha256_prefix: str | None = None, sha1_prefix: str | None = None) -> Path:
+    """Download ``url`` into ``$SADAG_HOME/weights`` once, verify it and return the local file.
+
+    A ``.zip`` (the pytorchcv release format) is unpacked and the checkpoint inside is returned;
+    hashes are checked on the checkpoint itself, as its publisher does.
+    """
+    cache = sadag_home() / "weights"
+    name = url.rsplit("/", 1)[-1]
+    final = cache / name.removesuffix(".zip")
+    if not final.exists():
+        cache.mkdir(parents=True, exist_ok=True)
+        _fetch(url, cache / name)
+        if name.endswith(".zip"):
+            _unzip_single(cache / name, final)
+    verify_hash(final, sha256_prefix, "sha256")
+    verify_hash(final, sha1_prefix, "sha1")
+    return final
+
+
+def _fetch(url: str, dest: Path) -> None:
+    tmp = dest.with_name(dest.name + ".part")  # never leave a half-written file under the final name
+    log.info("downloading %s to %s", url, dest)
+    try:
+        with urllib.request.urlopen(url, timeout=60) as r, open(tmp, "wb") as f:
+            shutil.copyfileobj(r, f)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise ModelError(
+            f"could not download {url}: {e}; download it by hand and pass --weights PATH"
+        ) from e
+    tmp.replace(dest)
+
+
+def _unzip_single(archive: Path, dest: Path) -> None:
+    with zipfile.ZipFile(archive) as zf:
+        members = [m for m in zf.namelist() if m.endswith((".pth", ".pt", ".th", ".tar"))]
+        if len(members) != 1:
+            raise ModelError(f"{archive} should hold exactly one checkpoint, found {zf.namelist()}")
+        with zf.open(members[0]) as src, open(dest, "wb") as out:
+            shutil.copyfileobj(src, out)
+    archive.unlink()
+
+
+def read_checkpoint(path: Path) -> object:
+    """``torch.load`` with a clear error for files that are not torch checkpoints."""
+    if not path.is_file():
+        raise ModelError(f"weights file {path} does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "Unsupported global" not in str(e):  # garbage bytes, not a checkpoint with extra objects
+            raise _not_a_checkpoint(path, e) from e
+        # Old checkpoints pickle extra Python objects (e.g. argparse namespaces); the user chose this file.
+        log.warning("%s holds non-tensor objects; loading it with weights_only=False", path)
+        try:
+            return torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as e2:  # any failure here means "not a usable checkpoint"
+            raise _not_a_checkpoint(path, e2) from e2
+    except Exception as e:
+        raise _not_a_checkpoint(path, e) from e
+
+
+def _not_a_checkpoint(path: Path, e: Exception) -> ModelError:
+    return ModelError(f"{path} is not a torch checkpoint (torch.load failed: {type(e).__name__}: {e})")
+
+
+def unwrap_state_dict(obj: object, source: str = "checkpoint") -> dict[str, torch.Tensor]:
+    """Find the state_dict inside common checkpoint layouts and strip DataParallel ``module.`` prefixes."""
+    if isinstance(obj, nn.Module):
+        obj = obj.state_dict()
+    if not isinstance(obj, Mapping):
+        raise ModelError(f"{source} holds a {type(obj).__name__}, not a state_dict")
+    for key in _WRAPPER_KEYS:
+        if isinstance(obj.get(key), (Mapping, nn.Module)):
+            return unwrap_state_dict(obj[key], source)
+    sd = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    if not sd:
+        raise ModelError(f"{source} contains no tensors (keys: {list(obj)[:_SHOW]})")
+    return {k.removeprefix("module."): v for k, v in sd.items()}
+
+
+def load_state_dict_strict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str) -> None:
+    """Load with every key and shape checked; on mismatch, say exactly what differs."""
+    own = model.state_dict()
+    # Checkpoints saved before torch 0.4.1 lack BN's num_batches_tracked counter; it is unused in eval.
+    state_dict = {**{k: v for k, v in own.items() if k.endswith("num_batches_tracked")}, **state_dict}
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    shapes = [
+        f"{k}: file {tuple(state_dict[k].shape)} vs model {tuple(v.shape)}"
+        for k, v in own.items()
+        if k in state_dict and state_dict[k].shape != v.shape
+    ]
+    if missing or unexpected or shapes:
+        parts = [_listing("missing keys", missing), _listing("unexpected keys", unexpected),
+                 _listing("shape mismatches", shapes)]
+        raise ModelError(
+            f"weights in {source} do not fit {type(model).__name__}: "
+            + "; ".join(p for p in parts if p)
+            + ". Check that the model name matches the checkpoint"
+        )
+    model.load_state_dict(state_dict, strict=True)
+
+
+def _listing(what: str, items: list[str]) -> str:
+    if not items:
+        return ""
+    more = f", ... ({len(items) - _SHOW} more)" if len(items) > _SHOW else ""
+    return f"{len(items)} {what} ({', '.join(items[:_SHOW])}{more})"
+
+
+def resolve_weights(path_or_url: str | os.PathLike, sha256_prefix: str | None = None,
+                    sha1_prefix: str | None = None) -> Path:
+    """A local file for ``path_or_url``: URLs are downloaded (cached), local files are hash-checked."""
+    s = str(path_or_url)
+    if is_url(s):
+        return download(s, sha256_prefix, sha1_prefix)
+    path = Path(s).expanduser()
+    if not path.is_file():
+        raise ModelError(f"weights file {path} does not exist")
+    verify_hash(path, sha256_prefix, "sha256")
+    verify_hash(path, sha1_prefix, "sha1")
+    return path
+
+
+def load_checkpoint(model: nn.Module, path_or_url: str | os.PathLike, sha256_prefix: str | None = None,
+                    sha1_prefix: str | None = None) -> nn.Module:
+    """Load weights from a file or URL into ``model`` strictly and return the model."""
+    path = resolve_weights(path_or_url, sha256_prefix, sha1_prefix)
+    state_dict = unwrap_state_dict(read_checkpoint(path), str(path))
+    load_state_dict_strict(model, state_dict, str(path))
+    return model

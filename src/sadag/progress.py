@@ -1,0 +1,46 @@
+"""Progress lines with ETA for the CLI; the library itself only calls a callback."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+
+class ProgressPrinter:
+    """A progress(stage, step, total, metrics) callback that redraws one line per stage on stderr."""
+
+    def __init__(self, stream=sys.stderr, min_interval: float = 0.5):  # noqa: ANN001
+        self.stream = stream
+        self.min_interval = min_interval
+        self.stage: str | None = None
+        self.start = 0.0
+        self.last = 0.0
+        self.tty = hasattr(stream, "isatty") and stream.isatty()
+
+    def __call__(self, stage: str, step: int, total: int, metrics: dict[str, float]) -> None:
+        now = time.monotonic()
+        if stage != self.stage:
+            if self.stage is not None and self.tty:
+                self.stream.write("\n")
+            self.stage, self.start, self.last = stage, now, 0.0
+        done = total and step >= total
+        if not done and now - self.last < self.min_interval:
+            return
+        self.last = now
+        line = self._line(stage, step, total, metrics, now)
+        self.stream.write(f"\r{line}" if self.tty else f"{line}\n")
+        if done and self.tty:
+            self.stream.write("\n")
+        self.stream.flush()
+
+    def _line(self, stage: str, step: int, total: int, metrics: dict[str, float], now: float) -> str:
+        elapsed = now - self.start
+        if total:
+            frac = min(step / total, 1.0)
+            bar = "#" * int(20 * frac) + "-" * (20 - int(20 * frac))
+            eta = elapsed / frac - elapsed if frac > 0 else 0.0
+            head = f"{stage} [{bar}] {step}/{total} {elapsed:.0f}s<{eta:.0f}s"
+        else:
+            head = f"{stage} {step} {elapsed:.0f}s"
+        tail = " ".join(f"{k}={v:.4g}" for k, v in metrics.items())
+        return f"{head} {tail}".rstrip()

@@ -1,0 +1,58 @@
+"""Quantized drop-ins for Conv2d and Linear, swapped in place and reversible."""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .quantizers import ActQuantizer, WeightQuantizer
+
+
+class _QuantMixin:
+    """Adds an input quantizer and a weight quantizer to a conv or linear layer."""
+
+    weight: nn.Parameter
+
+    def _attach(self, w_bits: int, a_bits: int | None, p: float) -> None:
+        self.weight_quantizer = WeightQuantizer(self.weight, w_bits, p=p)
+        self.input_quantizer: ActQuantizer | None = ActQuantizer(a_bits)
+        self.quantize_weight = True
+
+    def set_weight_bits(self, bits: int, p: float = 2.4) -> None:
+        self.weight_quantizer = WeightQuantizer(self.weight, bits, p=p)
+
+    def quantized_weight(self) -> Tensor:
+        return self.weight_quantizer(self.weight) if self.quantize_weight else self.weight
+
+    def quantize_input(self, x: Tensor) -> Tensor:
+        return self.input_quantizer(x) if self.input_quantizer is not None else x
+
+
+class QuantConv2d(_QuantMixin, nn.Conv2d):
+    @classmethod
+    def from_float(cls, conv: nn.Conv2d, w_bits: int, a_bits: int | None, p: float = 2.4) -> QuantConv2d:
+        conv.__class__ = cls  # reuse the parameters; the model was deep-copied before swapping
+        conv._attach(w_bits, a_bits, p)
+        return conv
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self._conv_forward(self.quantize_input(x), self.quantized_weight(), self.bias)
+
+
+class QuantLinear(_QuantMixin, nn.Linear):
+    @classmethod
+    def from_float(cls, linear: nn.Linear, w_bits: int, a_bits: int | None, p: float = 2.4) -> QuantLinear:
+        linear.__class__ = cls
+        linear._attach(w_bits, a_bits, p)
+        return linear
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(self.quantize_input(x), self.quantized_weight(), self.bias)
+
+
+QUANT_MODULES: dict[type, type] = {nn.Conv2d: QuantConv2d, nn.Linear: QuantLinear}
+QuantLayer = QuantConv2d | QuantLinear
+
+
+def is_quant_layer(module: nn.Module) -> bool:
+    return isinstance(module, (QuantConv2d, QuantLinear))

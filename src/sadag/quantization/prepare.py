@@ -1,0 +1,139 @@
+"""quantize(): a fake-quantized copy of a model, ready for reconstruction."""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from ..config import QuantConfig
+from ..reconstruction.units import find_units, unit_layers
+from .fold import fold_bn_
+from .modules import QUANT_MODULES, is_quant_layer
+from .quantizers import ActQuantizer, WeightQuantizer
+from .trace import block_input_consumers, trace_modules
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class QuantPlan:
+    """What quantize() decided; stored on the model as ``model.sadag_plan``."""
+
+    config: dict
+    units: list[str]
+    folded: list[tuple[str, str]] = field(default_factory=list)
+    layer_bits: dict[str, tuple[int, int | None]] = field(default_factory=dict)  # layer -> (W, A at its input)
+    block_inputs: dict[str, list[str]] = field(default_factory=dict)  # block -> layers reading its input
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _quantize_block_input(module: nn.Module, args: tuple) -> tuple:
+    """Forward pre-hook: one quantizer for a block's input, shared by its first conv and its shortcut."""
+    return (module.sadag_input_quantizer(args[0]), *args[1:])
+
+
+def quantize(model: nn.Module, cfg: QuantConfig, example: Tensor) -> nn.Module:
+    """Return a fake-quantized deep copy of ``model`` (the original is not modified).
+
+    Args:
+        model: an FP classifier.
+        cfg: bits, bit policy, BN folding and unit override.
+        example: one input batch, e.g. ``torch.zeros(1, 3, S, S)``, used to trace the dataflow.
+    """
+    cfg.validate()
+    qmodel = copy.deepcopy(model).eval()
+    for p in qmodel.parameters():
+        p.requires_grad_(False)
+    folded = fold_bn_(qmodel, example) if cfg.fold_bn else []
+    units = find_units(qmodel, example, cfg.units)
+    _swap_layers(qmodel, cfg)
+    modules = dict(qmodel.named_modules())
+    layers = [n for n, m in modules.items() if is_quant_layer(m)]
+    order = trace_modules(qmodel, example, layers).order
+    plan = QuantPlan(config=asdict(cfg), units=units, folded=folded)
+    feeding: dict[str, ActQuantizer | None] = {n: modules[n].input_quantizer for n in layers}
+    for unit in units:
+        inner = unit_layers(qmodel, unit)
+        if unit in inner:  # a single-layer unit quantizes its own input
+            continue
+        consumers = block_input_consumers(qmodel, example, unit, inner)
+        quantizer = ActQuantizer(cfg.a_bits)
+        modules[unit].add_module("sadag_input_quantizer", quantizer)
+        modules[unit].register_forward_pre_hook(_quantize_block_input)
+        for name in consumers:
+            modules[name].input_quantizer = None
+            feeding[name] = quantizer
+        plan.block_inputs[unit] = consumers
+    _apply_bit_policy(modules, order, feeding, cfg)
+    plan.layer_bits = {
+        n: (modules[n].weight_quantizer.bits, feeding[n].bits if feeding[n] is not None else None) for n in order
+    }
+    qmodel.sadag_plan = plan
+    return qmodel
+
+
+def _swap_layers(model: nn.Module, cfg: QuantConfig) -> None:
+    for module in list(model.modules()):
+        cls = QUANT_MODULES.get(type(module))
+        if cls is not None:
+            cls.from_float(module, cfg.w_bits, cfg.a_bits, p=cfg.clip_search_p)
+
+
+def _apply_bit_policy(
+    modules: dict[str, nn.Module], order: list[str], feeding: dict[str, ActQuantizer | None], cfg: QuantConfig
+) -> None:
+    """First layer W8 with FP input; second layer's input A8; last layer W8A8 (Genie / SADAG)."""
+    if not cfg.first_last_8bit or not order:
+        return
+    first, last = order[0], order[-1]
+    modules[first].set_weight_bits(8, p=cfg.clip_search_p)
+    modules[last].set_weight_bits(8, p=cfg.clip_search_p)
+    if feeding[first] is not None:
+        feeding[first].set_bits(None)
+    if cfg.a_bits is None:
+        return
+    for name in order[1:2] + [last]:
+        if feeding[name] is not None:
+            feeding[name].set_bits(8)
+
+
+def quantizers(model: nn.Module) -> tuple[list[WeightQuantizer], list[ActQuantizer]]:
+    ws = [m for m in model.modules() if isinstance(m, WeightQuantizer)]
+    acts = [m for m in model.modules() if isinstance(m, ActQuantizer)]
+    return ws, acts
+
+
+def set_quant_state_(model: nn.Module, weights: bool = True, acts: bool = True) -> nn.Module:
+    """Switch weight / activation quantization on or off everywhere (in place)."""
+    for m in model.modules():
+        if is_quant_layer(m):
+            m.quantize_weight = weights
+        if isinstance(m, ActQuantizer):
+            m.active = acts
+    return model
+
+
+def float_copy(qmodel: nn.Module) -> nn.Module:
+    """An FP copy of a quantized model (BN folded if it was): the reconstruction target."""
+    fp = copy.deepcopy(qmodel)
+    return set_quant_state_(fp, weights=False, acts=False)
+
+
+@torch.no_grad()
+def freeze_(qmodel: nn.Module) -> nn.Module:
+    """After calibration: hard rounding, no QDrop dropping, no gradients."""
+    ws, acts = quantizers(qmodel)
+    for w in ws:
+        if w.mode == "soft":
+            w.mode = "hard"
+    for a in acts:
+        a.drop_prob = 0.0
+    for p in qmodel.parameters():
+        p.requires_grad_(False)
+    return qmodel

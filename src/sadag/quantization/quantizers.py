@@ -1,0 +1,132 @@
+"""Quantizer modules. Every quantization parameter is a registered parameter or buffer."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .primitives import clip_search, fake_quantize, fake_quantize_lsq, inverse_rectified_sigmoid, rectified_sigmoid
+
+
+class WeightQuantizer(nn.Module):
+    """Per-output-channel asymmetric weight quantizer with AdaRound and a learned step size (Genie).
+
+    Modes: "nearest" (round to nearest), "soft" (AdaRound during calibration: the integer base
+    floor(w / s0) is frozen, h(V) in [0, 1] is learned), "hard" (after calibration: V >= 0 rounds up).
+    """
+
+    def __init__(self, weight: Tensor, bits: int, p: float = 2.4):
+        super().__init__()
+        self.bits = bits
+        self.qmax = 2**bits - 1
+        self.mode = "nearest"
+        scale, zero_point = clip_search(weight.detach(), self.qmax, p=p, dim=0)
+        self.scale = nn.Parameter(scale)
+        self.register_buffer("zero_point", zero_point)
+        self.register_buffer("w_floor", torch.zeros_like(weight))
+        self.alpha = nn.Parameter(torch.zeros_like(weight))  # AdaRound's V
+
+    def start_adaround(self, weight: Tensor) -> None:
+        """Freeze floor(w / s) and start V so that h(V) equals the fractional part."""
+        with torch.no_grad():
+            w = weight / self.scale
+            self.w_floor.copy_(torch.floor(w))
+            self.alpha.copy_(inverse_rectified_sigmoid(w - self.w_floor))
+        self.mode = "soft"
+
+    def rounding(self) -> Tensor:
+        if self.mode == "hard":
+            return (self.alpha >= 0).to(self.alpha.dtype)
+        return rectified_sigmoid(self.alpha)
+
+    def integer_weight(self, weight: Tensor) -> Tensor:
+        """The unsigned integer weights in [0, qmax] that the forward pass uses (hard rounding)."""
+        with torch.no_grad():
+            if self.mode == "nearest":
+                return torch.clamp(torch.round(weight / self.scale) + self.zero_point, 0, self.qmax)
+            return torch.clamp(self.w_floor + (self.alpha >= 0) + self.zero_point, 0, self.qmax)
+
+    def regularizer(self, beta: float) -> Tensor:
+        """AdaRound's push of h(V) to 0 or 1: sum(1 - |2h - 1|^beta)."""
+        return (1 - (2 * rectified_sigmoid(self.alpha) - 1).abs().pow(beta)).sum()
+
+    def forward(self, weight: Tensor) -> Tensor:
+        if self.mode == "nearest":
+            return fake_quantize(weight, self.scale, self.zero_point, self.qmax)
+        q = torch.clamp(self.w_floor + self.rounding() + self.zero_point, 0, self.qmax)
+        return (q - self.zero_point) * self.scale
+
+    def get_extra_state(self) -> dict:
+        return {"mode": self.mode, "bits": self.bits}
+
+    def set_extra_state(self, state: dict) -> None:
+        self.mode = state["mode"]
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, mode={self.mode}"
+
+
+class ActQuantizer(nn.Module):
+    """Per-tensor activation quantizer with a learned step size (LSQ) and QDrop's random drop.
+
+    Affine with an integer zero point: a non-negative input gets zero point 0 (unsigned grid),
+    an input with negatives gets a zero point inside the grid. ``drop_prob`` > 0 keeps each
+    element's quantized value with that probability and its FP value otherwise (calibration only).
+    """
+
+    def __init__(self, bits: int | None):
+        super().__init__()
+        self.bits = bits
+        self.qmax = 2**bits - 1 if bits else 0
+        self.scale = nn.Parameter(torch.tensor(1.0))
+        self.register_buffer("zero_point", torch.tensor(0.0))
+        self.register_buffer("initialized", torch.tensor(False))
+        self.ready = False  # python mirror of `initialized`: no host sync in forward
+        self.drop_prob = 0.0
+        self.active = True  # False turns the quantizer into the identity (FP reference copies)
+        self.observing = False
+        self.p = 2.4
+
+    @property
+    def enabled(self) -> bool:
+        return self.bits is not None
+
+    def set_bits(self, bits: int | None) -> None:
+        self.bits = bits
+        self.qmax = 2**bits - 1 if bits else 0
+        self.initialized.fill_(False)
+        self.ready = False
+
+    def observe_(self, x: Tensor) -> None:
+        """Initialise scale and zero point by clip search on a calibration batch."""
+        scale, zero_point = clip_search(x.detach(), self.qmax, p=self.p, dim=None)
+        with torch.no_grad():
+            self.scale.copy_(scale)
+            self.zero_point.copy_(zero_point)
+            self.initialized.fill_(True)
+        self.ready = True
+
+    def get_extra_state(self) -> dict:
+        return {"bits": self.bits, "drop_prob": self.drop_prob}
+
+    def set_extra_state(self, state: dict) -> None:
+        self.bits = state["bits"]
+        self.qmax = 2**self.bits - 1 if self.bits else 0
+        self.drop_prob = state["drop_prob"]
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self.ready = bool(self.initialized)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.bits is None or not self.active:
+            return x
+        if self.observing:
+            self.observe_(x)
+        if not self.ready:
+            return x
+        keep = (torch.rand_like(x) < self.drop_prob).to(x.dtype) if self.drop_prob > 0 else None
+        return fake_quantize_lsq(x, self.scale, self.zero_point, self.qmax, keep)
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}"

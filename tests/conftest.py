@@ -1,0 +1,70 @@
+"""Shared paths to the real data and weights, and small models for fast tests."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+SHARED = Path(os.environ.get("SADAG_SHARED", Path(__file__).resolve().parents[2] / "shared"))
+R20_WEIGHTS = SHARED / "weights" / "cifar10-resnet" / "resnet20-12fca82f.th"
+CIFAR_TEST = SHARED / "data" / "cifar10-jpeg" / "test"
+CIFAR_TRAIN = SHARED / "data" / "cifar10-jpeg" / "train-5k"
+IMAGENET_VAL = SHARED / "data" / "imagenet-val500"
+
+needs_shared = pytest.mark.skipif(
+    not (R20_WEIGHTS.is_file() and CIFAR_TEST.is_dir() and CIFAR_TRAIN.is_dir()),
+    reason=f"real weights/data not found under {SHARED} (set SADAG_SHARED)",
+)
+
+
+@pytest.fixture(autouse=True)
+def _threads() -> None:
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+class BasicBlock(nn.Module):
+    """A residual block shaped like torchvision's BasicBlock (registered as a unit by class name)."""
+
+    def __init__(self, c: int):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+        self.conv2, self.bn2 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+        self.relu = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.relu(self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x))))) + x)
+
+
+class TinyNet(nn.Module):
+    def __init__(self, c: int = 8, classes: int = 10):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU())
+        self.block = BasicBlock(c)
+        self.head = nn.Sequential(nn.Conv2d(c, 2 * c, 3, stride=2, padding=1), nn.BatchNorm2d(2 * c), nn.ReLU())
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(2 * c, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.pool(self.head(self.block(self.stem(x)))).flatten(1))
+
+
+def randomize_bn_(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Give BatchNorm layers non-trivial statistics so the model behaves like a trained one."""
+    gen = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=gen) * 0.1)
+            m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
+            m.weight.data.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
+            m.bias.data.copy_(torch.randn(m.num_features, generator=gen) * 0.1)
+    return model.eval()
+
+
+@pytest.fixture
+def tiny_net() -> nn.Module:
+    torch.manual_seed(0)
+    return randomize_bn_(TinyNet())

@@ -1,0 +1,114 @@
+"""The `sadag` command end to end on real data, its errors, and resume after a kill."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import CIFAR_TEST, CIFAR_TRAIN, R20_WEIGHTS, needs_shared
+
+from sadag.cli import main
+
+R20 = ["--model", "resnet20_cifar10", "--weights", str(R20_WEIGHTS)]
+REPORT_KEYS = {"model", "method", "w_bits", "a_bits", "seed", "num_calib", "fp_top1", "quant_top1", "quant_top5",
+               "seconds"}
+
+
+def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
+    code = main(args)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@needs_shared
+def test_evaluate_prints_fp_top1(capsys) -> None:
+    code, out, _ = run_cli(["evaluate", *R20, "--data", str(CIFAR_TEST), "--limit", "30"], capsys)
+    assert code == 0 and "top-1" in out and "(300 images)" in out
+
+
+@needs_shared
+def test_run_real_smoke_writes_report(tmp_path: Path, capsys) -> None:
+    out_dir = tmp_path / "run"
+    args = ["run", *R20, "--method", "real", "--calib-data", str(CIFAR_TRAIN), "--num-calib", "32", "--bits", "4/4",
+            "--preset", "smoke", "--eval-data", str(CIFAR_TEST), "--eval-limit", "10", "--out", str(out_dir),
+            "--seed", "0", "--calib-iters", "5"]
+    code, out, err = run_cli(args, capsys)
+    assert code == 0, err
+    report = json.loads((out_dir / "report.json").read_text())
+    assert REPORT_KEYS <= set(report)
+    assert report["num_calib"] == 32 and report["method"] == "real" and report["eval_images"] == 100
+    assert 0 <= report["quant_top1"] <= 100 and report["fp_top1"] > 50
+    for name in ["config.yaml", "environment.json", "report.md", "calibration_grid.png", "metrics.jsonl"]:
+        assert (out_dir / name).is_file(), name
+    # an existing run directory is never overwritten silently
+    code, _, err = run_cli(args, capsys)
+    assert code == 2 and "--resume" in err and "--force" in err
+
+
+def test_unknown_model_lists_names(tmp_path: Path, capsys) -> None:
+    code, _, err = run_cli(["run", "--model", "resnet21", "--method", "noise", "--out", str(tmp_path / "r")], capsys)
+    assert code == 2 and "resnet21" in err and "resnet20_cifar10" in err
+
+
+@pytest.mark.parametrize("bits", ["1/4", "4/9", "four"])
+def test_bits_out_of_range(tmp_path: Path, capsys, bits: str) -> None:
+    code, _, err = run_cli(["run", "--model", "resnet20_cifar10", "--bits", bits, "--out", str(tmp_path)], capsys)
+    assert code == 2 and "bits" in err
+
+
+def test_empty_data_folder(tmp_path: Path, capsys) -> None:
+    (tmp_path / "empty").mkdir()
+    code, _, err = run_cli(["evaluate", "--model", "resnet20_cifar10", "--weights", str(R20_WEIGHTS),
+                            "--data", str(tmp_path / "empty")], capsys)
+    assert code == 2 and "no images" in err
+
+
+def test_config_yaml_and_flags(tmp_path: Path) -> None:
+    import argparse
+
+    from sadag.cli import build_parser, config_from_args
+    from sadag.config import apply_preset
+
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("model: resnet56_cifar10\nbits: 3/3\npreset: fast\ncalib:\n  iters: 77\ngen:\n  rho: 0.5\n")
+    args = build_parser().parse_args(["run", "--config", str(cfg_file), "--bits", "2/4", "--out", "x"])
+    assert isinstance(args, argparse.Namespace)
+    cfg = apply_preset(config_from_args(args))
+    assert cfg.model == "resnet56_cifar10" and cfg.quant.w_bits == 2 and cfg.quant.a_bits == 4
+    assert cfg.calib.iters == 77 and cfg.gen.rho == 0.5 and cfg.gen.num_images == 256  # preset + overrides
+    assert apply_preset(cfg) == cfg
+
+
+def _run_args(out: Path) -> list[str]:
+    return [sys.executable, "-m", "sadag.cli", "run", *R20, "--method", "genie", "--bits", "4/4", "--preset", "smoke",
+            "--eval-data", str(CIFAR_TEST), "--eval-limit", "5", "--out", str(out), "--seed", "1", "--threads", "1",
+            "--num-images", "32", "--gen-batch-size", "16", "--gen-iters", "40", "--calib-iters", "40",
+            "--no-export"]
+
+
+@needs_shared
+def test_kill_and_resume_matches_uninterrupted_run(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    ref = subprocess.run(_run_args(tmp_path / "ref"), env=env, capture_output=True, text=True, timeout=600)
+    assert ref.returncode == 0, ref.stderr
+    victim = tmp_path / "victim"
+    proc = subprocess.Popen(_run_args(victim), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (victim / "state" / "calib.pt").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert (victim / "state" / "genie_batch_1.pt").exists()
+    assert not (victim / "report.json").exists(), "the run finished before it could be killed"
+    resumed = subprocess.run([*_run_args(victim), "--resume"], env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+    a = json.loads((tmp_path / "ref" / "report.json").read_text())
+    b = json.loads((victim / "report.json").read_text())
+    for key in ["fp_top1", "quant_top1", "quant_top5", "num_calib", "method"]:
+        assert a[key] == b[key], key

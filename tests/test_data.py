@@ -1,0 +1,169 @@
+"""Data loading: image folders, class indices, CIFAR pickles, calibration sampling, transforms."""
+
+from __future__ import annotations
+
+import os
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from sadag.data import (
+    CifarDataset,
+    ImageFolderDataset,
+    denormalize,
+    load_calibration_data,
+    load_image_tensor,
+    make_loader,
+    normalize,
+    preprocess,
+    resize_and_crop,
+    sample_calibration_images,
+)
+from sadag.errors import DataError
+from sadag.models import DataSpec
+
+SHARED = Path(os.environ.get("SADAG_SHARED", Path(__file__).resolve().parents[2] / "shared"))
+VAL500 = SHARED / "data" / "imagenet-val500"
+SPEC32 = DataSpec(mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.5), input_size=32, num_classes=3)
+SPEC224 = DataSpec(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), input_size=224, num_classes=1000,
+                   resize=256)
+
+
+def _write_images(root: Path, per_class: dict[str, int], size: tuple[int, int] = (32, 32)) -> None:
+    rng = np.random.default_rng(0)
+    for cls, n in per_class.items():
+        (root / cls).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            arr = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+            Image.fromarray(arr).save(root / cls / f"{i:03d}.png")
+
+
+@pytest.fixture
+def folder(tmp_path: Path) -> Path:
+    _write_images(tmp_path / "imgs", {"cat": 4, "ant": 3, "dog": 5})
+    return tmp_path / "imgs"
+
+
+def test_folder_labels_follow_sorted_classes(folder: Path) -> None:
+    ds = ImageFolderDataset(folder, SPEC32)
+    assert ds.classes == ["ant", "cat", "dog"] and len(ds) == 12
+    x, y = ds[0]
+    assert x.shape == (3, 32, 32) and y == 0 and ds[11][1] == 2
+    assert len(ImageFolderDataset(folder, SPEC32, limit=2)) == 6
+    xb, yb = next(iter(make_loader(ds, batch_size=5)))
+    assert xb.shape == (5, 3, 32, 32) and yb.tolist() == [0, 0, 0, 1, 1]
+
+
+def test_folder_with_class_index(folder: Path, tmp_path: Path) -> None:
+    (tmp_path / "index.txt").write_text("zebra\ndog\nant\ncat\n")
+    ds = ImageFolderDataset(folder, SPEC32, class_index=tmp_path / "index.txt")
+    assert ds.class_to_idx == {"ant": 2, "cat": 3, "dog": 1}
+    (tmp_path / "short.txt").write_text("ant\n")
+    with pytest.raises(DataError, match=r"\['cat', 'dog'\].*not listed"):
+        ImageFolderDataset(folder, SPEC32, class_index=tmp_path / "short.txt")
+
+
+@pytest.mark.skipif(not VAL500.is_dir(), reason=f"{VAL500} not found (set SADAG_SHARED)")
+def test_imagenet_val500_class_index() -> None:
+    wnids = (VAL500 / "wnids.txt").read_text().split()
+    ds = ImageFolderDataset(VAL500 / "val", SPEC224, class_index=VAL500 / "wnids.txt", limit=1)
+    assert ds.class_to_idx["n01440764"] == 0
+    assert ds.class_to_idx["n03888257"] == wnids.index("n03888257") == 701  # parachute
+    x, y = ds[ds.classes.index("n03888257")]
+    assert y == 701 and x.shape == (3, 224, 224)
+
+
+def test_empty_folder_error(tmp_path: Path) -> None:
+    (tmp_path / "empty" / "cls").mkdir(parents=True)
+    with pytest.raises(DataError, match=r"no images found under .*empty: expected"):
+        ImageFolderDataset(tmp_path / "empty", SPEC32)
+    with pytest.raises(DataError, match="does not exist"):
+        ImageFolderDataset(tmp_path / "absent", SPEC32)
+
+
+def test_unreadable_image_names_the_file(folder: Path) -> None:
+    (folder / "ant" / "000.png").write_bytes(b"not a png")
+    ds = ImageFolderDataset(folder, SPEC32)
+    with pytest.raises(DataError, match=r"cannot read image .*ant.000\.png"):
+        ds[0]
+
+
+def test_seeded_sampling(folder: Path) -> None:
+    a = sample_calibration_images(folder, SPEC32, 6, seed=1)
+    b = sample_calibration_images(folder, SPEC32, 6, seed=1)
+    c = sample_calibration_images(folder, SPEC32, 6, seed=2)
+    assert a.shape == (6, 3, 32, 32) and torch.equal(a, b) and not torch.equal(a, c)
+    all_imgs = sample_calibration_images(folder, SPEC32, 12, seed=0)
+    # Without replacement: every image appears exactly once.
+    assert len({tuple(img.flatten()[:16].tolist()) for img in all_imgs}) == 12
+    with pytest.raises(DataError, match="only 12"):
+        sample_calibration_images(folder, SPEC32, 13, seed=0)
+
+
+def test_saved_sets_and_dispatch(folder: Path, tmp_path: Path) -> None:
+    imgs = torch.randn(8, 3, 32, 32)
+    (tmp_path / "synth").mkdir()
+    torch.save({"images": imgs, "labels": torch.arange(8)}, tmp_path / "synth" / "images.pt")
+    torch.save(imgs, tmp_path / "raw.pt")
+    assert torch.equal(load_image_tensor(tmp_path / "synth"), imgs)
+    assert torch.equal(load_calibration_data(tmp_path / "raw.pt", SPEC32, num=3), imgs[:3])
+    assert torch.equal(load_calibration_data(tmp_path / "synth", SPEC32), imgs)
+    real = load_calibration_data(folder, SPEC32, num=4, seed=3)
+    assert torch.equal(real, sample_calibration_images(folder, SPEC32, 4, seed=3))
+    with pytest.raises(DataError, match="model expects 224x224"):
+        load_calibration_data(tmp_path / "raw.pt", SPEC224)
+    torch.save({"x": imgs}, tmp_path / "bad.pt")
+    with pytest.raises(DataError, match=r"\(N, 3, H, W\)"):
+        load_image_tensor(tmp_path / "bad.pt")
+
+
+def _fake_cifar(root: Path, folder: str, file: str, label_key: str, n: int) -> np.ndarray:
+    rng = np.random.default_rng(1)
+    data = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
+    (root / folder).mkdir(parents=True)
+    with open(root / folder / file, "wb") as f:
+        pickle.dump({b"data": data, label_key.encode(): list(range(n)), b"batch_label": b"test"}, f)
+    return data
+
+
+@pytest.mark.parametrize(("variant", "folder", "file", "key"), [
+    ("cifar10", "cifar-10-batches-py", "test_batch", "labels"),
+    ("cifar100", "cifar-100-python", "test", "fine_labels"),
+])
+def test_cifar_pickle(tmp_path: Path, variant: str, folder: str, file: str, key: str) -> None:
+    data = _fake_cifar(tmp_path, folder, file, key, 5)
+    ds = CifarDataset(tmp_path, SPEC32, variant=variant)
+    assert len(ds) == 5 and ds[3][1] == 3
+    x, _ = ds[2]
+    # Channel-major rows: the first 1024 bytes are the red plane in row order.
+    expected_red = torch.from_numpy(data[2, :1024].reshape(32, 32)).float() / 255
+    assert torch.allclose(denormalize(x[None], SPEC32)[0, 0], expected_red, atol=1e-5)
+    assert len(CifarDataset(tmp_path / folder, SPEC32, variant=variant)) == 5
+
+
+def test_cifar_missing_data_error(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="download=True"):
+        CifarDataset(tmp_path, SPEC32)
+    with pytest.raises(DataError, match="unknown CIFAR variant"):
+        CifarDataset(tmp_path, SPEC32, variant="cifar1000")
+
+
+def test_transforms_normalization_roundtrip() -> None:
+    img = Image.fromarray(np.full((32, 32, 3), 255, dtype=np.uint8))
+    x = preprocess(img, SPEC32)
+    assert x.shape == (3, 32, 32)
+    assert torch.allclose(x[:, 0, 0], torch.tensor([2.5, 2.4, 1.4]))
+    batch = torch.rand(2, 3, 8, 8)
+    assert torch.allclose(denormalize(normalize(batch, SPEC32), SPEC32), batch, atol=1e-6)
+
+
+def test_resize_rules() -> None:
+    exact = Image.new("RGB", (224, 224))
+    assert resize_and_crop(exact, SPEC224) is exact  # already input size: untouched
+    assert resize_and_crop(Image.new("RGB", (500, 375)), SPEC224).size == (224, 224)
+    big = Image.fromarray(np.zeros((64, 48, 3), dtype=np.uint8))
+    assert resize_and_crop(big, SPEC32).size == (32, 32)  # resize=None: straight to input size

@@ -1,0 +1,340 @@
+"""Synthetic data generation: losses, swing conv, generators, SADAG refinement, scheduler, I/O."""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import replace
+
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+from torch.func import functional_call, grad, vmap
+
+from sadag.config import GenConfig
+from sadag.errors import ModelError, NumericalError
+from sadag.generation import (
+    DevicePlateau,
+    bn_layers,
+    bn_statistics_loss,
+    capture_bn_inputs,
+    diversity_loss,
+    generate_genie,
+    generate_noise,
+    generate_zeroq,
+    gradient_cosine,
+    gradient_matching_loss,
+    input_prior_loss,
+    load_synthetic_set,
+    refine_sadag,
+    save_synthetic_set,
+    swing_model,
+    swing_shift,
+)
+from sadag.generation.common import tensor_lr_adam
+from sadag.generation.sadag import capture_linear_input
+from sadag.generation.swing import SwingConv2d
+from sadag.models.spec import DataSpec
+
+SPEC = DataSpec(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), input_size=16, num_classes=5)
+
+
+class TinyNet(nn.Module):
+    def __init__(self, num_classes: int = 5) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 12, 3, stride=2, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(12)
+        self.fc = nn.Linear(12, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = torch.relu(self.bn2(self.conv2(x)))
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+class NoBNNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.fc = nn.Linear(4, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.conv(x).mean(dim=(2, 3)))
+
+
+class NaNNet(TinyNet):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x * float("nan"))
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny ops: one thread avoids oversubscription slowdowns on a shared CPU."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
+def tiny_model(seed: int = 0, dtype: torch.dtype = torch.float32) -> TinyNet:
+    torch.manual_seed(seed)
+    model = TinyNet()
+    for m in bn_layers(model):  # non-trivial targets
+        m.running_mean.uniform_(-0.5, 0.5)
+        m.running_var.uniform_(0.5, 2.0)
+    return model.to(dtype).eval()
+
+
+def perturbed(model: nn.Module, scale: float = 0.05, seed: int = 1) -> nn.Module:
+    q = copy.deepcopy(model)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in q.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+    return q.eval()
+
+
+def small_cfg(**kw) -> GenConfig:
+    base = dict(num_images=8, batch_size=4, genie_iters=4, zeroq_iters=4, refine_iters=3, plateau_patience=5)
+    base.update(kw)
+    return GenConfig(**base)
+
+
+def recorder():
+    seen: list[tuple[str, int, int, dict[str, float]]] = []
+    return seen, lambda stage, step, total, metrics: seen.append((stage, step, total, dict(metrics)))
+
+
+# --- closed-form gradient cosine -------------------------------------------------------------------
+
+def test_gradient_cosine_matches_autograd_per_sample_gradients() -> None:
+    fp = tiny_model(dtype=torch.float64)
+    q = perturbed(fp, 0.2)
+    x = torch.randn(6, 3, 16, 16, dtype=torch.float64)
+    params = {k: v.detach() for k, v in q.named_parameters()}
+
+    def loss(weight: torch.Tensor, xi: torch.Tensor) -> torch.Tensor:
+        out = functional_call(q, {**params, "fc.weight": weight}, (xi.unsqueeze(0),))
+        return 0.5 * (fp(xi.unsqueeze(0)) - out).square().sum()
+
+    with torch.no_grad():
+        g = vmap(grad(loss), in_dims=(None, 0))(params["fc.weight"], x).flatten(1)
+    g = g / g.norm(dim=1, keepdim=True)
+    expected = g @ g.T
+    with torch.no_grad(), capture_linear_input(q.fc) as slot:
+        e = fp(x) - q(x)
+        h = slot[0]
+    got = gradient_cosine(e, h, e, h)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    paired = gradient_cosine(e, h, e.roll(1, 0), h.roll(1, 0), pairwise=False)
+    shifted = torch.stack([expected[i, (i - 1) % 6] for i in range(6)])
+    torch.testing.assert_close(paired, shifted, atol=1e-5, rtol=0)
+
+
+def test_matching_and_diversity_losses() -> None:
+    e, h = torch.eye(3), torch.ones(3, 4)
+    assert gradient_matching_loss(e, h, e, h).item() == pytest.approx(0.0, abs=1e-6)
+    assert gradient_matching_loss(e, h, -e, h).item() == pytest.approx(2.0, abs=1e-6)
+    assert diversity_loss(e, h, None, None, 0.0).item() == pytest.approx(0.0, abs=1e-6)  # self excluded
+    assert diversity_loss(e, h, e, h, 0.0).item() == pytest.approx(1.0, abs=1e-6)  # earlier copies count
+    assert diversity_loss(e, h, -e, h, 0.25).item() == pytest.approx(0.75, abs=1e-6)
+
+
+# --- BN statistics loss --------------------------------------------------------------------------
+
+def test_bn_loss_zero_when_batch_matches_running_stats() -> None:
+    model = tiny_model()
+    x = torch.randn(16, 3, 16, 16)
+    layers = bn_layers(model)
+    with torch.no_grad(), capture_bn_inputs(model) as captured:
+        for i, layer in enumerate(layers):  # layer i's input depends only on layers < i
+            model(x)
+            var, mean = torch.var_mean(captured[i], dim=(0, 2, 3))
+            layer.running_mean.copy_(mean)
+            layer.running_var.copy_(var - 1e-6)
+        model(x)
+        assert bn_statistics_loss(captured, layers).item() < 1e-8
+        model(x * 2 + 1)
+        assert bn_statistics_loss(captured, layers).item() > 1e-2
+    # hooks are gone after the context
+    assert all(not layer._forward_hooks for layer in layers)
+
+
+def test_input_prior_loss() -> None:
+    x = torch.randn(4, 3, 16, 16)
+    std, mean = torch.std_mean(x, dim=(2, 3), keepdim=True)
+    assert input_prior_loss((x - mean) / std).item() < 1e-10
+    assert input_prior_loss(x * 3 + 1).item() > 1.0
+
+
+# --- swing convolution ----------------------------------------------------------------------------
+
+def test_swing_conv_shapes_offsets_and_seed() -> None:
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 4, 3, stride=2, padding=1)
+    x = torch.randn(2, 3, 9, 9)
+    assert torch.equal(swing_shift(x, (1, 1)), x)
+    shifted = [conv(swing_shift(x, (dy, dx))) for dy in range(3) for dx in range(3)]
+    assert all(s.shape == conv(x).shape for s in shifted)
+    assert sum(not torch.allclose(s, conv(x)) for s in shifted) == 8
+
+    model = tiny_model()
+    wrapped = swing_model(model, torch.Generator().manual_seed(3))
+    assert isinstance(wrapped.conv2, SwingConv2d) and isinstance(wrapped.conv1, nn.Conv2d)
+    assert isinstance(model.conv2, nn.Conv2d)  # the original is untouched
+    y = torch.randn(2, 3, 16, 16)
+    again = swing_model(model, torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        outs = [wrapped(y) for _ in range(6)]
+        assert all(torch.equal(a, again(y)) for a in outs)
+        assert all(o.shape == model(y).shape for o in outs)
+        assert any(not torch.equal(outs[0], o) for o in outs[1:])
+
+
+# --- generators lower their losses ----------------------------------------------------------------
+
+def test_genie_lowers_loss_and_restores_model() -> None:
+    model = tiny_model()
+    model.train()
+    stats = [m.running_mean.clone() for m in bn_layers(model)]
+    seen, progress = recorder()
+    batches = generate_genie(model, SPEC, small_cfg(num_images=8, batch_size=8, genie_iters=25), seed=0,
+                             progress=progress, log_every=1)
+    losses = [m["loss"] for _, _, _, m in seen]
+    assert losses[-1] < 0.9 * losses[0]  # Adam's first big steps overshoot, then it settles
+    assert seen[-1][0] == "genie-d" and seen[-1][1:3] == (25, 25)
+    assert batches[0].images.shape == (8, 3, 16, 16) and batches[0].z.shape == (8, 256)
+    assert model.training and all(p.requires_grad for p in model.parameters())
+    assert all(torch.equal(a, m.running_mean) for a, m in zip(stats, bn_layers(model), strict=True))
+
+
+def test_zeroq_lowers_loss() -> None:
+    seen, progress = recorder()
+    images = generate_zeroq(tiny_model(), SPEC, small_cfg(num_images=4, zeroq_iters=20, zeroq_lr=0.1), seed=0,
+                            progress=progress, log_every=1)
+    losses = [m["loss"] for _, _, _, m in seen]
+    assert images.shape == (4, 3, 16, 16)
+    assert losses[-1] < 0.7 * losses[0]
+
+
+def _refine_setup(iters: int = 3, **kw):
+    fp = tiny_model()
+    cfg = small_cfg(genie_iters=3, refine_iters=iters, **kw)
+    return fp, perturbed(fp), generate_genie(fp, SPEC, cfg, seed=0), cfg
+
+
+@pytest.mark.parametrize("neighbor", ["random", "adversarial"])
+def test_sadag_refinement_lowers_loss(neighbor: str) -> None:
+    fp, q, batches, cfg = _refine_setup(iters=25, num_images=4, refine_lr_z=0.05, refine_lr_g=0.01,
+                                        refine_g_decay=0.99, neighbor=neighbor)
+    seen, progress = recorder()
+    q.train()
+    out = refine_sadag(fp, q, batches, SPEC, cfg, seed=0, progress=progress, log_every=1)
+    losses = [m["loss"] for _, _, _, m in seen]
+    assert out.shape == (4, 3, 16, 16) and torch.isfinite(out).all()
+    assert sum(losses[-5:]) < 0.8 * sum(losses[:5])
+    assert q.training and all(p.requires_grad for p in q.parameters())
+
+
+# --- reproducibility and resume -------------------------------------------------------------------
+
+def test_genie_seeded_and_batches_independent() -> None:
+    model, cfg = tiny_model(), small_cfg(num_images=10, batch_size=4)
+    full = generate_genie(model, SPEC, cfg, seed=7)
+    assert [b.images.shape[0] for b in full] == [4, 4, 2]
+    again = generate_genie(model, SPEC, cfg, seed=7)
+    assert all(torch.equal(a.images, b.images) for a, b in zip(full, again, strict=True))
+    other = generate_genie(model, SPEC, cfg, seed=8)
+    assert not torch.allclose(full[0].images, other[0].images)
+    finished: list[int] = []
+    resumed = generate_genie(model, SPEC, cfg, seed=7, done={0: full[0], 2: full[2]},
+                             on_batch=lambda b: finished.append(b.index))
+    assert finished == [1]
+    assert torch.equal(resumed[1].images, full[1].images) and torch.equal(resumed[1].z, full[1].z)
+
+
+def test_zeroq_and_noise_seeded() -> None:
+    model, cfg = tiny_model(), small_cfg(num_images=4, zeroq_iters=3)
+    assert torch.equal(generate_zeroq(model, SPEC, cfg, 1), generate_zeroq(model, SPEC, cfg, 1))
+    assert not torch.allclose(generate_zeroq(model, SPEC, cfg, 1), generate_zeroq(model, SPEC, cfg, 2))
+    assert torch.equal(generate_noise(SPEC, 5, 3), generate_noise(SPEC, 5, 3))
+    assert not torch.allclose(generate_noise(SPEC, 5, 3), generate_noise(SPEC, 5, 4))
+    assert generate_noise(SPEC, 5, 3).shape == (5, 3, 16, 16)
+
+
+def test_sadag_seeded_and_resumable() -> None:
+    fp, q, batches, cfg = _refine_setup()
+    full = refine_sadag(fp, q, batches, SPEC, cfg, seed=0)
+    assert torch.equal(full, refine_sadag(fp, q, batches, SPEC, cfg, seed=0))
+    got: list[int] = []
+    resumed = refine_sadag(fp, q, batches, SPEC, cfg, seed=0, done={0: full[:4]},
+                           on_batch=lambda i, _x: got.append(i))
+    assert got == [1]
+    torch.testing.assert_close(resumed, full, atol=1e-5, rtol=1e-5)
+
+
+# --- errors ---------------------------------------------------------------------------------------
+
+def test_model_without_bn_raises_model_error() -> None:
+    cfg = small_cfg()
+    for call in (lambda: generate_genie(NoBNNet(), SPEC, cfg, 0), lambda: generate_zeroq(NoBNNet(), SPEC, cfg, 0)):
+        with pytest.raises(ModelError, match="noise") as info:
+            call()
+        assert "real" in str(info.value) and "BatchNorm" in str(info.value)
+
+
+def test_nan_loss_raises_numerical_error_naming_stage() -> None:
+    with pytest.raises(NumericalError, match="genie-d batch 0"):
+        generate_genie(NaNNet().eval(), SPEC, small_cfg(), 0)
+    with pytest.raises(NumericalError, match="zeroq batch 0 iteration"):
+        generate_zeroq(tiny_model(), SPEC, small_cfg(zeroq_lr=math.inf), 0)
+
+
+# --- device-side plateau --------------------------------------------------------------------------
+
+def test_device_plateau_matches_torch() -> None:
+    losses = [5.0, 4.0, 3.99999, 3.9, 3.9, 3.9, 3.9, 3.9, 3.8, float("nan"), 3.8, 3.8, 3.8, 3.8]
+    losses += [3.8] * 30 + [1.0] + [1.0 - 1e-6 * i for i in range(20)]
+    for patience, min_lr in ((2, 1e-4), (3, 0.0), (0, 1e-3)):
+        ref_p = nn.Parameter(torch.zeros(1))
+        ref_opt = torch.optim.SGD([ref_p], lr=0.1)
+        ref = torch.optim.lr_scheduler.ReduceLROnPlateau(ref_opt, factor=0.1, patience=patience, min_lr=min_lr)
+        opt = tensor_lr_adam([nn.Parameter(torch.zeros(1))], 0.1, torch.device("cpu"))
+        ours = DevicePlateau(opt.param_groups[0]["lr"], patience=patience, min_lr=min_lr)
+        for loss in losses:
+            ref.step(loss)
+            ours.step(torch.tensor(loss, dtype=torch.float32))
+            assert ours.lr.item() == pytest.approx(ref_opt.param_groups[0]["lr"], rel=1e-12, abs=0)
+        assert opt.param_groups[0]["lr"] is ours.lr
+
+
+def test_tensor_lr_drives_adam() -> None:
+    p = nn.Parameter(torch.zeros(3))
+    opt = tensor_lr_adam([p], 0.5, torch.device("cpu"))
+    opt.param_groups[0]["lr"].fill_(0.01)
+    p.grad = torch.ones(3)
+    opt.step()
+    torch.testing.assert_close(p.detach(), torch.full((3,), -0.01), atol=1e-6, rtol=0)
+
+
+# --- save / load ----------------------------------------------------------------------------------
+
+def test_save_load_round_trip(tmp_path) -> None:
+    images = torch.randn(70, 3, 16, 16)
+    save_synthetic_set(tmp_path / "set", images, SPEC, {"method": "genie", "seed": 3})
+    loaded, info = load_synthetic_set(tmp_path / "set")
+    assert torch.equal(loaded, images) and loaded.dtype == torch.float32
+    assert info["spec"] == SPEC and info["meta"] == {"method": "genie", "seed": 3}
+    with Image.open(tmp_path / "set" / "grid.png") as grid:
+        assert grid.format == "PNG" and grid.mode == "RGB"
+        assert grid.size == (8 * 18 + 2, 8 * 18 + 2)  # 64 images, 8 x 8 with 2-pixel gaps
+    assert sorted(p.name for p in (tmp_path / "set").iterdir()) == ["grid.png", "images.pt"]
+
+
+def test_refine_requires_matching_done_shapes() -> None:
+    fp, q, batches, cfg = _refine_setup()
+    with pytest.raises(Exception, match="checkpointed SADAG batch 0"):
+        refine_sadag(fp, q, batches, SPEC, replace(cfg), seed=0, done={0: torch.zeros(3, 3, 16, 16)})

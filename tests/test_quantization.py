@@ -1,0 +1,252 @@
+"""Quantizer math, module swapping, bit policy, BN folding, unit detection."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import R20_WEIGHTS, TinyNet, needs_shared, randomize_bn_
+from torch import nn
+
+from sadag.config import QuantConfig, parse_bits
+from sadag.errors import ConfigError
+from sadag.quantization.fold import fold_bn_
+from sadag.quantization.prepare import float_copy, quantize, quantizers
+from sadag.quantization.primitives import (
+    clip_search,
+    fake_quantize,
+    fake_quantize_lsq,
+    inverse_rectified_sigmoid,
+    rectified_sigmoid,
+)
+from sadag.quantization.quantizers import ActQuantizer, WeightQuantizer
+from sadag.reconstruction.units import find_units
+
+X = torch.zeros(2, 3, 16, 16)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_fake_quantize_on_grid_and_within_bounds(bits: int) -> None:
+    x = torch.randn(1000) * 3
+    qmax = 2**bits - 1
+    scale, zp = clip_search(x, qmax, dim=None)
+    y = fake_quantize(x, scale, zp, qmax)
+    levels = y / scale + zp
+    assert torch.allclose(levels, levels.round(), atol=1e-4)
+    assert levels.min() >= -1e-4 and levels.max() <= qmax + 1e-4
+    assert len(torch.unique(levels.round())) <= 2**bits
+    # a round trip of an on-grid tensor is exact
+    assert torch.allclose(fake_quantize(y, scale, zp, qmax), y, atol=1e-6)
+
+
+def test_clip_search_is_per_channel_and_beats_minmax() -> None:
+    w = torch.randn(6, 4, 3, 3)
+    w[0] *= 10  # one channel with a much wider range
+    w[1, 0, 0, 0] = 8.0  # an outlier: clipping it pays off
+    scale, zp = clip_search(w, 15, dim=0)
+    assert scale.shape == (6, 1, 1, 1)
+    assert scale[0] > 5 * scale[2]
+    err = (fake_quantize(w, scale, zp, 15) - w).abs().pow(2.4).mean()
+    mn, mx = w.amin(dim=(1, 2, 3), keepdim=True), w.amax(dim=(1, 2, 3), keepdim=True)
+    s_mm = (mx - mn) / 15
+    err_mm = (fake_quantize(w, s_mm, torch.round(-mn / s_mm), 15) - w).abs().pow(2.4).mean()
+    assert err < err_mm
+
+
+def test_rectified_sigmoid_inverse() -> None:
+    frac = torch.rand(100) * 0.98 + 0.01
+    assert torch.allclose(rectified_sigmoid(inverse_rectified_sigmoid(frac)), frac, atol=1e-5)
+
+
+def test_adaround_starts_at_fp_weights_and_hard_rounding_is_on_grid() -> None:
+    w = torch.randn(4, 3, 3, 3)
+    q = WeightQuantizer(w, bits=4)
+    q.start_adaround(w)
+    soft = q(w)
+    inside = (w / q.scale + q.zero_point > 0) & (w / q.scale + q.zero_point < 15)
+    assert torch.allclose(soft[inside], w[inside], atol=1e-5)  # h(V) = fractional part: no error yet
+    q.mode = "hard"
+    hard = q(w)
+    ints = q.integer_weight(w)
+    assert torch.equal(ints, ints.round()) and ints.min() >= 0 and ints.max() <= 15
+    assert torch.allclose(hard, (ints - q.zero_point) * q.scale)
+    # with V untouched, hard rounding is round-to-nearest
+    nearest = WeightQuantizer(w, bits=4)
+    nearest.scale.data.copy_(q.scale.data)
+    assert torch.allclose(hard, nearest(w), atol=1e-6)
+
+
+def test_act_quantizer_signed_and_unsigned_grids_and_drop() -> None:
+    a = ActQuantizer(4)
+    a.observe_(torch.rand(64) * 2)
+    assert a.zero_point == 0  # non-negative input: unsigned grid
+    b = ActQuantizer(4)
+    b.observe_(torch.randn(64))
+    assert 0 < b.zero_point < 15  # negatives: the grid straddles zero
+    x = torch.randn(10_000)
+    b.drop_prob = 0.5
+    y = b(x)
+    kept_fp = (y == x).float().mean()
+    assert 0.4 < kept_fp < 0.65  # about half the elements stay FP (plus the few already on the grid)
+    b.drop_prob = 0.0
+    assert not torch.equal(b(x), x)
+
+
+def test_bits_parsing_and_range_errors() -> None:
+    assert parse_bits("4/4") == (4, 4) and parse_bits("W2A4") == (2, 4) and parse_bits("4/fp") == (4, None)
+    for bad in ["1/4", "9/8", "4/1", "4", "x/y"]:
+        with pytest.raises(ConfigError):
+            parse_bits(bad)
+
+
+def test_bit_policy_first_second_last(tiny_net: nn.Module) -> None:
+    q = quantize(tiny_net, QuantConfig(w_bits=3, a_bits=2), X)
+    bits = q.sadag_plan.layer_bits
+    assert bits["stem.0"] == (8, None)  # first layer: W8, FP input
+    assert bits["block.conv1"] == (3, 8)  # second layer: input A8 (shared with the identity path)
+    assert bits["block.conv2"] == (3, 2) and bits["head.0"] == (3, 2)
+    assert bits["fc"] == (8, 8)  # last layer W8A8
+    assert q.sadag_plan.block_inputs == {"block": ["block.conv1"]}
+    assert q.block.conv1.input_quantizer is None and q.block.sadag_input_quantizer.bits == 8
+    flat = quantize(tiny_net, QuantConfig(w_bits=3, a_bits=2, first_last_8bit=False), X).sadag_plan.layer_bits
+    assert flat["stem.0"] == (3, 2) and flat["fc"] == (3, 2)
+    wonly = quantize(tiny_net, QuantConfig(w_bits=4, a_bits=None), X)
+    assert all(a.bits is None for a in quantizers(wonly)[1])
+
+
+def test_quantize_does_not_touch_the_original_and_float_copy_matches(tiny_net: nn.Module) -> None:
+    x = torch.randn(4, 3, 16, 16)
+    ref = tiny_net(x)
+    q = quantize(tiny_net, QuantConfig(w_bits=4, a_bits=4), X)
+    assert torch.equal(tiny_net(x), ref)
+    assert type(tiny_net.fc) is nn.Linear
+    assert torch.allclose(float_copy(q)(x), ref, atol=1e-5)
+    assert not torch.allclose(q(x), ref, atol=1e-3)  # weights are quantized
+
+
+def test_fold_bn_keeps_outputs(tiny_net: nn.Module) -> None:
+    x = torch.randn(4, 3, 16, 16)
+    ref = tiny_net(x)
+    folded = randomize_bn_(TinyNet())
+    folded.load_state_dict(tiny_net.state_dict())
+    pairs = fold_bn_(folded, X)
+    assert ("stem.0", "stem.1") in pairs and ("block.conv2", "block.bn2") in pairs and len(pairs) == 4
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    assert torch.allclose(folded(x), ref, atol=1e-5)
+    q = quantize(tiny_net, QuantConfig(w_bits=8, a_bits=None, fold_bn=True), X)
+    assert len(q.sadag_plan.folded) == 4
+
+
+def test_units_tiny_and_override(tiny_net: nn.Module) -> None:
+    assert find_units(tiny_net, X) == ["stem.0", "block", "head.0", "fc"]
+    units = find_units(tiny_net, X, ["stem", "block"])
+    assert units == ["stem", "block", "head.0", "fc"]  # uncovered layers become their own units
+    with pytest.raises(ConfigError, match="unknown unit"):
+        find_units(tiny_net, X, ["nope"])
+
+
+class Sequential2(nn.Module):
+    """A plain CNN of unknown type: every layer becomes a unit (the fallback)."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 3))
+        self.classifier = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x).mean((2, 3)))
+
+
+def test_units_fallback_for_unknown_architecture() -> None:
+    assert find_units(Sequential2().eval(), X) == ["features.0", "features.3", "classifier"]
+
+
+class InvertedResidual(nn.Module):
+    """Shaped like torchvision's MobileNetV2 block."""
+
+    def __init__(self, c: int, res: bool):
+        super().__init__()
+        self.res = res
+        self.conv = nn.Sequential(nn.Conv2d(c, 2 * c, 1), nn.BatchNorm2d(2 * c), nn.ReLU6(),
+                                  nn.Conv2d(2 * c, 2 * c, 3, padding=1, groups=2 * c), nn.BatchNorm2d(2 * c),
+                                  nn.ReLU6(), nn.Conv2d(2 * c, c, 1), nn.BatchNorm2d(c))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.conv(x) if self.res else self.conv(x)
+
+
+class MobileNetLike(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU6()),
+                                      InvertedResidual(4, False), InvertedResidual(4, True),
+                                      nn.Sequential(nn.Conv2d(4, 8, 1), nn.BatchNorm2d(8), nn.ReLU6()))
+        self.classifier = nn.Sequential(nn.Dropout(0.2), nn.Linear(8, 10))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x).mean((2, 3)))
+
+
+def test_units_mobilenet_shape_and_depthwise_quantization() -> None:
+    model = randomize_bn_(MobileNetLike())
+    assert find_units(model, X) == ["features.0.0", "features.1", "features.2", "features.3.0", "classifier.1"]
+    q = quantize(model, QuantConfig(w_bits=4, a_bits=4), X)
+    assert q.sadag_plan.block_inputs["features.2"] == ["features.2.conv.0"]
+    assert q(torch.randn(2, 3, 16, 16)).shape == (2, 10)
+
+
+@needs_shared
+def test_units_cifar_resnets_and_option_a_shortcut_shares_the_input_quantizer() -> None:
+    from sadag.models import load_model
+
+    model, spec = load_model("resnet20_cifar10", weights=str(R20_WEIGHTS))
+    x = torch.zeros(1, 3, 32, 32)
+    units = find_units(model, x)
+    assert units == ["conv1"] + [f"layer{s}.{b}" for s in (1, 2, 3) for b in range(3)] + ["linear"]
+    q = quantize(model, QuantConfig(w_bits=4, a_bits=4), x)
+    assert q.sadag_plan.block_inputs["layer2.0"] == ["layer2.0.conv1"]
+    model56, _ = load_model("resnet56_cifar10", pretrained=False)
+    assert len(find_units(model56, x)) == 2 + 27
+
+
+def test_units_pytorchcv_resnet_with_conv_shortcut() -> None:
+    from sadag.models import load_model
+
+    model, _ = load_model("resnet20_cifar100", pretrained=False)
+    x = torch.zeros(1, 3, 32, 32)
+    units = find_units(model, x)
+    assert len(units) == 11 and units[0] == "features.init_block.conv" and units[-1] == "output"
+    q = quantize(model, QuantConfig(w_bits=4, a_bits=4), x)
+    assert sorted(q.sadag_plan.block_inputs["features.stage2.unit1"]) == [
+        "features.stage2.unit1.body.conv1.conv", "features.stage2.unit1.identity_conv.conv"]
+
+
+def test_units_efficientnet_lite() -> None:
+    pytest.importorskip("efficientnet_lite_pytorch")
+    from sadag.models import load_model
+
+    model, spec = load_model("efficientnet_lite0", pretrained=False)
+    x = torch.zeros(1, 3, 224, 224)
+    units = find_units(model, x)
+    assert len(units) == 16 + 3  # stem, 16 MBConv blocks, head conv, classifier
+    assert units[0] == "_conv_stem" and units[-1] == "_fc"
+
+
+@pytest.mark.parametrize("with_keep", [False, True])
+def test_fused_lsq_quantizer_matches_autograd_reference(with_keep: bool) -> None:
+    torch.manual_seed(0)
+    x0, weight = torch.randn(4, 3, 8, 8), torch.randn(4, 3, 8, 8)
+    keep = (torch.rand_like(x0) < 0.5).float() if with_keep else None
+    zp = torch.tensor(5.0)
+
+    def grads(fused: bool) -> tuple[torch.Tensor, ...]:
+        x, s = x0.clone().requires_grad_(), torch.tensor(0.2, requires_grad=True)
+        if fused:
+            out = fake_quantize_lsq(x, s, zp, 15, keep)
+        else:
+            xq = fake_quantize(x, s, zp, 15)
+            out = torch.where(keep.bool(), xq, x) if keep is not None else xq
+        out.backward(weight)
+        return out, x.grad, s.grad
+
+    for a, b in zip(grads(True), grads(False), strict=True):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-5)

@@ -1,0 +1,101 @@
+"""Block reconstruction: lowers the error, ends with hard rounding, resumes exactly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import CIFAR_TRAIN, R20_WEIGHTS, needs_shared
+from torch import nn
+
+from sadag.config import CalibConfig, QuantConfig
+from sadag.quantization.prepare import float_copy, quantize, quantizers
+from sadag.reconstruction.cache import capture_unit_io
+from sadag.reconstruction.losses import BetaSchedule, reconstruction_loss
+from sadag.reconstruction.reconstruct import calibrate_unit_, reconstruct_
+
+X = torch.zeros(2, 3, 16, 16)
+
+
+def test_beta_schedule() -> None:
+    b = BetaSchedule(100, warmup=0.2, start=20, end=2)
+    assert b(0) == 20 and b(19) == 20 and not b.regularizer_on(19) and b.regularizer_on(20)
+    assert b(20) == 20 and abs(b(60) - 11) < 1e-9 and b(100) == 2
+
+
+def test_reconstruction_loss_sums_channels() -> None:
+    out, target = torch.ones(2, 3, 4, 4), torch.zeros(2, 3, 4, 4)
+    assert reconstruction_loss(out, target) == 3.0
+
+
+@pytest.fixture(scope="module")
+def r20_and_images():
+    from sadag.data import sample_calibration_images
+    from sadag.models import load_model
+
+    if not R20_WEIGHTS.is_file():
+        pytest.skip("real weights not found")
+    model, spec = load_model("resnet20_cifar10", weights=str(R20_WEIGHTS))
+    return model, sample_calibration_images(CIFAR_TRAIN, spec, 64, seed=0)
+
+
+@needs_shared
+def test_calibration_lowers_a_blocks_error_on_real_images(r20_and_images) -> None:
+    model, images = r20_and_images
+    q = quantize(model, QuantConfig(w_bits=3, a_bits=3), torch.zeros(1, 3, 32, 32))
+    fp = float_copy(q)
+    unit = "layer2.1"
+    fp_in, fp_out = capture_unit_io(fp, unit, images, 32)
+    block = dict(q.named_modules())[unit]
+    calibrate_unit_(block, fp_in, fp_in, fp_out, CalibConfig(iters=0), seed=0)  # nearest rounding, init ranges
+    with torch.no_grad():
+        before = reconstruction_loss(block(fp_in), fp_out)
+    q2 = quantize(model, QuantConfig(w_bits=3, a_bits=3), torch.zeros(1, 3, 32, 32))
+    block2 = dict(q2.named_modules())[unit]
+    calibrate_unit_(block2, fp_in, fp_in, fp_out, CalibConfig(iters=300, batch_size=32), seed=0)
+    with torch.no_grad():
+        after = reconstruction_loss(block2(fp_in), fp_out)
+    assert after < 0.9 * before, (before, after)
+    ws, acts = quantizers(block2)
+    assert all(w.mode == "hard" for w in ws)
+    assert all(a.drop_prob == 0 for a in acts)
+    assert all(not p.requires_grad for p in block2.parameters())
+
+
+def _small_calib() -> CalibConfig:
+    return CalibConfig(iters=8, batch_size=8)
+
+
+def test_reconstruct_ends_hard_and_deterministic(tiny_net: nn.Module) -> None:
+    images = torch.randn(16, 3, 16, 16)
+    q1 = reconstruct_(quantize(tiny_net, QuantConfig(w_bits=2, a_bits=4), X), images, _small_calib(), seed=3)
+    q2 = reconstruct_(quantize(tiny_net, QuantConfig(w_bits=2, a_bits=4), X), images, _small_calib(), seed=3)
+    for (k, a), b in zip(q1.state_dict().items(), q2.state_dict().values(), strict=True):
+        if isinstance(a, torch.Tensor):
+            assert torch.equal(a, b), k
+    for w in quantizers(q1)[0]:
+        assert w.mode == "hard"
+    x = torch.randn(4, 3, 16, 16)
+    assert torch.isfinite(q1(x)).all()
+
+
+def test_reconstruct_resumes_to_the_same_model(tiny_net: nn.Module) -> None:
+    images = torch.randn(16, 3, 16, 16)
+    full = reconstruct_(quantize(tiny_net, QuantConfig(w_bits=4, a_bits=4), X), images, _small_calib(), seed=1)
+    saved = {}
+    partial = quantize(tiny_net, QuantConfig(w_bits=4, a_bits=4), X)
+
+    class Interrupt(Exception):
+        pass
+
+    def checkpoint(k: int) -> None:
+        saved.update(next_unit=k + 1, state=partial.state_dict())
+        if k == 1:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        reconstruct_(partial, images, _small_calib(), seed=1, on_unit=checkpoint)
+    resumed = quantize(tiny_net, QuantConfig(w_bits=4, a_bits=4), X)
+    resumed.load_state_dict(saved["state"])
+    reconstruct_(resumed, images, _small_calib(), seed=1, start_unit=saved["next_unit"])
+    x = torch.randn(4, 3, 16, 16)
+    assert torch.equal(full(x), resumed(x))
