@@ -68,3 +68,11 @@ def randomize_bn_(model: nn.Module, seed: int = 0) -> nn.Module:
 def tiny_net() -> nn.Module:
     torch.manual_seed(0)
     return randomize_bn_(TinyNet())
+
+
+def no_bn_model():  # noqa: ANN201
+    """A factory for `--model conftest:no_bn_model`: a CNN without BatchNorm layers."""
+    from sadag.models import DataSpec
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 10))
+    return model.eval(), DataSpec(mean=(0.5,) * 3, std=(0.25,) * 3, input_size=16, num_classes=10)

@@ -11,8 +11,8 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import CIFAR_TEST, CIFAR_TRAIN, R20_WEIGHTS, needs_shared
 
+from conftest import CIFAR_TEST, CIFAR_TRAIN, R20_WEIGHTS, needs_shared
 from sadag.cli import main
 
 R20 = ["--model", "resnet20_cifar10", "--weights", str(R20_WEIGHTS)]
@@ -112,3 +112,47 @@ def test_kill_and_resume_matches_uninterrupted_run(tmp_path: Path) -> None:
     b = json.loads((victim / "report.json").read_text())
     for key in ["fp_top1", "quant_top1", "quant_top5", "num_calib", "method"]:
         assert a[key] == b[key], key
+
+
+def test_model_without_batchnorm_suggests_noise_or_real(tmp_path: Path, capsys) -> None:
+    code, _, err = run_cli(["run", "--model", "conftest:no_bn_model", "--method", "sadag", "--preset", "smoke",
+                            "--out", str(tmp_path / "r")], capsys)
+    assert code == 2 and "BatchNorm" in err and "noise" in err and "real" in err
+    # the same model quantizes fine from noise
+    code, _, err = run_cli(["run", "--model", "conftest:no_bn_model", "--method", "noise", "--preset", "smoke",
+                            "--out", str(tmp_path / "n"), "--no-export"], capsys)
+    assert code == 0, err
+
+
+def test_unwritable_output_directory(tmp_path: Path, capsys) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    code, _, err = run_cli(["run", "--model", "conftest:no_bn_model", "--method", "noise", "--preset", "smoke",
+                            "--out", str(blocker / "run")], capsys)
+    assert code == 2 and "cannot write" in err
+
+
+def test_out_of_memory_keeps_checkpoint_and_says_how_to_resume(tmp_path: Path, capsys, monkeypatch) -> None:
+    import sadag.pipeline
+
+    def boom(*_a, **_k):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory")
+
+    monkeypatch.setattr(sadag.pipeline, "reconstruct_", boom)
+    out = tmp_path / "r"
+    code, _, err = run_cli(["run", "--model", "conftest:no_bn_model", "--method", "noise", "--preset", "smoke",
+                            "--out", str(out)], capsys)
+    assert code == 3 and "--resume" in err and "--calib-batch-size" in err
+    assert (out / "config.yaml").is_file()
+
+
+def test_nan_calibration_images_are_refused(tmp_path: Path, capsys) -> None:
+    import torch
+
+    bad = tmp_path / "bad.pt"
+    images = torch.zeros(8, 3, 16, 16)
+    images[0, 0, 0, 0] = float("nan")
+    torch.save({"images": images, "meta": {"method": "noise"}}, bad)
+    code, _, err = run_cli(["run", "--model", "conftest:no_bn_model", "--calib-data", str(bad), "--preset", "smoke",
+                            "--out", str(tmp_path / "r")], capsys)
+    assert code == 2 and "NaN" in err

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import R20_WEIGHTS, TinyNet, needs_shared, randomize_bn_
 from torch import nn
 
+from conftest import R20_WEIGHTS, TinyNet, needs_shared, randomize_bn_
 from sadag.config import QuantConfig, parse_bits
 from sadag.errors import ConfigError
 from sadag.quantization.fold import fold_bn_

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import CIFAR_TRAIN, R20_WEIGHTS, needs_shared
 from torch import nn
 
+from conftest import CIFAR_TRAIN, R20_WEIGHTS, needs_shared
 from sadag.config import CalibConfig, QuantConfig
 from sadag.quantization.prepare import float_copy, quantize, quantizers
 from sadag.reconstruction.cache import capture_unit_io

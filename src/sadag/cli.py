@@ -214,10 +214,20 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("sadag: interrupted; finished work is checkpointed: rerun with --resume to continue", file=sys.stderr)
         return 130
-    except torch.OutOfMemoryError as exc:
-        print(f"sadag: error: out of memory ({exc}); finished work is checkpointed: rerun with --resume and a "
-              "smaller --calib-batch-size / --gen-batch-size / --eval-batch-size", file=sys.stderr)
-        return 3
+    except (torch.OutOfMemoryError, MemoryError) as exc:
+        return _out_of_memory(exc)
+    except RuntimeError as exc:
+        if "can't allocate memory" in str(exc) or "out of memory" in str(exc):
+            return _out_of_memory(exc)
+        raise
+
+
+def _out_of_memory(exc: BaseException) -> int:
+    first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    print(f"sadag: error: out of memory ({first_line}); finished work is checkpointed in the run directory: rerun "
+          "the same command with --resume and a smaller --calib-batch-size, --gen-batch-size or --eval-batch-size",
+          file=sys.stderr)
+    return 3
 
 
 if __name__ == "__main__":

@@ -109,6 +109,8 @@ def calibrate_unit_(
     beta = BetaSchedule(cfg.iters, cfg.warmup, *cfg.beta)
     gen = torch.Generator(device=q_in.device).manual_seed(seed)
     running = torch.zeros((), device=q_in.device)
+    if progress is not None:
+        progress(stage, 0, cfg.iters, {})
     try:
         for t in range(cfg.iters):
             idx = torch.randint(0, n, (bs,), generator=gen, device=q_in.device)

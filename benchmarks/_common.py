@@ -1,0 +1,62 @@
+"""Helpers shared by the benchmark scripts: shared-data paths, one run per row, tables and JSON."""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import sadag
+
+SHARED = Path(os.environ.get("SADAG_SHARED", Path(__file__).resolve().parents[2] / "shared"))
+WEIGHTS = {
+    "resnet20_cifar10": SHARED / "weights/cifar10-resnet/resnet20-12fca82f.th",
+    "resnet56_cifar10": SHARED / "weights/cifar10-resnet/resnet56-4bfd9763.th",
+    "efficientnet_lite0": None,
+}
+EVAL = {
+    "resnet20_cifar10": (SHARED / "data/cifar10-jpeg/test", None),
+    "resnet56_cifar10": (SHARED / "data/cifar10-jpeg/test", None),
+    "efficientnet_lite0": (SHARED / "data/imagenet-val500/val", SHARED / "data/imagenet-val500/wnids.txt"),
+}
+CIFAR_TRAIN = SHARED / "data/cifar10-jpeg/train-5k"
+
+
+def base_config(model: str, out: Path, **kwargs: Any) -> sadag.RunConfig:
+    eval_data, class_index = EVAL[model]
+    weights = WEIGHTS[model]
+    return sadag.RunConfig(model=model, weights=str(weights) if weights else None, eval_data=str(eval_data),
+                           class_index=str(class_index) if class_index else None, out=str(out), **kwargs)
+
+
+def run_row(cfg: sadag.RunConfig) -> dict[str, Any]:
+    """Run (or resume, or reuse a finished) configuration and return its report."""
+    report_file = Path(cfg.out) / "report.json"
+    if report_file.exists():
+        return json.loads(report_file.read_text())
+    start = time.perf_counter()
+    report = sadag.run(cfg, resume=True, export=False)
+    report["wall_seconds"] = round(time.perf_counter() - start, 1)
+    return report
+
+
+def machine() -> str:
+    return f"{os.cpu_count()} CPU cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+
+
+def mean_spread(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f} (n={len(values)})"
+
+
+def write_results(name: str, rows: list[dict[str, Any]], meta: dict[str, Any]) -> Path:
+    path = Path(__file__).parent / "results" / f"{name}.json"
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(json.dumps({"meta": {**meta, "machine": machine()}, "rows": rows}, indent=2) + "\n")
+    return path

@@ -1,0 +1,48 @@
+"""Real-data calibration (the engine alone): ResNet-20 on 1,024 or 256 real CIFAR-10 training images.
+
+Usage: python benchmarks/real_data.py [--budget fast|peer] [--bits 4/4 3/3 2/4] [--model resnet20_cifar10]
+Prints a markdown table and writes benchmarks/results/real_<model>_<budget>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from _common import CIFAR_TRAIN, base_config, machine, run_row, write_results
+
+# "fast": the fast preset on 1,024 images; "peer": Genie's reference budget (256 images, 2,000 iters/unit)
+BUDGETS = {
+    "fast": {"num_calib": 1024, "overrides": {}},
+    "peer": {"num_calib": 256, "overrides": {"calib": {"iters": 2000}}},
+}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--model", default="resnet20_cifar10")
+    p.add_argument("--budget", default="fast", choices=list(BUDGETS))
+    p.add_argument("--bits", nargs="+", default=["4/4", "3/3", "2/4"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--work", default="benchmarks/out", help="run directories (resumable)")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    budget = BUDGETS[args.budget]
+    rows = []
+    for bits in args.bits:
+        out = Path(args.work) / f"real_{args.model}_{args.budget}_w{bits.replace('/', 'a')}_s{args.seed}"
+        cfg = base_config(args.model, out, method="real", bits=bits, preset="fast", seed=args.seed,
+                          calib_data=str(CIFAR_TRAIN), num_calib=budget["num_calib"], overrides=budget["overrides"])
+        rows.append(run_row(cfg))
+        r = rows[-1]
+        print(f"| {args.model} | W{r['w_bits']}A{r['a_bits']} | {r['num_calib']} | {r['fp_top1']:.2f} | "
+              f"{r['quant_top1']:.2f} | {r['quant_top5']:.2f} | {r['seconds'].get('calibrate', 0):.0f} |", flush=True)
+    path = write_results(f"real_{args.model}_{args.budget}", rows, {"budget": args.budget, "seed": args.seed})
+    print(f"machine: {machine()}; results in {path}")
+
+
+if __name__ == "__main__":
+    main()
