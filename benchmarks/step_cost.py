@@ -45,15 +45,16 @@ def main() -> None:
     example = torch.zeros(1, 3, spec.input_size, spec.input_size)
     qmodel = reconstruct_(sadag.quantize(model, sadag.QuantConfig(4, 4), example), batches[0].images,
                           sadag.CalibConfig(iters=0))
-    rows = {
-        "genie_d_no_swing": per_step(lambda k: generate_genie(model, spec, replace(base, genie_iters=k, swing=False), 0),
-                                     args.k1, args.k2),
-        "genie_d": per_step(lambda k: generate_genie(model, spec, replace(base, genie_iters=k), 0), args.k1, args.k2),
-    }
+    def genie(k: int, swing: bool = True) -> None:
+        generate_genie(model, spec, replace(base, genie_iters=k, swing=swing), 0)
+
+    def refine(k: int, neighbor: str) -> None:
+        refine_sadag(model, qmodel, batches, spec, replace(base, refine_iters=k, neighbor=neighbor), 0)
+
+    rows = {"genie_d_no_swing": per_step(lambda k: genie(k, swing=False), args.k1, args.k2),
+            "genie_d": per_step(genie, args.k1, args.k2)}
     for neighbor in ("random", "adversarial"):
-        cfg = replace(base, neighbor=neighbor)
-        rows[f"sadag_{neighbor}"] = per_step(
-            lambda k, c=cfg: refine_sadag(model, qmodel, batches, spec, replace(c, refine_iters=k), 0), args.k1, args.k2)
+        rows[f"sadag_{neighbor}"] = per_step(lambda k, n=neighbor: refine(k, n), args.k1, args.k2)
     print(f"| step (batch {args.batch}, {args.model}) | seconds | x Genie-D |\n|---|---|---|")
     for name, sec in rows.items():
         print(f"| {name} | {sec:.3f} | {sec / rows['genie_d']:.2f} |")
