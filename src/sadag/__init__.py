@@ -2,7 +2,7 @@
 
 __version__ = "0.1.0"
 
-from .config import CalibConfig, GenConfig, QuantConfig, RunConfig  # noqa: E402
+from .config import CalibConfig, GenConfig, QuantConfig, RunConfig, apply_preset  # noqa: E402
 from .errors import SadagError  # noqa: E402
 from .evaluation import evaluate  # noqa: E402
 from .models import DataSpec, list_models, load_model  # noqa: E402
@@ -17,6 +17,7 @@ __all__ = [
     "QuantConfig",
     "RunConfig",
     "SadagError",
+    "apply_preset",
     "calibrate",
     "evaluate",
     "generate_set",

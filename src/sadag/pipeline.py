@@ -102,7 +102,9 @@ def calibrate(model: nn.Module, spec: DataSpec, images: Tensor, cfg: RunConfig, 
         if rundir is not None:
             rundir.save_state(state_name, {"next_unit": k + 1, "state_dict": qmodel.state_dict()})
 
-    reconstruct_(qmodel, images, calib_cfg, cfg.seed, start_unit=start, on_unit=checkpoint, progress=progress)
+    label = "calibrate" if iters is None else "warm-up calibrate"
+    reconstruct_(qmodel, images, calib_cfg, cfg.seed, start_unit=start, on_unit=checkpoint, progress=progress,
+                 label=label)
     return freeze_(qmodel)
 
 

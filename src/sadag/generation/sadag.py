@@ -241,7 +241,7 @@ def refine_sadag(
     bn_layers(fp_model)
     device = model_device(fp_model)
     iters = cfg.refine_iters
-    monitor = StageMonitor("sadag", len(ordered) * iters, progress, log, _HINT, log_every)
+    monitor = StageMonitor("sadag refine", len(ordered) * iters, progress, log, _HINT, log_every)
     pool, out = _Pool(), []
     with (frozen_eval(fp_model, q_model), torch.enable_grad(), capture_bn_inputs(fp_model) as bn_inputs,
           capture_linear_input(last_linear(q_model)) as h_slot):

@@ -37,14 +37,15 @@ class _FakeQuantizeLSQ(torch.autograd.Function):
     def backward(ctx, grad: Tensor) -> tuple:  # noqa: ANN001
         u, q, keep = ctx.saved_tensors
         inside = (q - u).abs_().le_(0.5).to(grad.dtype)  # 1 where the clamp did not bite
-        d_scale = u.mul(inside).neg_().add_(q)  # LSQ: round(u) - u inside the range, the clamped level outside
+        grad_scale = None
+        if ctx.needs_input_grad[1]:  # frozen models (SADAG refinement) skip the step-size gradient
+            d_scale = u.mul(inside).neg_().add_(q)  # LSQ: round(u) - u inside the range, the clamped level outside
+            grad_scale = (grad * d_scale if keep is None else grad * keep * d_scale).sum().reshape(())
         if keep is not None:
-            grad_q = grad * keep
             grad_x = inside.sub_(1).mul_(keep).add_(1).mul_(grad)
         else:
-            grad_q = grad
             grad_x = inside.mul_(grad)
-        return grad_x, (grad_q * d_scale).sum().reshape(()), None, None, None
+        return grad_x, grad_scale, None, None, None
 
 
 def fake_quantize_lsq(x: Tensor, scale: Tensor, zero_point: Tensor, qmax: int, keep: Tensor | None = None) -> Tensor:

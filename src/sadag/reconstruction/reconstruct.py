@@ -31,6 +31,7 @@ def reconstruct_(
     start_unit: int = 0,
     on_unit: Callable[[int], None] | None = None,
     progress: Progress | None = None,
+    label: str = "calibrate",
 ) -> nn.Module:
     """Calibrate ``qmodel`` (from :func:`sadag.quantize`) in place on calibration images.
 
@@ -42,6 +43,7 @@ def reconstruct_(
         start_unit: skip units already calibrated (resume).
         on_unit: called with the unit index after each unit is done (checkpoint there).
         progress: called as progress(stage, step, total, metrics) every few hundred iterations.
+        label: the stage name shown in progress and logs (e.g. "warm-up calibrate" for SADAG's stage B).
     """
     cfg.validate()
     fp_model = float_copy(qmodel)
@@ -53,7 +55,7 @@ def reconstruct_(
         torch.manual_seed(seed * 10_007 + k)
         fp_in, fp_out = capture_unit_io(fp_model, unit, images, cfg.batch_size)
         q_in, _ = capture_unit_io(qmodel, unit, images, cfg.batch_size, want_output=False)
-        stage = f"calibrate unit {k + 1}/{len(units)} ({unit})"
+        stage = f"{label} unit {k + 1}/{len(units)} ({unit})"
         calibrate_unit_(modules[unit], fp_in, q_in, fp_out, cfg, seed * 10_007 + k, stage, progress)
         if on_unit is not None:
             on_unit(k)
