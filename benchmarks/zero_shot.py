@@ -23,9 +23,9 @@ import sadag
 from _common import base_config, machine, mean_spread, run_row, write_results
 
 BUDGETS: dict[str, dict[str, dict[str, Any]]] = {
-    # fits the 2-core CPU machine: 2 batches x 500 Genie-D steps, 500 reconstruction iterations per unit
-    "cpu": {"gen": {"num_images": 256, "genie_iters": 500, "warmup_calib_iters": 200, "refine_iters": 100},
-            "calib": {"iters": 500}},
+    # fits the shared 2-core CPU machine: 2 batches x 300 Genie-D steps, 300 reconstruction iterations per unit
+    "cpu": {"gen": {"num_images": 256, "genie_iters": 300, "warmup_calib_iters": 150, "refine_iters": 60},
+            "calib": {"iters": 300}},
     # Genie's reference budget of the issue: 256 images (2 x 1,000 Genie-D steps), 2,000 iterations per unit
     "peer": {"gen": {"num_images": 256, "genie_iters": 1000, "warmup_calib_iters": 500, "refine_iters": 200},
              "calib": {"iters": 2000}},

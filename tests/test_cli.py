@@ -44,8 +44,16 @@ def test_run_real_smoke_writes_report(tmp_path: Path, capsys) -> None:
     assert REPORT_KEYS <= set(report)
     assert report["num_calib"] == 32 and report["method"] == "real" and report["eval_images"] == 100
     assert 0 <= report["quant_top1"] <= 100 and report["fp_top1"] > 50
-    for name in ["config.yaml", "environment.json", "report.md", "calibration_grid.png", "metrics.jsonl"]:
+    for name in ["config.yaml", "environment.json", "report.md", "calibration_grid.png", "metrics.jsonl",
+                 "quantized.safetensors"]:
         assert (out_dir / name).is_file(), name
+    # the exported model reloads with the same accuracy, and converts to ONNX that onnxruntime agrees with
+    code, out, err = run_cli(["evaluate", "--quantized", str(out_dir / "quantized.safetensors"),
+                              "--data", str(CIFAR_TEST), "--limit", "10"], capsys)
+    assert code == 0 and f"top-1 {report['quant_top1']:.2f}%" in out, out + err
+    code, out, err = run_cli(["export", "--run", str(out_dir), "--onnx", str(tmp_path / "m.onnx"),
+                              "--verify-data", str(CIFAR_TEST), "--limit", "5"], capsys)
+    assert code == 0 and "top-1 agreement" in out, err
     # an existing run directory is never overwritten silently
     code, _, err = run_cli(args, capsys)
     assert code == 2 and "--resume" in err and "--force" in err

@@ -125,11 +125,10 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     if args.quantized:
         from .export import load_quantized
-
-        model, meta = load_quantized(args.quantized)
         from .models import DataSpec
 
-        spec, name = DataSpec.from_dict(meta["spec"]), f"{meta['model']} (quantized {args.quantized})"
+        model, meta = load_quantized(args.quantized)
+        spec, name = DataSpec.from_dict(meta["spec"]), f"{meta['model_name']} (quantized {args.quantized})"
     else:
         if not args.model:
             raise ConfigError("evaluate needs --model NAME (or --quantized FILE.safetensors)")
@@ -144,14 +143,25 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 def _cmd_export(args: argparse.Namespace) -> int:
     from .export import export_onnx, load_quantized
+    from .models import DataSpec
 
     source = Path(args.run) / "quantized.safetensors" if args.run else Path(args.quantized)
     model, meta = load_quantized(source)
-    from .models import DataSpec
-
     spec = DataSpec.from_dict(meta["spec"])
     export_onnx(model, args.onnx, spec, opset=args.opset)
     print(f"wrote {args.onnx} (QDQ ONNX, opset {args.opset}) from {source}")
+    if args.verify_data:
+        import torch
+
+        from .data import ImageFolderDataset
+        from .export import verify_onnx
+
+        data = ImageFolderDataset(args.verify_data, spec, class_index=args.class_index, limit=args.limit)
+        images, labels = zip(*(data[i] for i in range(len(data))), strict=True)
+        r = verify_onnx(args.onnx, model, torch.stack(images), torch.tensor(labels))
+        print(f"onnxruntime vs PyTorch on {r['num_images']} images: max |logit diff| {r['max_abs_diff']:.3g}, "
+              f"top-1 agreement {100 * r['top1_agreement']:.2f}%, top-1 PyTorch {100 * r['top1_torch']:.2f}% "
+              f"/ ONNX {100 * r['top1_onnx']:.2f}%")
     return 0
 
 
@@ -188,6 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--limit", type=int, help="at most this many images per class")
     p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int)
     p.set_defaults(func=_cmd_evaluate)
     p = sub.add_parser("export", help="export a calibrated model to ONNX (QDQ)")
     src = p.add_mutually_exclusive_group(required=True)
@@ -195,6 +206,10 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--quantized", help="a quantized.safetensors file")
     p.add_argument("--onnx", required=True, help="output .onnx path")
     p.add_argument("--opset", type=int, default=21)
+    p.add_argument("--verify-data", help="labelled image folder: compare onnxruntime with PyTorch on it")
+    p.add_argument("--class-index")
+    p.add_argument("--limit", type=int, default=20, help="images per class for --verify-data (default 20)")
+    p.add_argument("--threads", type=int)
     p.set_defaults(func=_cmd_export)
     p = sub.add_parser("models", help="list the model zoo")
     p.set_defaults(func=_cmd_models)

@@ -36,7 +36,10 @@ class QuantConv2d(_QuantMixin, nn.Conv2d):
         return conv
 
     def forward(self, x: Tensor) -> Tensor:
-        return self._conv_forward(self.quantize_input(x), self.quantized_weight(), self.bias)
+        x = self.quantize_input(x)
+        if isinstance(getattr(self, "static_padding", None), nn.Module):  # TF-"SAME" convs (EfficientNet-Lite)
+            x = self.static_padding(x)  # zero padding after quantizing is exact: 0 is on every grid
+        return self._conv_forward(x, self.quantized_weight(), self.bias)
 
 
 class QuantLinear(_QuantMixin, nn.Linear):
@@ -52,6 +55,18 @@ class QuantLinear(_QuantMixin, nn.Linear):
 
 QUANT_MODULES: dict[type, type] = {nn.Conv2d: QuantConv2d, nn.Linear: QuantLinear}
 QuantLayer = QuantConv2d | QuantLinear
+
+
+def quant_class_for(module: nn.Module) -> type | None:
+    """The quantized class for a layer, or None when its forward is one sadag cannot reproduce.
+
+    Plain Conv2d / Linear swap directly; a Conv2d subclass whose only change is a ``static_padding``
+    module applied first (EfficientNet's Conv2dStaticSamePadding) is reproduced by QuantConv2d.
+    """
+    cls = QUANT_MODULES.get(type(module))
+    if cls is None and isinstance(module, nn.Conv2d) and isinstance(getattr(module, "static_padding", None), nn.Module):
+        cls = QuantConv2d
+    return cls
 
 
 def is_quant_layer(module: nn.Module) -> bool:

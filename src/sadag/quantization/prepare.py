@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from ..config import QuantConfig
 from ..reconstruction.units import find_units, unit_layers
 from .fold import fold_bn_
-from .modules import QUANT_MODULES, is_quant_layer
+from .modules import is_quant_layer, quant_class_for
 from .quantizers import ActQuantizer, WeightQuantizer
 from .trace import block_input_consumers, trace_modules
 
@@ -28,6 +28,7 @@ class QuantPlan:
     folded: list[tuple[str, str]] = field(default_factory=list)
     layer_bits: dict[str, tuple[int, int | None]] = field(default_factory=dict)  # layer -> (W, A at its input)
     block_inputs: dict[str, list[str]] = field(default_factory=dict)  # block -> layers reading its input
+    fp_layers: list[str] = field(default_factory=list)  # conv/linear subclasses left unquantized
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -52,11 +53,11 @@ def quantize(model: nn.Module, cfg: QuantConfig, example: Tensor) -> nn.Module:
         p.requires_grad_(False)
     folded = fold_bn_(qmodel, example) if cfg.fold_bn else []
     units = find_units(qmodel, example, cfg.units)
-    _swap_layers(qmodel, cfg)
+    skipped = _swap_layers(qmodel, cfg)
     modules = dict(qmodel.named_modules())
     layers = [n for n, m in modules.items() if is_quant_layer(m)]
     order = trace_modules(qmodel, example, layers).order
-    plan = QuantPlan(config=asdict(cfg), units=units, folded=folded)
+    plan = QuantPlan(config=asdict(cfg), units=units, folded=folded, fp_layers=skipped)
     feeding: dict[str, ActQuantizer | None] = {n: modules[n].input_quantizer for n in layers}
     for unit in units:
         inner = unit_layers(qmodel, unit)
@@ -78,11 +79,20 @@ def quantize(model: nn.Module, cfg: QuantConfig, example: Tensor) -> nn.Module:
     return qmodel
 
 
-def _swap_layers(model: nn.Module, cfg: QuantConfig) -> None:
-    for module in list(model.modules()):
-        cls = QUANT_MODULES.get(type(module))
-        if cls is not None:
-            cls.from_float(module, cfg.w_bits, cfg.a_bits, p=cfg.clip_search_p)
+def _swap_layers(model: nn.Module, cfg: QuantConfig) -> list[str]:
+    """Swap every conv/linear for its quantized twin; returns the layers left in FP (unknown subclasses)."""
+    skipped = []
+    for name, module in list(model.named_modules()):
+        if is_quant_layer(module) or not isinstance(module, (nn.Conv2d, nn.Linear)):
+            continue
+        cls = quant_class_for(module)
+        if cls is None:
+            skipped.append(name)
+            continue
+        cls.from_float(module, cfg.w_bits, cfg.a_bits, p=cfg.clip_search_p)
+    if skipped:
+        log.warning("left in full precision (a %s subclass with its own forward): %s", "conv/linear", skipped)
+    return skipped
 
 
 def _apply_bit_policy(
