@@ -23,7 +23,7 @@ needs_shared = pytest.mark.skipif(
 
 @pytest.fixture(autouse=True)
 def _threads() -> None:
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    torch.set_num_threads(int(os.environ.get("SADAG_TEST_THREADS", min(2, os.cpu_count() or 1))))
 
 
 class BasicBlock(nn.Module):

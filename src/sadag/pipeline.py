@@ -108,20 +108,26 @@ def calibrate(model: nn.Module, spec: DataSpec, images: Tensor, cfg: RunConfig, 
     return freeze_(qmodel)
 
 
+def _finished(rundir: RunDir | None, prefix: str, count: int) -> dict[int, Any]:
+    """The per-batch checkpoints ``state/{prefix}_{k}.pt`` already written, by batch index."""
+    found = {k: rundir.load_state(f"{prefix}_{k}.pt") for k in range(count)} if rundir else {}
+    return {k: v for k, v in found.items() if v is not None}
+
+
+def _checkpointer(rundir: RunDir | None, prefix: str) -> Callable[[int, Any], None]:
+    def save(k: int, obj: Any) -> None:
+        if rundir is not None:
+            rundir.save_state(f"{prefix}_{k}.pt", obj)
+
+    return save
+
+
 def _genie_batches(model: nn.Module, spec: DataSpec, cfg: RunConfig, rundir: RunDir | None,
                    progress: Progress | None) -> list[GenieBatch]:
-    done = {}
-    if rundir is not None:
-        for k in range(_num_batches(cfg)):
-            batch = rundir.load_state(f"genie_batch_{k}.pt")
-            if batch is not None:
-                done[k] = batch
-
-    def checkpoint(batch: GenieBatch) -> None:
-        if rundir is not None:
-            rundir.save_state(f"genie_batch_{batch.index}.pt", batch)
-
-    return generate_genie(model, spec, cfg.gen, cfg.seed, done=done, on_batch=checkpoint, progress=progress)
+    done = _finished(rundir, "genie_batch", _num_batches(cfg))
+    save = _checkpointer(rundir, "genie_batch")
+    return generate_genie(model, spec, cfg.gen, cfg.seed, done=done, on_batch=lambda b: save(b.index, b),
+                          progress=progress)
 
 
 def _num_batches(cfg: RunConfig) -> int:
@@ -147,19 +153,9 @@ def synthesize(model: nn.Module, spec: DataSpec, cfg: RunConfig, rundir: RunDir 
     with timed("warmup_calibrate"):  # SADAG stage B
         q_warm = calibrate(model, spec, warmup, cfg, rundir, cfg.gen.warmup_calib_iters, "warmup_calib.pt", progress)
     with timed("refine"):  # SADAG stage C
-        done = {}
-        if rundir is not None:
-            for k in range(len(batches)):
-                refined = rundir.load_state(f"refined_{k}.pt")
-                if refined is not None:
-                    done[k] = refined
-
-        def checkpoint(k: int, images: Tensor) -> None:
-            if rundir is not None:
-                rundir.save_state(f"refined_{k}.pt", images)
-
-        images = refine_sadag(model, q_warm, batches, spec, cfg.gen, cfg.seed, done=done, on_batch=checkpoint,
-                              progress=progress)
+        images = refine_sadag(model, q_warm, batches, spec, cfg.gen, cfg.seed,
+                              done=_finished(rundir, "refined", len(batches)),
+                              on_batch=_checkpointer(rundir, "refined"), progress=progress)
     return images.to(device)
 
 

@@ -62,26 +62,16 @@ def onnx_int_type(bits: int, opset: int) -> int:
     return onnx.TensorProto.UINT8
 
 
-class _QWeightOp(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, weight: Tensor, index: int) -> Tensor:
-        return weight.clone()
+class _Placeholder(torch.autograd.Function):
+    """Identity in PyTorch; in the exported graph a custom node (QWeight or QAct) rewritten into QDQ later."""
 
     @staticmethod
-    def symbolic(g, weight, index: int):
-        out = g.op(f"{DOMAIN}::QWeight", weight, index_i=index)
-        out.setType(weight.type())
-        return out
-
-
-class _QActOp(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: Tensor, index: int) -> Tensor:
+    def forward(ctx, x: Tensor, op: str, index: int) -> Tensor:
         return x.clone()
 
     @staticmethod
-    def symbolic(g, x, index: int):
-        out = g.op(f"{DOMAIN}::QAct", x, index_i=index)
+    def symbolic(g, x, op: str, index: int):
+        out = g.op(f"{DOMAIN}::{op}", x, index_i=index)
         out.setType(x.type())
         return out
 
@@ -91,7 +81,7 @@ class _ExportWeightQuantizer(WeightQuantizer):
     get_extra_state = nn.Module.get_extra_state  # the tracer only accepts tensor state
 
     def forward(self, weight: Tensor) -> Tensor:
-        return weight if self.sadag_onnx_index is None else _QWeightOp.apply(weight, self.sadag_onnx_index)
+        return weight if self.sadag_onnx_index is None else _Placeholder.apply(weight, "QWeight", self.sadag_onnx_index)
 
 
 class _ExportActQuantizer(ActQuantizer):
@@ -99,7 +89,7 @@ class _ExportActQuantizer(ActQuantizer):
     get_extra_state = nn.Module.get_extra_state
 
     def forward(self, x: Tensor) -> Tensor:
-        return x if self.sadag_onnx_index is None else _QActOp.apply(x, self.sadag_onnx_index)
+        return x if self.sadag_onnx_index is None else _Placeholder.apply(x, "QAct", self.sadag_onnx_index)
 
 
 def _np(t: Tensor) -> np.ndarray:
