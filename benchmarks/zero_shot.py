@@ -37,9 +37,13 @@ METHODS = {"noise": ("noise", None), "zeroq": ("zeroq", None), "genie": ("genie"
            "sadag-random": ("sadag", "random"), "sadag-adversarial": ("sadag", "adversarial")}
 
 
+def set_path(model: str, method: str, seed: int, budget: str, work: Path) -> Path:
+    return work / "sets" / f"{model}_{method}_{budget}_s{seed}"
+
+
 def synthetic_set(model: str, method: str, seed: int, budget: str, work: Path) -> Path:
     kind, neighbor = METHODS[method]
-    out = work / "sets" / f"{model}_{method}_{budget}_s{seed}"
+    out = set_path(model, method, seed, budget, work)
     if (out / "images.pt").exists():
         return out
     gen = {**BUDGETS[budget]["gen"], **({"neighbor": neighbor} if neighbor else {})}
@@ -63,23 +67,29 @@ def main() -> None:
     p.add_argument("--one-seed", nargs="*", default=["noise", "zeroq"], help="methods run with the first seed only")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--work", default="benchmarks/out")
+    p.add_argument("--collect", action="store_true", help="only tabulate the runs already finished in --work")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     work = Path(args.work)
     rows = []
     for method in args.methods:
         for seed in args.seeds[:1] if method in args.one_seed else args.seeds:
+            if args.collect and not (set_path(args.model, method, seed, args.budget, work) / "images.pt").exists():
+                continue
             set_dir = synthetic_set(args.model, method, seed, args.budget, work)
             meta = torch.load(set_dir / "images.pt", weights_only=True)["meta"]
             for bits in args.bits:
                 out = work / "runs" / f"{args.model}_{method}_{args.budget}_w{bits.replace('/', 'a')}_s{seed}"
+                if args.collect and not (out / "report.json").exists():
+                    continue
                 cfg = base_config(args.model, out, method="genie", bits=bits, preset="fast", seed=seed,
                                   calib_data=str(set_dir), overrides={"calib": BUDGETS[args.budget]["calib"]})
                 row = {**run_row(cfg), "method": method, "gen_seconds": meta.get("seconds", {})}
                 rows.append(row)
                 print(json.dumps({k: row[k] for k in ("method", "seed", "w_bits", "a_bits", "quant_top1")}), flush=True)
     print(table(rows))
-    path = write_results(f"zero_shot_{args.model}_{args.budget}", rows, {"budget": BUDGETS[args.budget]})
+    path = write_results(f"zero_shot_{args.model}_{args.budget}", rows,
+                         {"budget": BUDGETS[args.budget], "seeds": args.seeds, "bits": args.bits})
     print(f"machine: {machine()}; results in {path}")
 
 
