@@ -164,3 +164,23 @@ def test_nan_calibration_images_are_refused(tmp_path: Path, capsys) -> None:
     code, _, err = run_cli(["run", "--model", "conftest:no_bn_model", "--calib-data", str(bad), "--preset", "smoke",
                             "--out", str(tmp_path / "r")], capsys)
     assert code == 2 and "NaN" in err
+
+
+def test_disk_full_keeps_checkpoints_and_says_how_to_resume(tmp_path: Path, capsys, monkeypatch) -> None:
+    import errno
+
+    import sadag.rundir
+
+    real_save = sadag.rundir.torch.save
+
+    def save(obj, path, *a, **k):
+        if "calib" in str(path):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, path, *a, **k)
+
+    monkeypatch.setattr(sadag.rundir.torch, "save", save)
+    out = tmp_path / "r"
+    code, _, err = run_cli(["run", "--model", "conftest:no_bn_model", "--method", "noise", "--preset", "smoke",
+                            "--out", str(out), "--no-export"], capsys)
+    assert code == 2 and "out of disk space" in err and "--resume" in err
+    assert (out / "state" / "seconds.pt").is_file() and not list((out / "state").glob(".*.tmp"))
