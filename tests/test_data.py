@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import pickle
 from pathlib import Path
 
@@ -11,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import SHARED
 from sadag.data import (
     CifarDataset,
     ImageFolderDataset,
@@ -26,7 +26,6 @@ from sadag.data import (
 from sadag.errors import DataError
 from sadag.models import DataSpec
 
-SHARED = Path(os.environ.get("SADAG_SHARED", Path(__file__).resolve().parents[2] / "shared"))
 VAL500 = SHARED / "data" / "imagenet-val500"
 SPEC32 = DataSpec(mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.5), input_size=32, num_classes=3)
 SPEC224 = DataSpec(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), input_size=224, num_classes=1000,

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from conftest import SHARED
 from sadag.config import CalibConfig, QuantConfig
 from sadag.data import ImageFolderDataset, sample_calibration_images
 from sadag.export import ExportFormatError, export_onnx, load_quantized, save_quantized, verify_onnx
@@ -18,7 +18,6 @@ from sadag.quantization.prepare import quantize
 from sadag.quantization.quantizers import ActQuantizer
 from sadag.reconstruction.reconstruct import reconstruct_
 
-SHARED = Path(os.environ.get("SADAG_SHARED", Path(__file__).resolve().parents[2] / "shared"))
 R20 = SHARED / "weights" / "cifar10-resnet" / "resnet20-12fca82f.th"
 CIFAR = SHARED / "data" / "cifar10-jpeg"
 pytestmark = pytest.mark.skipif(not R20.is_file() or not (CIFAR / "test").is_dir(),

@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import importlib.util
-import os
 import pickle
 import sys
 import zipfile
@@ -15,6 +14,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import SHARED
 from sadag.data import ImageFolderDataset, make_loader
 from sadag.errors import ModelError
 from sadag.models import DataSpec, list_models, load_checkpoint, load_model
@@ -22,7 +22,6 @@ from sadag.models.cifar_resnet import BasicBlock, CifarResNet
 from sadag.models.pytorchcv_resnet import CifarResUnit, PytorchcvCifarResNet
 from sadag.models.weights import download
 
-SHARED = Path(os.environ.get("SADAG_SHARED", Path(__file__).resolve().parents[2] / "shared"))
 WEIGHTS = SHARED / "weights" / "cifar10-resnet"
 R20, R56 = WEIGHTS / "resnet20-12fca82f.th", WEIGHTS / "resnet56-4bfd9763.th"
 CIFAR_TEST = SHARED / "data" / "cifar10-jpeg" / "test"

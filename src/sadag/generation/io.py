@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -15,21 +13,10 @@ from torch import Tensor
 
 from ..errors import DataError
 from ..models.spec import DataSpec
+from ..rundir import atomic_write
 
 IMAGES_FILE = "images.pt"
 GRID_FILE = "grid.png"
-
-
-def _atomic_write(path: Path, write: Any) -> None:
-    """Write through a temporary file in the same folder, then os.replace: never a half-written file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def image_grid(images: Tensor, spec: DataSpec, max_images: int = 64, pad: int = 2) -> Image.Image:
@@ -57,9 +44,9 @@ def save_synthetic_set(directory: str | os.PathLike, images: Tensor, spec: DataS
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     payload = {"images": images.detach().float().cpu().contiguous(), "spec": spec.to_dict(), "meta": dict(meta)}
-    _atomic_write(out / IMAGES_FILE, lambda p: torch.save(payload, p))
+    atomic_write(out / IMAGES_FILE, lambda p: torch.save(payload, p))
     grid = image_grid(payload["images"], spec)
-    _atomic_write(out / GRID_FILE, lambda p: grid.save(p, format="PNG"))
+    atomic_write(out / GRID_FILE, lambda p: grid.save(p, format="PNG"))
 
 
 def load_synthetic_set(directory: str | os.PathLike) -> tuple[Tensor, dict]:
