@@ -157,16 +157,22 @@ def test_onnx_w4a4_uint4_qdq(w4a4, spec, test_slice, tmp_path) -> None:
     n_acts = len(_active_acts(qmodel))
     assert ops["QuantizeLinear"] == n_acts and ops["DequantizeLinear"] == n_acts + 20 and "Clip" not in ops
     assert not any(f"{layer}.weight" in types for layer in qmodel.sadag_plan.layer_bits)  # no FP weights left
-    images, labels = test_slice
-    report = verify_onnx(path, qmodel, images, labels)
-    print(f"\nONNX W4A4 opset 21: {report}")
     # Convs differ in the last float bit between PyTorch and onnxruntime; where that crosses a rounding
     # tie of the next quantizer one value moves by a grid step, so a few images differ (measured: 2%).
-    assert report["top1_agreement"] >= 0.99 and report["matching_images"] >= 0.9
-    assert report["mean_abs_diff"] < 0.05
-    _assert_qdq_exact(path, qmodel, images[:20])
+    images = _check_onnx_against_torch(path, qmodel, test_slice, "W4A4 opset 21", matching=0.9, mean_diff=0.05)
     one = verify_onnx(path, qmodel, images[:1], batch_size=1)  # dynamic batch dimension
     assert one["num_images"] == 1
+
+
+def _check_onnx_against_torch(path, qmodel, test_slice, what: str, matching: float, mean_diff: float):
+    """onnxruntime agrees with PyTorch on top-1; Q/DQ pairs are bit-exact. Returns the images used."""
+    images, labels = test_slice
+    report = verify_onnx(path, qmodel, images, labels)
+    print(f"\nONNX {what}: {report}")
+    assert report["top1_agreement"] >= 0.99 and report["matching_images"] >= matching
+    assert report["mean_abs_diff"] < mean_diff
+    _assert_qdq_exact(path, qmodel, images[:20])
+    return images
 
 
 @pytest.mark.parametrize("opset,weight_type", [(21, "UINT8"), (25, "UINT2")])
@@ -180,13 +186,8 @@ def test_onnx_w2a3_containers(w2a3, spec, test_slice, tmp_path, opset: int, weig
     assert types["layer2.0.conv2.input_quantizer.zero_point"] == "UINT8"
     three_bit = [n for n, a in _active_acts(qmodel).items() if a.bits == 3]
     assert ops["Clip"] == len(three_bit) > 0
-    images, labels = test_slice
-    report = verify_onnx(path, qmodel, images, labels)
-    print(f"\nONNX W2A3 opset {opset}: {report}")
     # 3-bit grids are coarse: a tie crossed early reaches more images (measured: 16% differ somewhere)
-    assert report["top1_agreement"] >= 0.99 and report["matching_images"] >= 0.7
-    assert report["mean_abs_diff"] < 0.15
-    _assert_qdq_exact(path, qmodel, images[:20])
+    _check_onnx_against_torch(path, qmodel, test_slice, f"W2A3 opset {opset}", matching=0.7, mean_diff=0.15)
 
 
 def test_not_a_sadag_file(tmp_path) -> None:
