@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 import sadag
+from sadag.progress import ProgressPrinter
 
 SHARED = Path(os.environ.get("SADAG_SHARED", Path(__file__).resolve().parents[2] / "shared"))
 WEIGHTS = {
@@ -40,9 +41,14 @@ def run_row(cfg: sadag.RunConfig) -> dict[str, Any]:
     if report_file.exists():
         return json.loads(report_file.read_text())
     start = time.perf_counter()
-    report = sadag.run(cfg, resume=True, export=False)
+    report = sadag.run(cfg, resume=True, export=False, progress=log_progress())
     report["wall_seconds"] = round(time.perf_counter() - start, 1)
     return report
+
+
+def log_progress() -> ProgressPrinter:
+    """Progress lines on stderr, at most one per stage every 30 s (benchmarks run in the background)."""
+    return ProgressPrinter(min_interval=30.0)
 
 
 def machine() -> str:

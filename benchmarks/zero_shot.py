@@ -20,12 +20,17 @@ from typing import Any
 import torch
 
 import sadag
-from _common import base_config, machine, mean_spread, run_row, write_results
+from _common import CIFAR_TRAIN, WEIGHTS, base_config, log_progress, machine, mean_spread, run_row, write_results
+from sadag.data import load_calibration_data
+from sadag.generation import save_synthetic_set
 
 BUDGETS: dict[str, dict[str, dict[str, Any]]] = {
     # fits the shared 2-core CPU machine: 2 batches x 300 Genie-D steps, 300 reconstruction iterations per unit
     "cpu": {"gen": {"num_images": 256, "genie_iters": 300, "warmup_calib_iters": 150, "refine_iters": 60},
             "calib": {"iters": 300}},
+    # for the deeper/bigger models on CPU (ResNet-56): one batch of 128, shorter generation
+    "cpu-lite": {"gen": {"num_images": 128, "genie_iters": 200, "warmup_calib_iters": 100, "refine_iters": 40},
+                 "calib": {"iters": 300}},
     # Genie's reference budget of the issue: 256 images (2 x 1,000 Genie-D steps), 2,000 iterations per unit
     "peer": {"gen": {"num_images": 256, "genie_iters": 1000, "warmup_calib_iters": 500, "refine_iters": 200},
              "calib": {"iters": 2000}},
@@ -33,8 +38,18 @@ BUDGETS: dict[str, dict[str, dict[str, Any]]] = {
     "smoke": {"gen": {"num_images": 32, "batch_size": 16, "genie_iters": 5, "warmup_calib_iters": 3, "refine_iters": 3,
                       "zeroq_iters": 5}, "calib": {"iters": 3}},
 }
-METHODS = {"noise": ("noise", None), "zeroq": ("zeroq", None), "genie": ("genie", None),
-           "sadag-random": ("sadag", "random"), "sadag-adversarial": ("sadag", "adversarial")}
+# name -> (method, gen overrides); the sadag-* variants after the first two are the ablations of the
+# "why does SADAG not help" study (run on request with --methods)
+METHODS: dict[str, tuple[str, dict[str, Any]]] = {
+    "real": ("real", {}),  # reference: real training images, as many as the budget's synthetic ones
+    "noise": ("noise", {}), "zeroq": ("zeroq", {}), "genie": ("genie", {}),
+    "sadag-random": ("sadag", {"neighbor": "random"}),
+    "sadag-adversarial": ("sadag", {"neighbor": "adversarial"}),
+    "sadag-bn-only": ("sadag", {"lambda_gm": 0.0, "lambda_div": 0.0}),  # control: refinement without L_GM, L_D
+    "sadag-x10": ("sadag", {"lambda_gm": 10.0, "lambda_div": 10.0}),  # sharpness terms 10x stronger
+    "sadag-free": ("sadag", {"refine_g_decay": 1.0, "refine_lr_z": 1e-3}),  # no 0.95/step decay, z lr 100x
+}
+MAIN_METHODS = ["noise", "zeroq", "genie", "sadag-random", "sadag-adversarial"]
 
 
 def set_path(model: str, method: str, seed: int, budget: str, work: Path) -> Path:
@@ -42,19 +57,35 @@ def set_path(model: str, method: str, seed: int, budget: str, work: Path) -> Pat
 
 
 def synthetic_set(model: str, method: str, seed: int, budget: str, work: Path) -> Path:
-    kind, neighbor = METHODS[method]
+    kind, variant = METHODS[method]
     out = set_path(model, method, seed, budget, work)
     if (out / "images.pt").exists():
         return out
-    gen = {**BUDGETS[budget]["gen"], **({"neighbor": neighbor} if neighbor else {})}
+    gen = {**BUDGETS[budget]["gen"], **variant}
+    if kind == "real":
+        return real_set(model, gen.get("num_images", 1024), seed, out)
     cfg = base_config(model, out, method=kind, bits="4/4", preset="fast", seed=seed,
                       overrides={"gen": gen, "calib": BUDGETS[budget]["calib"]})
     if kind == "sadag":  # reuse the Genie-D batches of the same seed (identical config for that stage)
         genie = synthetic_set(model, "genie", seed, budget, work)
         (out / "state").mkdir(parents=True, exist_ok=True)
-        for f in (genie / "state").glob("genie_batch_*.pt"):
-            shutil.copy(f, out / "state" / f.name)
-    return sadag.generate_set(cfg, resume=True)
+        shared = list((genie / "state").glob("genie_batch_*.pt"))
+        if method != "sadag-random":  # and the stage-B model, which no neighbor/loss option changes
+            shared += list((set_path(model, "sadag-random", seed, budget, work) / "state").glob("warmup_calib.pt"))
+        for f in shared:
+            if not (out / "state" / f.name).exists():
+                shutil.copy(f, out / "state" / f.name)
+    return sadag.generate_set(cfg, resume=True, progress=log_progress())
+
+
+def real_set(model: str, num: int, seed: int, out: Path) -> Path:
+    """`num` real CIFAR training images sampled with `seed`, saved like a synthetic set."""
+    if not model.endswith("cifar10"):
+        raise SystemExit(f"method real needs real training images; there are none here for {model}")
+    spec = sadag.load_model(model, weights=str(WEIGHTS[model]))[1]
+    images = load_calibration_data(CIFAR_TRAIN, spec, num, seed)
+    save_synthetic_set(out, images, spec, {"method": "real", "model": model, "seed": seed, "seconds": {}})
+    return out
 
 
 def main() -> None:
@@ -62,15 +93,18 @@ def main() -> None:
     p.add_argument("--model", default="resnet20_cifar10")
     p.add_argument("--budget", default="cpu", choices=list(BUDGETS))
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    p.add_argument("--methods", nargs="+", default=MAIN_METHODS, choices=list(METHODS))
     p.add_argument("--bits", nargs="+", default=["4/4", "3/3", "2/4"])
-    p.add_argument("--one-seed", nargs="*", default=["noise", "zeroq"], help="methods run with the first seed only")
+    p.add_argument("--one-seed", nargs="*", default=["real", "noise", "zeroq"],
+                   help="methods run with the first seed only")
+    p.add_argument("--calib-iters", type=int, help="calibrate the budget's sets with this many iterations per unit")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--work", default="benchmarks/out")
     p.add_argument("--collect", action="store_true", help="only tabulate the runs already finished in --work")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     work = Path(args.work)
+    calib = {**BUDGETS[args.budget]["calib"], **({"iters": args.calib_iters} if args.calib_iters else {})}
     rows = []
     for method in args.methods:
         for seed in args.seeds[:1] if method in args.one_seed else args.seeds:
@@ -79,34 +113,69 @@ def main() -> None:
             set_dir = synthetic_set(args.model, method, seed, args.budget, work)
             meta = torch.load(set_dir / "images.pt", weights_only=True)["meta"]
             for bits in args.bits:
-                out = work / "runs" / f"{args.model}_{method}_{args.budget}_w{bits.replace('/', 'a')}_s{seed}"
+                longer = f"_it{args.calib_iters}" if args.calib_iters else ""
+                out = work / "runs" / f"{args.model}_{method}_{args.budget}_w{bits.replace('/', 'a')}_s{seed}{longer}"
                 if args.collect and not (out / "report.json").exists():
                     continue
                 cfg = base_config(args.model, out, method="genie", bits=bits, preset="fast", seed=seed,
-                                  calib_data=str(set_dir), overrides={"calib": BUDGETS[args.budget]["calib"]})
+                                  calib_data=str(set_dir), overrides={"calib": calib})
                 row = {**run_row(cfg), "method": method, "gen_seconds": meta.get("seconds", {})}
                 rows.append(row)
                 print(json.dumps({k: row[k] for k in ("method", "seed", "w_bits", "a_bits", "quant_top1")}), flush=True)
     print(table(rows))
-    path = write_results(f"zero_shot_{args.model}_{args.budget}", rows,
-                         {"budget": BUDGETS[args.budget], "seeds": args.seeds, "bits": args.bits})
+    print(paired_table(rows))
+    ablation = "_ablation" if set(args.methods) - {*MAIN_METHODS, "real"} else ""
+    longer = f"_it{args.calib_iters}" if args.calib_iters else ""
+    path = write_results(f"zero_shot_{args.model}_{args.budget}{ablation}{longer}", rows,
+                         {"budget": BUDGETS[args.budget], "calib": calib, "seeds": args.seeds, "bits": args.bits})
     print(f"machine: {machine()}; results in {path}")
 
 
 def table(rows: list[dict[str, Any]]) -> str:
+    """Top-1 (mean ± spread over seeds) per bit width, and the mean wall seconds of every stage."""
     bits = sorted({(r["w_bits"], r["a_bits"]) for r in rows}, reverse=True)
     methods = list(dict.fromkeys(r["method"] for r in rows))
-    head = "| method | " + " | ".join(f"W{w}A{a}" for w, a in bits) + " | generation s | calibration s |"
-    lines = [head, "|" + "---|" * (len(bits) + 3)]
+    stages = ["generate", "warmup_calibrate", "refine"]
+    head = ("| method | " + " | ".join(f"W{w}A{a}" for w, a in bits)
+            + " | Genie-D / ZeroQ s | stage B s | stage C s | calibration s |")
+    lines = [head, "|" + "---|" * (len(bits) + 5)]
     for m in methods:
         cells = [mean_spread([r["quant_top1"] for r in rows if r["method"] == m and (r["w_bits"], r["a_bits"]) == b])
                  for b in bits]
         mine = [r for r in rows if r["method"] == m]
-        gen = statistics.mean(sum(r["gen_seconds"].values()) for r in mine)
+        gen = [statistics.mean(stage_seconds(r, s, rows) for r in mine) for s in stages]
         cal = statistics.mean(r["seconds"].get("calibrate", 0) for r in mine)
-        lines.append(f"| {m} | " + " | ".join(cells) + f" | {gen:.0f} | {cal:.0f} |")
+        lines.append(f"| {m} | " + " | ".join(cells) + "".join(f" | {g:.0f}" for g in gen) + f" | {cal:.0f} |")
     fp = rows[0]["fp_top1"] if rows else float("nan")
     return "\n".join(lines) + f"\n\nFP top-1 {fp:.2f}"
+
+
+def paired_table(rows: list[dict[str, Any]], base: str = "genie") -> str:
+    """Each method minus `base` on the same seed and bits (the two share their Genie-D batches)."""
+    top1 = {(r["method"], r["seed"], r["w_bits"], r["a_bits"]): r["quant_top1"] for r in rows}
+    bits = sorted({(r["w_bits"], r["a_bits"]) for r in rows}, reverse=True)
+    lines = [f"| minus {base}, same seed | " + " | ".join(f"W{w}A{a}" for w, a in bits) + " |",
+             "|" + "---|" * (len(bits) + 1)]
+    for m in dict.fromkeys(r["method"] for r in rows if r["method"].startswith("sadag")):
+        cells = []
+        for w, a in bits:
+            diffs = [v - top1[(base, s, w, a)] for (mm, s, ww, aa), v in top1.items()
+                     if (mm, ww, aa) == (m, w, a) and (base, s, w, a) in top1]
+            cells.append(mean_spread(diffs))
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def stage_seconds(row: dict[str, Any], stage: str, rows: list[dict[str, Any]]) -> float:
+    """Seconds of one generation stage. A SADAG set that copied its Genie-D batches (or its stage-B model)
+    records a second or two for that stage (loading the copy): count the stage where it was done, the genie
+    set (or the sadag-random set) of the same seed."""
+    own = row["gen_seconds"].get(stage, 0.0)
+    donor = {"generate": "genie", "warmup_calibrate": "sadag-random"}.get(stage)
+    if own < 5.0 and donor and row["method"].startswith("sadag"):
+        same_seed = [r for r in rows if r["method"] == donor and r["seed"] == row["seed"]]
+        return same_seed[0]["gen_seconds"].get(stage, 0.0) if same_seed else own
+    return own
 
 
 if __name__ == "__main__":
