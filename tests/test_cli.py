@@ -70,6 +70,7 @@ def test_bits_out_of_range(tmp_path: Path, capsys, bits: str) -> None:
     assert code == 2 and "bits" in err
 
 
+@needs_shared
 def test_empty_data_folder(tmp_path: Path, capsys) -> None:
     (tmp_path / "empty").mkdir()
     code, _, err = run_cli(["evaluate", "--model", "resnet20_cifar10", "--weights", str(R20_WEIGHTS),
