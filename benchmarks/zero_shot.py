@@ -1,11 +1,14 @@
-"""Zero-shot comparison on real test data: noise / zeroq / genie / sadag-random / sadag-adversarial.
+"""Zero-shot comparison on real test data: noise / zeroq / genie / sadag-random / sadag-adversarial
+(plus `real`, real training images through the same calibration, and the sadag-* ablations).
 
 Each (method, seed) synthesizes ONE calibration set, reused at every bit width (the SADAG warm-up
 quantized model of stage B is W4A4). SADAG continues from the Genie-D batches of the same seed, so
 the two share their warm-up work exactly, as in the paper's pipeline.
 
-Usage: python benchmarks/zero_shot.py [--budget cpu|peer|fast] [--seeds 0 1 2] [--methods ...]
-Prints a markdown table and writes benchmarks/results/zero_shot_<model>_<budget>.json.
+Usage: python benchmarks/zero_shot.py [--budget cpu|cpu-lite|peer|fast] [--seeds 0 1 2] [--methods ...]
+       [--calib-iters N] [--collect]
+Prints a markdown table (and SADAG minus Genie, paired by seed) and writes
+benchmarks/results/zero_shot_<model>_<budget>[_ablation][_itN].json.
 """
 
 from __future__ import annotations
