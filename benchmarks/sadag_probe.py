@@ -32,7 +32,7 @@ from sadag.generation import load_synthetic_set
 from sadag.generation.bn_stats import bn_layers, bn_statistics_loss, capture_bn_inputs
 from sadag.generation.sadag import capture_linear_input, gradient_cosine, last_linear
 from sadag.quantization.prepare import freeze_, quantize
-from zero_shot import METHODS, set_path
+from zero_shot import METHODS, ONE_SEED, set_path
 
 
 @torch.no_grad()
@@ -84,7 +84,7 @@ def probe_seed(model_name: str, seed: int, budget: str, work: Path, real: Tensor
     g_real = mean_gradient(*last_layer_terms(fp, q, real))
     sets: dict[str, Tensor] = {"real train (reference)": train}
     for method in (m for m in METHODS if m != "real"):  # the reference above is the real set
-        directory = set_path(model_name, method, seed if method not in ("noise", "zeroq") else 0, budget, work)
+        directory = set_path(model_name, method, 0 if method in ONE_SEED else seed, budget, work)
         if (directory / "images.pt").exists():
             sets[method] = load_synthetic_set(directory)[0]
     genie = sets.get("genie")

@@ -53,6 +53,7 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "sadag-free": ("sadag", {"refine_g_decay": 1.0, "refine_lr_z": 1e-3}),  # no 0.95/step decay, z lr 100x
 }
 MAIN_METHODS = ["noise", "zeroq", "genie", "sadag-random", "sadag-adversarial"]
+ONE_SEED = ["real", "noise", "zeroq"]  # their sets are made with the first seed only
 
 
 def set_path(model: str, method: str, seed: int, budget: str, work: Path) -> Path:
@@ -98,8 +99,7 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--methods", nargs="+", default=MAIN_METHODS, choices=list(METHODS))
     p.add_argument("--bits", nargs="+", default=["4/4", "3/3", "2/4"])
-    p.add_argument("--one-seed", nargs="*", default=["real", "noise", "zeroq"],
-                   help="methods run with the first seed only")
+    p.add_argument("--one-seed", nargs="*", default=ONE_SEED, help="methods run with the first seed only")
     p.add_argument("--calib-iters", type=int, help="calibrate the budget's sets with this many iterations per unit")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--work", default="benchmarks/out")
@@ -108,6 +108,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     work = Path(args.work)
     calib = {**BUDGETS[args.budget]["calib"], **({"iters": args.calib_iters} if args.calib_iters else {})}
+    longer = f"_it{args.calib_iters}" if args.calib_iters else ""
     rows = []
     for method in args.methods:
         for seed in args.seeds[:1] if method in args.one_seed else args.seeds:
@@ -116,7 +117,6 @@ def main() -> None:
             set_dir = synthetic_set(args.model, method, seed, args.budget, work)
             meta = torch.load(set_dir / "images.pt", weights_only=True)["meta"]
             for bits in args.bits:
-                longer = f"_it{args.calib_iters}" if args.calib_iters else ""
                 out = work / "runs" / f"{args.model}_{method}_{args.budget}_w{bits.replace('/', 'a')}_s{seed}{longer}"
                 if args.collect and not (out / "report.json").exists():
                     continue
@@ -128,7 +128,6 @@ def main() -> None:
     print(table(rows))
     print(paired_table(rows))
     ablation = "_ablation" if set(args.methods) - {*MAIN_METHODS, "real"} else ""
-    longer = f"_it{args.calib_iters}" if args.calib_iters else ""
     path = write_results(f"zero_shot_{args.model}_{args.budget}{ablation}{longer}", rows,
                          {"budget": BUDGETS[args.budget], "calib": calib, "seeds": args.seeds, "bits": args.bits})
     print(f"machine: {machine()}; results in {path}")
