@@ -52,7 +52,8 @@ def log_progress() -> ProgressPrinter:
 
 
 def machine() -> str:
-    return f"{os.cpu_count()} CPU cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
+    return f"{os.cpu_count()} CPU cores{gpu}, torch {torch.__version__}, {torch.get_num_threads()} threads"
 
 
 def mean_spread(values: list[float]) -> str:

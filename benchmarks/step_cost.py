@@ -2,7 +2,7 @@
 
 Each cost is the difference of two runs (k1 and k2 iterations) divided by k2 - k1, so fixed setup
 (generator init, hooks, swing copy) cancels out. Batch 128, ResNet-20 at 32x32 unless told otherwise.
-Usage: python benchmarks/step_cost.py [--threads 2] [--k1 5 --k2 25]
+Usage: python benchmarks/step_cost.py [--threads 2] [--k1 5 --k2 25] [--device cuda]
 """
 
 from __future__ import annotations
@@ -17,12 +17,15 @@ import sadag
 from _common import WEIGHTS, machine, write_results
 from sadag.config import GenConfig
 from sadag.generation import generate_genie, refine_sadag
+from sadag.pipeline import resolve_device
 from sadag.reconstruction.reconstruct import reconstruct_
 
 
 def timed(fn) -> float:  # noqa: ANN001
     start = time.perf_counter()
     fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
     return time.perf_counter() - start
 
 
@@ -37,13 +40,16 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--k1", type=int, default=5)
     p.add_argument("--k2", type=int, default=25)
+    p.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
     model, spec = sadag.load_model(args.model, weights=str(WEIGHTS[args.model]) if WEIGHTS[args.model] else None)
+    model = model.to(device)
     base = GenConfig(num_images=args.batch, batch_size=args.batch)
     batches = generate_genie(model, spec, replace(base, genie_iters=args.k1), seed=0)
-    example = torch.zeros(1, 3, spec.input_size, spec.input_size)
-    qmodel = reconstruct_(sadag.quantize(model, sadag.QuantConfig(4, 4), example), batches[0].images,
+    example = torch.zeros(1, 3, spec.input_size, spec.input_size, device=device)
+    qmodel = reconstruct_(sadag.quantize(model, sadag.QuantConfig(4, 4), example), batches[0].images.to(device),
                           sadag.CalibConfig(iters=0))
     def genie(k: int, swing: bool = True) -> None:
         generate_genie(model, spec, replace(base, genie_iters=k, swing=swing), 0)
@@ -58,7 +64,8 @@ def main() -> None:
     print(f"| step (batch {args.batch}, {args.model}) | seconds | x Genie-D |\n|---|---|---|")
     for name, sec in rows.items():
         print(f"| {name} | {sec:.3f} | {sec / rows['genie_d']:.2f} |")
-    write_results(f"step_cost_{args.model}", [{"step": k, "seconds": v, "ratio_to_genie_d": v / rows["genie_d"]}
+    suffix = "" if device.type == "cpu" else f"_{device.type}"
+    write_results(f"step_cost_{args.model}{suffix}", [{"step": k, "seconds": v, "ratio_to_genie_d": v / rows["genie_d"]}
                                               for k, v in rows.items()], {"batch": args.batch, "k": [args.k1, args.k2]})
     print(f"machine: {machine()}")
 

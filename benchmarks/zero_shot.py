@@ -5,8 +5,8 @@ Each (method, seed) synthesizes ONE calibration set, reused at every bit width (
 quantized model of stage B is W4A4). SADAG continues from the Genie-D batches of the same seed, so
 the two share their warm-up work exactly, as in the paper's pipeline.
 
-Usage: python benchmarks/zero_shot.py [--budget cpu|cpu-lite|peer|fast] [--seeds 0 1 2] [--methods ...]
-       [--calib-iters N] [--collect]
+Usage: python benchmarks/zero_shot.py [--budget cpu|cpu-lite|peer|short|tiny|fast] [--seeds 0 1 2] [--methods ...]
+       [--calib-iters N] [--generate-only | --collect]
 Prints a markdown table (and SADAG minus Genie, paired by seed) and writes
 benchmarks/results/zero_shot_<model>_<budget>[_ablation][_itN].json.
 """
@@ -37,6 +37,12 @@ BUDGETS: dict[str, dict[str, dict[str, Any]]] = {
     # Genie's reference budget of the issue: 256 images (2 x 1,000 Genie-D steps), 2,000 iterations per unit
     "peer": {"gen": {"num_images": 256, "genie_iters": 1000, "warmup_calib_iters": 500, "refine_iters": 200},
              "calib": {"iters": 2000}},
+    # the larger models on a GPU inside a short device lease (EfficientNet-Lite0): half the peer's budget
+    "short": {"gen": {"num_images": 256, "genie_iters": 500, "warmup_calib_iters": 250, "refine_iters": 100},
+              "calib": {"iters": 1000}},
+    # what fits the last minutes of a lease: EfficientNet-Lite0 with one batch of 128
+    "tiny": {"gen": {"num_images": 128, "genie_iters": 400, "warmup_calib_iters": 200, "refine_iters": 80},
+             "calib": {"iters": 500}},
     "fast": {"gen": {}, "calib": {}},
     "smoke": {"gen": {"num_images": 32, "batch_size": 16, "genie_iters": 5, "warmup_calib_iters": 3, "refine_iters": 3,
                       "zeroq_iters": 5}, "calib": {"iters": 3}},
@@ -104,6 +110,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--work", default="benchmarks/out")
     p.add_argument("--collect", action="store_true", help="only tabulate the runs already finished in --work")
+    p.add_argument("--generate-only", action="store_true",
+                   help="only make the sets (then calibrate each bit width in its own process)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     work = Path(args.work)
@@ -115,6 +123,8 @@ def main() -> None:
             if args.collect and not (set_path(args.model, method, seed, args.budget, work) / "images.pt").exists():
                 continue
             set_dir = synthetic_set(args.model, method, seed, args.budget, work)
+            if args.generate_only:
+                continue
             meta = torch.load(set_dir / "images.pt", weights_only=True)["meta"]
             for bits in args.bits:
                 out = work / "runs" / f"{args.model}_{method}_{args.budget}_w{bits.replace('/', 'a')}_s{seed}{longer}"
@@ -125,6 +135,8 @@ def main() -> None:
                 row = {**run_row(cfg), "method": method, "gen_seconds": meta.get("seconds", {})}
                 rows.append(row)
                 print(json.dumps({k: row[k] for k in ("method", "seed", "w_bits", "a_bits", "quant_top1")}), flush=True)
+    if args.generate_only:
+        return
     print(table(rows))
     print(paired_table(rows))
     ablation = "_ablation" if set(args.methods) - {*MAIN_METHODS, "real"} else ""

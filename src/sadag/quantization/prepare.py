@@ -76,7 +76,7 @@ def quantize(model: nn.Module, cfg: QuantConfig, example: Tensor) -> nn.Module:
         n: (modules[n].weight_quantizer.bits, feeding[n].bits if feeding[n] is not None else None) for n in order
     }
     qmodel.sadag_plan = plan
-    return qmodel
+    return qmodel.to(example.device)  # the new quantizers were built on the CPU
 
 
 def _swap_layers(model: nn.Module, cfg: QuantConfig) -> list[str]:

@@ -1,0 +1,107 @@
+#!/usr/bin/env bash
+# The zero-shot comparison of one short GPU lease: every job at once on one GPU, stopped at a deadline.
+#
+# Usage: SADAG_SHARED=/path/to/shared [PYTHON=python3] benchmarks/gpu_suite.sh OUT_DIR [DEADLINE_SECONDS] [PLAN]
+# PLAN "lease" (default) runs steps 1-4 below; "rest" (for what is left of a lease after "lease") skips
+# steps 1-2 and runs ResNet-20 seed 0 at the peer budget (genie, sadag-random; W4A4, W2A4) and
+# EfficientNet-Lite0 at the `tiny` budget (genie, sadag-random; W4A4, W2A4).
+#   1. a CUDA smoke run of zeroq and sadag (Genie-D, stage B, refinement, calibration) on ResNet-20 (32x32)
+#      and EfficientNet-Lite0 (224x224);
+#      the suite stops there if one fails;
+#   2. benchmarks/step_cost.py on the GPU, alone (Genie-D step vs SADAG refinement step);
+#   3. in parallel: ResNet-20 at the peer budget (genie, sadag-random, sadag-adversarial x seeds 0 1 2,
+#      W4A4 W3A3 W2A4), ResNet-56 at the peer budget and EfficientNet-Lite0 at the `short` budget
+#      (genie, sadag-random, seed 0, W4A4 and W2A4);
+#   4. at the deadline the jobs still running are stopped; the tables of what finished are printed and
+#      OUT_DIR gets the results JSON, the logs, every run's report and the 32x32 sets.
+# Stage seconds measured here are of jobs sharing one GPU and 16 cores: compare them only with each other.
+set -u
+out=$(realpath -m "$1"); deadline=${2:-480}; plan=${3:-lease}
+work=/tmp/sadag_gpu_suite; logs=$out/logs; stop=$out/STOP
+mkdir -p "$logs" "$work"
+py=${PYTHON:-python}
+zs() { "$py" benchmarks/zero_shot.py --threads 1 --work "$work" "$@"; }
+stopped() { [ -e "$stop" ]; }
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+"$py" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
+
+# Many small processes share the GPU: MPS lets their kernels run side by side instead of time-sliced.
+# Used when it starts and a CUDA tensor can be made through it; otherwise the suite goes on without it.
+export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps_pipe CUDA_MPS_LOG_DIRECTORY=/tmp/mps_log
+mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
+if nvidia-cuda-mps-control -d 2>/dev/null && timeout 60 "$py" -c "import torch; torch.ones(1, device='cuda').sum().item()"; then
+  echo "MPS on"
+else
+  echo quit | nvidia-cuda-mps-control 2>/dev/null; echo "MPS off"
+fi
+
+if [ "$plan" = lease ]; then
+echo "== smoke (CUDA path of every method)"
+zs --budget smoke --seeds 0 --bits 4/4 --methods zeroq sadag-adversarial \
+   --work /tmp/sadag_smoke >"$logs/smoke_r20.log" 2>&1 || { tail -40 "$logs/smoke_r20.log"; exit 1; }
+zs --model efficientnet_lite0 --budget smoke --seeds 0 --bits 4/4 --methods sadag-random \
+   --work /tmp/sadag_smoke >"$logs/smoke_effnet.log" 2>&1 || { tail -40 "$logs/smoke_effnet.log"; exit 1; }
+grep -h quant_top1 "$logs"/smoke_*.log
+
+echo "== step cost at $SECONDS s"
+"$py" benchmarks/step_cost.py --device auto --threads 1 --k1 10 --k2 60 2>&1 | tee "$logs/step_cost.log"
+fi
+
+# One process generates a (model, method, seed) set, then calibrations start in the background.
+chain() {  # model budget seed "bits..." per-bits(0|1) methods...
+  local model=$1 budget=$2 seed=$3 bits=$4 split=$5; shift 5
+  local m b tag
+  for m in "$@"; do
+    stopped && break
+    tag=${model%%_*}_${m}_s$seed
+    zs --model "$model" --budget "$budget" --seeds "$seed" --methods "$m" --generate-only \
+       >"$logs/gen_$tag.log" 2>&1 || break
+    if [ "$split" = 1 ]; then
+      for b in $bits; do
+        zs --model "$model" --budget "$budget" --seeds "$seed" --methods "$m" --bits "$b" \
+           >"$logs/cal_${tag}_w${b/\//a}.log" 2>&1 &
+      done
+    else
+      # shellcheck disable=SC2086
+      zs --model "$model" --budget "$budget" --seeds "$seed" --methods "$m" --bits $bits >"$logs/cal_$tag.log" 2>&1 &
+    fi
+  done
+  wait
+}
+
+echo "== jobs from $SECONDS s, deadline $deadline s"
+( sleep $((deadline - SECONDS)); touch "$stop"; pkill -f benchmarks/zero_shot.py ) &
+watchdog=$!
+pids=()
+if [ "$plan" = lease ]; then
+  effnet=short r20_seeds="0 1 2" r20_bits="4/4 3/3 2/4" r20_methods="genie sadag-random sadag-adversarial"
+  chain resnet56_cifar10 peer 0 "4/4 2/4" 1 genie sadag-random & pids+=($!)
+else
+  effnet=tiny r20_seeds=0 r20_bits="4/4 2/4" r20_methods="genie sadag-random"
+fi
+chain efficientnet_lite0 $effnet 0 "4/4 2/4" 1 genie sadag-random & pids+=($!)
+for seed in $r20_seeds; do
+  # shellcheck disable=SC2086
+  chain resnet20_cifar10 peer "$seed" "$r20_bits" "$([ "$plan" = lease ] && echo 0 || echo 1)" $r20_methods & pids+=($!)
+done
+wait "${pids[@]}"
+kill "$watchdog" 2>/dev/null
+echo "== jobs ended at $SECONDS s"
+
+rm -f benchmarks/results/zero_shot_*_smoke.json
+# shellcheck disable=SC2086
+zs --budget peer --seeds $r20_seeds --methods $r20_methods --bits $r20_bits --collect
+[ "$plan" = lease ] && zs --model resnet56_cifar10 --budget peer --seeds 0 --methods genie sadag-random --bits 4/4 2/4 --collect
+zs --model efficientnet_lite0 --budget $effnet --seeds 0 --methods genie sadag-random --bits 4/4 2/4 --collect
+cp benchmarks/results/zero_shot_*_peer.json benchmarks/results/zero_shot_*_$effnet.json \
+   benchmarks/results/step_cost_*_cuda.json "$out"/ 2>/dev/null
+# Three archives, each under the 16 MB a file may have on its way back: reports, metrics and logs;
+# the 32x32 sets (3 MB each); the image grids of the 224x224 sets (6 MB each). No checkpoints.
+tar -czf "$out/reports.tgz" --exclude=state --exclude='*.pt' --exclude='*.png' \
+    -C "$(dirname "$work")" "$(basename "$work")" -C "$out" logs
+(cd "$work" && tar -czf "$out/sets_32px.tgz" --exclude=state sets/resnet* 2>/dev/null)
+(cd "$work" && tar -czf "$out/grids_224px.tgz" sets/efficientnet*/grid.png 2>/dev/null)
+rm -rf "$logs"
+echo quit | nvidia-cuda-mps-control 2>/dev/null
+echo "== done at $SECONDS s"
