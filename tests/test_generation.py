@@ -239,6 +239,14 @@ def test_sadag_refinement_lowers_loss(neighbor: str) -> None:
     assert q.training and all(p.requires_grad for p in q.parameters())
 
 
+def test_progress_logs_first_and_every_kth_iteration() -> None:
+    fp, q, batches, cfg = _refine_setup(iters=7, num_images=4, batch_size=2)
+    seen, progress = recorder()
+    refine_sadag(fp, q, batches, SPEC, cfg, seed=0, progress=progress, log_every=3)
+    # per batch of 7: the first (starting losses), every 3rd and the last
+    assert [step for _, step, _, _ in seen] == [1, 3, 6, 7, 8, 10, 13, 14]
+
+
 # --- reproducibility and resume -------------------------------------------------------------------
 
 def test_genie_seeded_and_batches_independent() -> None:

@@ -119,7 +119,8 @@ class StageMonitor:
         self.bad = flag if self.bad is None else self.bad | flag
 
     def due(self, it: int, iters: int) -> bool:
-        return (it + 1) % self.log_every == 0 or it + 1 == iters
+        # the first iteration too: a short refinement's metrics.jsonl then holds its starting losses
+        return it == 0 or (it + 1) % self.log_every == 0 or it + 1 == iters
 
     def report(self, batch: int, it: int, step: int, metrics: dict[str, Tensor | float]) -> None:
         """Check for NaN/inf and emit progress; the only place the loop touches host values."""
