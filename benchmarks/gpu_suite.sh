@@ -4,7 +4,9 @@
 # Usage: SADAG_SHARED=/path/to/shared [PYTHON=python3] benchmarks/gpu_suite.sh OUT_DIR [DEADLINE_SECONDS] [PLAN]
 # PLAN "lease" (default) runs steps 1-4 below; "rest" (for what is left of a lease after "lease") skips
 # steps 1-2 and runs ResNet-20 seed 0 at the peer budget (genie, sadag-random; W4A4, W2A4) and
-# EfficientNet-Lite0 at the `tiny` budget (genie, sadag-random; W4A4, W2A4).
+# EfficientNet-Lite0 at the `tiny` budget (genie, sadag-random; W4A4, W2A4). "sadag" is sized from what
+# those two measured (a ResNet-20 SADAG chain, Genie-D to the end of one calibration, took about 380 s among
+# 17 jobs): the ResNet-20 smoke run, then genie and sadag-random x seeds 0 1 2 x W4A4 W2A4 at the peer budget.
 #   1. a CUDA smoke run of zeroq and sadag (Genie-D, stage B, refinement, calibration) on ResNet-20 (32x32)
 #      and EfficientNet-Lite0 (224x224);
 #      the suite stops there if one fails;
@@ -17,6 +19,13 @@
 # Stage seconds measured here are of jobs sharing one GPU and 16 cores: compare them only with each other.
 set -u
 out=$(realpath -m "$1"); deadline=${2:-480}; plan=${3:-lease}
+case $plan in
+  lease) smoke=full effnet=short r56=1 r20_seeds="0 1 2" r20_bits="4/4 3/3 2/4" split=0
+         r20_methods="genie sadag-random sadag-adversarial" ;;
+  rest) smoke=none effnet=tiny r56=0 r20_seeds=0 r20_bits="4/4 2/4" split=1 r20_methods="genie sadag-random" ;;
+  sadag) smoke=r20 effnet= r56=0 r20_seeds="0 1 2" r20_bits="4/4 2/4" split=1 r20_methods="genie sadag-random" ;;
+  *) echo "unknown plan '$plan': lease, rest or sadag"; exit 2 ;;
+esac
 work=/tmp/sadag_gpu_suite; logs=$out/logs; stop=$out/STOP
 mkdir -p "$logs" "$work"
 py=${PYTHON:-python}
@@ -36,10 +45,12 @@ else
   echo quit | nvidia-cuda-mps-control 2>/dev/null; echo "MPS off"
 fi
 
-if [ "$plan" = lease ]; then
+if [ "$smoke" != none ]; then
 echo "== smoke (CUDA path of every method)"
 zs --budget smoke --seeds 0 --bits 4/4 --methods zeroq sadag-adversarial \
    --work /tmp/sadag_smoke >"$logs/smoke_r20.log" 2>&1 || { tail -40 "$logs/smoke_r20.log"; exit 1; }
+fi
+if [ "$smoke" = full ]; then
 zs --model efficientnet_lite0 --budget smoke --seeds 0 --bits 4/4 --methods sadag-random \
    --work /tmp/sadag_smoke >"$logs/smoke_effnet.log" 2>&1 || { tail -40 "$logs/smoke_effnet.log"; exit 1; }
 grep -h quant_top1 "$logs"/smoke_*.log
@@ -74,16 +85,11 @@ echo "== jobs from $SECONDS s, deadline $deadline s"
 ( sleep $((deadline - SECONDS)); touch "$stop"; pkill -f benchmarks/zero_shot.py ) &
 watchdog=$!
 pids=()
-if [ "$plan" = lease ]; then
-  effnet=short r20_seeds="0 1 2" r20_bits="4/4 3/3 2/4" r20_methods="genie sadag-random sadag-adversarial"
-  chain resnet56_cifar10 peer 0 "4/4 2/4" 1 genie sadag-random & pids+=($!)
-else
-  effnet=tiny r20_seeds=0 r20_bits="4/4 2/4" r20_methods="genie sadag-random"
-fi
-chain efficientnet_lite0 $effnet 0 "4/4 2/4" 1 genie sadag-random & pids+=($!)
+[ "$r56" = 1 ] && { chain resnet56_cifar10 peer 0 "4/4 2/4" 1 genie sadag-random & pids+=($!); }
+[ -n "$effnet" ] && { chain efficientnet_lite0 "$effnet" 0 "4/4 2/4" 1 genie sadag-random & pids+=($!); }
 for seed in $r20_seeds; do
   # shellcheck disable=SC2086
-  chain resnet20_cifar10 peer "$seed" "$r20_bits" "$([ "$plan" = lease ] && echo 0 || echo 1)" $r20_methods & pids+=($!)
+  chain resnet20_cifar10 peer "$seed" "$r20_bits" "$split" $r20_methods & pids+=($!)
 done
 wait "${pids[@]}"
 kill "$watchdog" 2>/dev/null
@@ -92,10 +98,12 @@ echo "== jobs ended at $SECONDS s"
 rm -f benchmarks/results/zero_shot_*_smoke.json
 # shellcheck disable=SC2086
 zs --budget peer --seeds $r20_seeds --methods $r20_methods --bits $r20_bits --collect
-[ "$plan" = lease ] && zs --model resnet56_cifar10 --budget peer --seeds 0 --methods genie sadag-random --bits 4/4 2/4 --collect
-zs --model efficientnet_lite0 --budget $effnet --seeds 0 --methods genie sadag-random --bits 4/4 2/4 --collect
-cp benchmarks/results/zero_shot_*_peer.json benchmarks/results/zero_shot_*_$effnet.json \
-   benchmarks/results/step_cost_*_cuda.json "$out"/ 2>/dev/null
+[ "$r56" = 1 ] && zs --model resnet56_cifar10 --budget peer --seeds 0 --methods genie sadag-random --bits 4/4 2/4 --collect
+[ -n "$effnet" ] && zs --model efficientnet_lite0 --budget "$effnet" --seeds 0 --methods genie sadag-random \
+                       --bits 4/4 2/4 --collect
+cp benchmarks/results/zero_shot_*_peer.json "$out"/
+[ -n "$effnet" ] && cp benchmarks/results/zero_shot_*_"$effnet".json "$out"/
+[ "$smoke" = full ] && cp benchmarks/results/step_cost_*_cuda.json "$out"/
 # Three archives, each under the 16 MB a file may have on its way back: reports, metrics and logs;
 # the 32x32 sets (3 MB each); the image grids of the 224x224 sets (6 MB each). No checkpoints.
 tar -czf "$out/reports.tgz" --exclude=state --exclude='*.pt' --exclude='*.png' \
