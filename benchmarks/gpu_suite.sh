@@ -82,7 +82,8 @@ chain() {  # model budget seed "bits..." per-bits(0|1) methods...
 }
 
 echo "== jobs from $SECONDS s, deadline $deadline s"
-( sleep $((deadline - SECONDS)); touch "$stop"; pkill -f benchmarks/zero_shot.py ) &
+# the watchdog stops this suite's jobs only (matched by their --work folder)
+( sleep $((deadline - SECONDS)); touch "$stop"; pkill -f "zero_shot.py --threads 1 --work $work" ) &
 watchdog=$!
 pids=()
 [ "$r56" = 1 ] && { chain resnet56_cifar10 peer 0 "4/4 2/4" 1 genie sadag-random & pids+=($!); }
