@@ -76,3 +76,11 @@ def no_bn_model():  # noqa: ANN201
 
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 10))
     return model.eval(), DataSpec(mean=(0.5,) * 3, std=(0.25,) * 3, input_size=16, num_classes=10)
+
+
+def tiny_bn_model():  # noqa: ANN201
+    """A factory for `--model conftest:tiny_bn_model`: TinyNet with trained-looking BN statistics, 16x16 input."""
+    from sadag.models import DataSpec
+
+    torch.manual_seed(0)
+    return randomize_bn_(TinyNet()), DataSpec(mean=(0.5,) * 3, std=(0.25,) * 3, input_size=16, num_classes=10)

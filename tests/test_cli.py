@@ -133,6 +133,26 @@ def test_model_without_batchnorm_suggests_noise_or_real(tmp_path: Path, capsys) 
     assert code == 0, err
 
 
+def test_generate_once_then_calibrate_from_the_saved_set(tmp_path: Path, capsys) -> None:
+    import torch
+
+    tiny = ["--model", "conftest:tiny_bn_model", "--preset", "smoke"]
+    set_dir = tmp_path / "set"
+    code, _, err = run_cli(["generate", *tiny, "--method", "genie", "--out", str(set_dir)], capsys)
+    assert code == 0, err
+    payload = torch.load(set_dir / "images.pt", weights_only=True)
+    assert payload["images"].shape == (32, 3, 16, 16) and (set_dir / "grid.png").is_file()
+    assert payload["meta"]["method"] == "genie" and 0 <= payload["meta"]["near_duplicates"] <= 32
+    for bits in ("4/4", "2/4"):  # one set, several bit widths
+        out = tmp_path / f"w{bits[0]}a{bits[2]}"
+        code, _, err = run_cli(["run", *tiny, "--calib-data", str(set_dir), "--bits", bits, "--out", str(out),
+                                "--no-export"], capsys)
+        assert code == 0, err
+        report = json.loads((out / "report.json").read_text())
+        assert report["method"] == "genie" and report["num_calib"] == 32 and report["w_bits"] == int(bits[0])
+        assert "generate" not in report["seconds"] and "load_calib" in report["seconds"]
+
+
 def test_unwritable_output_directory(tmp_path: Path, capsys) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")

@@ -27,6 +27,7 @@ from sadag.generation import (
     gradient_matching_loss,
     input_prior_loss,
     load_synthetic_set,
+    near_duplicates,
     refine_sadag,
     save_synthetic_set,
     swing_model,
@@ -329,6 +330,18 @@ def test_tensor_lr_drives_adam() -> None:
 
 
 # --- save / load ----------------------------------------------------------------------------------
+
+def test_near_duplicates_counts_copies_not_brightness() -> None:
+    gen = torch.Generator().manual_seed(0)
+    distinct = torch.randn(20, 3, 64, 64, generator=gen)
+    assert near_duplicates(distinct) == 0
+    collapsed = distinct.clone()
+    collapsed[5:10] = distinct[4] * 2.0 + 0.3  # 5 copies of image 4 (rescaled, shifted): 6 with a partner
+    collapsed[15] = distinct[14] + 0.01 * torch.randn(3, 64, 64, generator=gen)  # and one noisy copy
+    assert near_duplicates(collapsed) == 8
+    assert near_duplicates(collapsed, chunk=3) == 8  # chunking changes nothing
+    assert near_duplicates(collapsed[:1]) == 0
+
 
 def test_save_load_round_trip(tmp_path) -> None:
     images = torch.randn(70, 3, 16, 16)

@@ -29,6 +29,7 @@ from .generation import (
     generate_genie,
     generate_noise,
     generate_zeroq,
+    near_duplicates,
     refine_sadag,
     save_synthetic_set,
 )
@@ -218,7 +219,8 @@ def run(cfg: RunConfig, *, resume: bool = False, force: bool = False, progress: 
         report.update(fp_top1=fp["top1"], fp_top5=fp["top5"], eval_images=fp["num_images"])
     images, method = _calibration_images(model, spec, cfg, rundir, stages, device)
     _check_finite(images, "calibration images")
-    report.update(method=method, num_calib=int(images.shape[0]))
+    report.update(method=method, num_calib=int(images.shape[0]),
+                  calib_near_duplicates=_count_near_duplicates(images, "calibration images"))
     with stages.stage("calibrate"):
         qmodel = calibrate(model, spec, images, cfg, rundir, progress=stages.progress)
     if cfg.eval_data:
@@ -257,8 +259,19 @@ def generate_set(cfg: RunConfig, *, resume: bool = False, force: bool = False,
     stages = _Stages(rundir, progress, rundir.load_state("seconds.pt") or {})
     images = synthesize(model, spec, cfg, rundir, stages, stages.progress)
     _check_finite(images, "generated images")
-    save_synthetic_set(rundir.root, images.cpu(), spec, {**_set_meta(cfg), "seconds": stages.seconds})
+    save_synthetic_set(rundir.root, images.cpu(), spec, {**_set_meta(cfg), "seconds": stages.seconds,
+                                                         "near_duplicates": _count_near_duplicates(images, "set")})
     return rundir.root
+
+
+def _count_near_duplicates(images: Tensor, what: str) -> int:
+    """near_duplicates(), with a warning when more than a tenth of the images have a near-copy."""
+    count = near_duplicates(images)
+    if count > 0.1 * images.shape[0]:
+        log.warning("%d of the %d %s have a near-copy in the set (pixel cosine > 0.95): the generator collapsed "
+                    "onto few images, which calibrates worse than the set's size suggests; look at its grid.png "
+                    "and compare another seed or method", count, images.shape[0], what)
+    return count
 
 
 def _check_finite(images: Tensor, what: str) -> None:
