@@ -28,8 +28,8 @@ def grid_tiles(path: Path, count: int = 64, pad: int = 2) -> torch.Tensor:
     if rest or size <= pad:
         raise SystemExit(f"{path} is not a {cols}-column grid of {count} tiles")
     size -= pad
-    tiles = [pixels[pad + r * (size + pad):][:size, pad + c * (size + pad):][:, :size]
-             for r in range(cols) for c in range(cols)]
+    starts = [pad + k * (size + pad) for k in range(cols)]
+    tiles = [pixels[top:top + size, left:left + size] for top in starts for left in starts]
     return torch.from_numpy(np.stack(tiles)).permute(0, 3, 1, 2)
 
 

@@ -31,7 +31,7 @@ def near_duplicates(images: Tensor, threshold: float = 0.95, size: int = 32, chu
     count = 0
     for start in range(0, n, chunk):
         sim = x[start:start + chunk] @ x.T
-        rows = torch.arange(sim.shape[0])
+        rows = torch.arange(sim.shape[0], device=sim.device)
         sim[rows, rows + start] = -1.0  # an image is not its own copy
         count += int((sim.max(1).values > threshold).sum())
     return count
