@@ -18,6 +18,7 @@ from PIL import Image
 
 from _common import write_results
 from sadag.generation import load_synthetic_set, near_duplicates
+from sadag.generation.duplicates import NEAR_COPY_COSINE
 
 
 def grid_tiles(path: Path, count: int = 64, pad: int = 2) -> torch.Tensor:
@@ -53,7 +54,7 @@ def main() -> None:
     print("| set | counted over | images with a near-copy |\n|---|---|---|")
     for r in rows:
         print(f"| {r['set']} | {r['images']} ({r['source']}) | {r['near_duplicates']} ({100 * r['fraction']:.0f}%) |")
-    path = write_results(f"set_duplicates_{args.name}", rows, {"threshold": 0.95, "pooled_to": 32})
+    path = write_results(f"set_duplicates_{args.name}", rows, {"threshold": NEAR_COPY_COSINE, "pooled_to": 32})
     print(f"results in {path}")
 
 

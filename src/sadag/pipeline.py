@@ -33,6 +33,7 @@ from .generation import (
     refine_sadag,
     save_synthetic_set,
 )
+from .generation.duplicates import NEAR_COPY_COSINE
 from .models import DataSpec, load_model
 from .quantization.prepare import freeze_, quantize
 from .reconstruction.reconstruct import reconstruct_
@@ -268,9 +269,9 @@ def _count_near_duplicates(images: Tensor, what: str) -> int:
     """near_duplicates(), with a warning when more than a tenth of the images have a near-copy."""
     count = near_duplicates(images)
     if count > 0.1 * images.shape[0]:
-        log.warning("%d of the %d %s have a near-copy in the set (pixel cosine > 0.95): the generator collapsed "
+        log.warning("%d of the %d %s have a near-copy in the set (pixel cosine > %s): the generator collapsed "
                     "onto few images, which calibrates worse than the set's size suggests; look at its grid.png "
-                    "and compare another seed or method", count, images.shape[0], what)
+                    "and compare another seed or method", count, images.shape[0], what, NEAR_COPY_COSINE)
     return count
 
 

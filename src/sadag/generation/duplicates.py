@@ -11,8 +11,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+NEAR_COPY_COSINE = 0.95  # above this pixel cosine two images count as copies
 
-def near_duplicates(images: Tensor, threshold: float = 0.95, size: int = 32, chunk: int = 1024) -> int:
+
+def near_duplicates(images: Tensor, threshold: float = NEAR_COPY_COSINE, size: int = 32, chunk: int = 1024) -> int:
     """Number of images whose most similar other image has a pixel cosine above `threshold`.
 
     Images are average-pooled to `size` x `size` (a copy stays a copy; the count stays cheap at 224x224)
