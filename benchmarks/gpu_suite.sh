@@ -7,6 +7,8 @@
 # EfficientNet-Lite0 at the `tiny` budget (genie, sadag-random; W4A4, W2A4). "sadag" is sized from what
 # those two measured (a ResNet-20 SADAG chain, Genie-D to the end of one calibration, took about 380 s among
 # 17 jobs): the ResNet-20 smoke run, then genie and sadag-random x seeds 0 1 2 x W4A4 W2A4 at the peer budget.
+# "final" is "sadag" plus EfficientNet-Lite0 at `tiny` (genie, sadag-random; W4A4, W3A3) and
+# three of benchmarks/genie_collapse.py's Genie-D variants on EfficientNet-Lite0 (traced, then calibrated W4A4).
 #   1. a CUDA smoke run of zeroq and sadag (Genie-D, stage B, refinement, calibration) on ResNet-20 (32x32)
 #      and EfficientNet-Lite0 (224x224);
 #      the suite stops there if one fails;
@@ -24,8 +26,11 @@ case $plan in
          r20_methods="genie sadag-random sadag-adversarial" ;;
   rest) smoke=none effnet=tiny r56=0 r20_seeds=0 r20_bits="4/4 2/4" split=1 r20_methods="genie sadag-random" ;;
   sadag) smoke=r20 effnet= r56=0 r20_seeds="0 1 2" r20_bits="4/4 2/4" split=1 r20_methods="genie sadag-random" ;;
-  *) echo "unknown plan '$plan': lease, rest or sadag"; exit 2 ;;
+  final) smoke=r20 effnet=tiny effnet_bits="4/4 3/3" r56=0 r20_seeds="0 1 2" r20_bits="4/4 2/4" split=1
+         r20_methods="genie sadag-random" collapse="base lr_z_0.01 lr_g_0.001" ;;
+  *) echo "unknown plan '$plan': lease, rest, sadag or final"; exit 2 ;;
 esac
+effnet_bits=${effnet_bits:-4/4 2/4}; collapse=${collapse:-}
 work=/tmp/sadag_gpu_suite; logs=$out/logs; stop=$out/STOP
 mkdir -p "$logs" "$work"
 py=${PYTHON:-python}
@@ -83,11 +88,15 @@ chain() {  # model budget seed "bits..." per-bits(0|1) methods...
 
 echo "== jobs from $SECONDS s, deadline $deadline s"
 # the watchdog stops this suite's jobs only (matched by their --work folder)
-( sleep $((deadline - SECONDS)); touch "$stop"; pkill -f "zero_shot.py --threads 1 --work $work" ) &
+( sleep $((deadline - SECONDS)); touch "$stop"; pkill -f -- "--work $work" ) &
 watchdog=$!
 pids=()
+for v in $collapse; do
+  "$py" benchmarks/genie_collapse.py --variant "$v" --work "$work/collapse" >"$logs/collapse_$v.log" 2>&1 &
+  pids+=($!)
+done
 [ "$r56" = 1 ] && { chain resnet56_cifar10 peer 0 "4/4 2/4" 1 genie sadag-random & pids+=($!); }
-[ -n "$effnet" ] && { chain efficientnet_lite0 "$effnet" 0 "4/4 2/4" 1 genie sadag-random & pids+=($!); }
+[ -n "$effnet" ] && { chain efficientnet_lite0 "$effnet" 0 "$effnet_bits" 1 genie sadag-random & pids+=($!); }
 for seed in $r20_seeds; do
   # shellcheck disable=SC2086
   chain resnet20_cifar10 peer "$seed" "$r20_bits" "$split" $r20_methods & pids+=($!)
@@ -100,8 +109,10 @@ rm -f benchmarks/results/zero_shot_*_smoke.json
 # shellcheck disable=SC2086
 zs --budget peer --seeds $r20_seeds --methods $r20_methods --bits $r20_bits --collect
 [ "$r56" = 1 ] && zs --model resnet56_cifar10 --budget peer --seeds 0 --methods genie sadag-random --bits 4/4 2/4 --collect
+# shellcheck disable=SC2086
 [ -n "$effnet" ] && zs --model efficientnet_lite0 --budget "$effnet" --seeds 0 --methods genie sadag-random \
-                       --bits 4/4 2/4 --collect
+                       --bits $effnet_bits --collect
+[ -n "$collapse" ] && "$py" benchmarks/genie_collapse.py --collect
 cp benchmarks/results/zero_shot_*_peer.json "$out"/
 [ -n "$effnet" ] && cp benchmarks/results/zero_shot_*_"$effnet".json "$out"/
 [ "$smoke" = full ] && cp benchmarks/results/step_cost_*_cuda.json "$out"/
@@ -111,6 +122,7 @@ tar -czf "$out/reports.tgz" --exclude=state --exclude='*.pt' --exclude='*.png' \
     -C "$(dirname "$work")" "$(basename "$work")" -C "$out" logs
 (cd "$work" && tar -czf "$out/sets_32px.tgz" --exclude=state sets/resnet* 2>/dev/null)
 (cd "$work" && tar -czf "$out/grids_224px.tgz" sets/efficientnet*/grid.png 2>/dev/null)
+[ -n "$collapse" ] && tar -czf "$out/collapse.tgz" benchmarks/results/genie_collapse_*.json
 rm -rf "$logs"
 echo quit | nvidia-cuda-mps-control 2>/dev/null
 echo "== done at $SECONDS s"

@@ -86,11 +86,13 @@ def test_config_yaml_and_flags(tmp_path: Path) -> None:
 
     cfg_file = tmp_path / "c.yaml"
     cfg_file.write_text("model: resnet56_cifar10\nbits: 3/3\npreset: fast\ncalib:\n  iters: 77\ngen:\n  rho: 0.5\n")
-    args = build_parser().parse_args(["run", "--config", str(cfg_file), "--bits", "2/4", "--out", "x"])
+    args = build_parser().parse_args(["run", "--config", str(cfg_file), "--bits", "2/4", "--out", "x",
+                                      "--lr-z", "0.01"])
     assert isinstance(args, argparse.Namespace)
     cfg = apply_preset(config_from_args(args))
     assert cfg.model == "resnet56_cifar10" and cfg.quant.w_bits == 2 and cfg.quant.a_bits == 4
     assert cfg.calib.iters == 77 and cfg.gen.rho == 0.5 and cfg.gen.num_images == 256  # preset + overrides
+    assert cfg.gen.lr_z == 0.01
     assert apply_preset(cfg) == cfg
 
 

@@ -23,6 +23,7 @@ _OVERRIDES: dict[str, tuple[str, str, type]] = {
     "num_images": ("gen", "num_images", int),
     "gen_batch_size": ("gen", "batch_size", int),
     "gen_iters": ("gen", "genie_iters", int),
+    "lr_z": ("gen", "lr_z", float),  # 0.01 keeps Genie-D's latents off zero, where they collapse to one image
     "warmup_calib_iters": ("gen", "warmup_calib_iters", int),
     "refine_iters": ("gen", "refine_iters", int),
     "zeroq_iters": ("gen", "zeroq_iters", int),

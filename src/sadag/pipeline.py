@@ -270,8 +270,9 @@ def _count_near_duplicates(images: Tensor, what: str) -> int:
     count = near_duplicates(images)
     if count > 0.1 * images.shape[0]:
         log.warning("%d of the %d %s have a near-copy in the set (pixel cosine > %s): the generator collapsed "
-                    "onto few images, which calibrates worse than the set's size suggests; look at its grid.png "
-                    "and compare another seed or method", count, images.shape[0], what, NEAR_COPY_COSINE)
+                    "onto few images, so the set is less diverse than its size suggests; look at its grid.png. "
+                    "With Genie-D this happens when latents shrink toward 0 (they all map to one image): --lr-z 0.01 "
+                    "(gen.lr_z) avoided it on EfficientNet-Lite0", count, images.shape[0], what, NEAR_COPY_COSINE)
     return count
 
 

@@ -1,8 +1,9 @@
 """A check of a synthetic set's diversity: how many images have a near-copy in the set.
 
 BatchNorm-statistics matching is a batch-level loss, so a generator can satisfy it with a few images
-repeated many times (seen with Genie-D on EfficientNet-Lite0 at 224x224). Such a set calibrates worse
-than its loss suggests; this count makes the collapse visible without looking at the grid.
+repeated many times. Seen with Genie-D on EfficientNet-Lite0 at 224x224: with z's lr at 0.1 some latents
+shrink toward 0 and all map to the same image (benchmarks/genie_collapse.py). This count makes the
+collapse visible without looking at the grid.
 """
 
 from __future__ import annotations

@@ -89,8 +89,13 @@ def _check_done(done: dict[int, GenieBatch], sizes: Sequence[int]) -> None:
             )
 
 
+# (batch index, iteration, generator, z, that iteration's images): a look inside Genie-D at its log points
+GenieInspector = Callable[[int, int, GenieGenerator, Tensor, Tensor], None]
+
+
 def _genie_batch(net: nn.Module, layers: list[nn.BatchNorm2d], captured: list, spec: DataSpec,
-                 cfg: GenConfig, seed: int, index: int, size: int, monitor: StageMonitor) -> GenieBatch:
+                 cfg: GenConfig, seed: int, index: int, size: int, monitor: StageMonitor,
+                 on_log: GenieInspector | None) -> GenieBatch:
     device = model_device(net)
     gen, z = init_batch(spec, cfg, seed, index, size, device)
     opt_z = tensor_lr_adam([z], cfg.lr_z, device)
@@ -112,6 +117,8 @@ def _genie_batch(net: nn.Module, layers: list[nn.BatchNorm2d], captured: list, s
         monitor.observe(loss)
         if monitor.due(it, iters):
             monitor.report(index, it, index * iters + it + 1, {"loss": loss, "lr_z": plateau.lr})
+            if on_log is not None:
+                on_log(index, it, gen, z.detach(), x.detach())
     if x is None:
         with torch.no_grad():
             x = gen(z)
@@ -129,11 +136,13 @@ def generate_genie(
     on_batch: Callable[[GenieBatch], None] | None = None,
     progress: Progress | None = None,
     log_every: int = LOG_EVERY,
+    on_log: GenieInspector | None = None,
 ) -> list[GenieBatch]:
     """Genie-D (ALGORITHM.md section 1) for every batch not already in `done`, in batch order.
 
     The model is used frozen and in eval mode (its flags are restored after); with cfg.swing the BN
-    loss is taken through a swing-conv copy. `on_batch` receives each newly finished batch.
+    loss is taken through a swing-conv copy. `on_batch` receives each newly finished batch; `on_log`
+    (diagnostics, e.g. benchmarks/genie_collapse.py) sees the generator, z and images at every log point.
     """
     cfg.validate()
     bn_layers(model)  # fail early, with the actionable message, on a model without BN
@@ -152,7 +161,7 @@ def generate_genie(
                     out.append(done[b])
                     continue
                 offsets.manual_seed(batch_seed(seed, b, "swing"))
-                batch = _genie_batch(net, layers, captured, spec, cfg, seed, b, size, monitor)
+                batch = _genie_batch(net, layers, captured, spec, cfg, seed, b, size, monitor, on_log)
                 log.info("genie-d: batch %d/%d done (%d images)", b + 1, len(sizes), size)
                 out.append(batch)
                 if on_batch is not None:
