@@ -1,15 +1,16 @@
 """Why does Genie-D collapse on EfficientNet-Lite0? One Genie-D batch, traced, then calibrated.
 
 Runs Genie-D on one batch with a config variant, and every --every steps records: the BN loss, how many
-images have a near-copy (sadag.generation.near_duplicates), the fraction of the generator's pre-tanh
-values beyond |3| (saturated: the image becomes a sign pattern), the share of the batch's pixel variance
-in its top 5 principal components (1.0 = every image on one 5-d pattern), and the spread of the latent
-norms. The finished batch is then saved as a calibration set and calibrated (W4A4 by default), so the
-variants' collapse can be set beside their accuracy.
+images have a near-copy (sadag.generation.near_copy_mask), the median latent norm of those images and of
+the others, the fraction of the generator's pre-tanh values beyond |3| (saturated: the image becomes a
+sign pattern), the share of the batch's pixel variance in its top 5 principal components (1.0 = every
+image on one 5-d pattern), and the spread of the latent norms. The finished batch is then saved as a
+calibration set and calibrated (W4A4 by default; `--bits` with no value skips it), so the variants'
+collapse can be set beside their accuracy.
 
 Usage: python benchmarks/genie_collapse.py --variant base|lr_z_0.01|lr_g_0.001|no_swing [--iters 500]
        python benchmarks/genie_collapse.py --collect      (the table of the variants already run)
-Results: benchmarks/results/genie_collapse_<model>_<variant>.json
+Results: benchmarks/results/genie_collapse_<model>_<variant>[_<tag>].json
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from torch import Tensor, nn
 
 import sadag
 from _common import WEIGHTS, base_config, run_row, write_results
-from sadag.generation import generate_genie, near_duplicates
+from sadag.generation import generate_genie, near_copy_mask
 from sadag.generation.io import save_synthetic_set
 from sadag.pipeline import resolve_device
 
@@ -62,11 +63,19 @@ def top_share(images: Tensor, k: int = 5, size: int = 32) -> float:
     return float(s[:k].sum() / s.sum())
 
 
+def median_or_nan(values: Tensor) -> float:
+    return round(float(values.median()), 2) if values.numel() else float("nan")
+
+
 def trace_point(it: int, gen: nn.Module, z: Tensor, images: Tensor) -> dict[str, float]:
     norms = z.norm(dim=1)
+    copies = near_copy_mask(images)
     return {
         "iteration": it + 1,
-        "near_duplicates": near_duplicates(images),
+        "near_duplicates": int(copies.sum()),
+        # are the copies the images whose latents shrank toward 0?
+        "copies_z_norm_median": median_or_nan(norms[copies]),
+        "others_z_norm_median": median_or_nan(norms[~copies]),
         "saturated": float((pre_tanh(gen, z).abs() > SATURATED).float().mean()),
         "top5_share": round(top_share(images), 4),
         "z_norm_min": round(float(norms.min()), 2),
@@ -119,7 +128,8 @@ def collect(model: str) -> None:
         row = result["rows"][0]
         last = row["trace"][-1]
         top1 = ", ".join(f"W{b.replace('/', 'A')} {v:.2f}" for b, v in row["top1"].items())
-        print(f"| {row['variant']} | {last['iteration']} | {last['near_duplicates']}/{row['batch']} | "
+        name = row["variant"] + (f" ({result['meta']['tag']})" if result["meta"].get("tag") else "")
+        print(f"| {name} | {last['iteration']} | {last['near_duplicates']}/{row['batch']} | "
               f"{last['saturated']:.2f} | {last['top5_share']:.2f} | {last['z_norm_min']}-{last['z_norm_max']} | "
               f"{top1} |")
 
@@ -137,6 +147,7 @@ def main() -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--work", default="benchmarks/out/collapse")
+    p.add_argument("--tag", default="", help="suffix of the results file (e.g. the machine)")
     p.add_argument("--collect", action="store_true")
     args = p.parse_args()
     if args.collect:
@@ -144,7 +155,8 @@ def main() -> None:
         return
     torch.set_num_threads(args.threads)
     row = run_variant(args)
-    path = write_results(f"genie_collapse_{args.model}_{args.variant}", [row], {"model": args.model})
+    path = write_results(f"genie_collapse_{args.model}_{args.variant}{'_' + args.tag if args.tag else ''}", [row],
+                         {"model": args.model, "tag": args.tag})
     print(f"results in {path}")
 
 

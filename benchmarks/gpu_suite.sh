@@ -116,11 +116,14 @@ zs --budget peer --seeds $r20_seeds --methods $r20_methods --bits $r20_bits --co
 cp benchmarks/results/zero_shot_*_peer.json "$out"/
 [ -n "$effnet" ] && cp benchmarks/results/zero_shot_*_"$effnet".json "$out"/
 [ "$smoke" = full ] && cp benchmarks/results/step_cost_*_cuda.json "$out"/
-# Three archives, each under the 16 MB a file may have on its way back: reports, metrics and logs;
-# the 32x32 sets (3 MB each); the image grids of the 224x224 sets (6 MB each). No checkpoints.
+# Archives, each under the 16 MB a file may have on its way back: reports, metrics and logs;
+# the 32x32 sets of each method (3 MB a set); the image grids of the 224x224 sets (6 MB each). No checkpoints.
 tar -czf "$out/reports.tgz" --exclude=state --exclude='*.pt' --exclude='*.png' \
     -C "$(dirname "$work")" "$(basename "$work")" -C "$out" logs
-(cd "$work" && tar -czf "$out/sets_32px.tgz" --exclude=state sets/resnet* 2>/dev/null)
+# one archive per method: six 32x32 sets in one went over the limit in lease 2
+for m in $r20_methods; do
+  (cd "$work" && tar -czf "$out/sets_32px_$m.tgz" --exclude=state sets/resnet*_"${m}"_* 2>/dev/null)
+done
 (cd "$work" && tar -czf "$out/grids_224px.tgz" sets/efficientnet*/grid.png 2>/dev/null)
 [ -n "$collapse" ] && tar -czf "$out/collapse.tgz" benchmarks/results/genie_collapse_*.json
 rm -rf "$logs"

@@ -27,6 +27,7 @@ from sadag.generation import (
     gradient_matching_loss,
     input_prior_loss,
     load_synthetic_set,
+    near_copy_mask,
     near_duplicates,
     refine_sadag,
     save_synthetic_set,
@@ -353,6 +354,7 @@ def test_near_duplicates_counts_copies_not_brightness() -> None:
     assert near_duplicates(collapsed) == 8
     assert near_duplicates(collapsed, chunk=3) == 8  # chunking changes nothing
     assert near_duplicates(collapsed[:1]) == 0
+    assert near_copy_mask(collapsed).nonzero().flatten().tolist() == [4, 5, 6, 7, 8, 9, 14, 15]
 
 
 def test_save_load_round_trip(tmp_path) -> None:

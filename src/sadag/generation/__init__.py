@@ -2,7 +2,7 @@
 
 from .bn_stats import bn_layers, bn_statistics_loss, capture_bn_inputs, input_prior_loss
 from .common import DevicePlateau, Progress
-from .duplicates import near_duplicates
+from .duplicates import near_copy_mask, near_duplicates
 from .generator import GenieGenerator
 from .genie import GenieBatch, batch_sizes, generate_genie
 from .io import load_synthetic_set, save_synthetic_set
@@ -28,6 +28,7 @@ __all__ = [
     "gradient_cosine",
     "gradient_matching_loss",
     "input_prior_loss",
+    "near_copy_mask",
     "near_duplicates",
     "load_synthetic_set",
     "refine_sadag",
