@@ -26,6 +26,7 @@ EVAL = {
     "efficientnet_lite0": (SHARED / "data/imagenet-val500/val", SHARED / "data/imagenet-val500/wnids.txt"),
 }
 CIFAR_TRAIN = SHARED / "data/cifar10-jpeg/train-5k"
+WORK = Path(__file__).parent / "out"  # sets and run directories (git-ignored), wherever the script is run from
 
 
 def base_config(model: str, out: Path, **kwargs: Any) -> sadag.RunConfig:

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import sadag
-from _common import WEIGHTS, base_config, run_row, write_results
+from _common import WEIGHTS, WORK, base_config, run_row, write_results
 from sadag.generation import generate_genie, near_copy_mask
 from sadag.generation.io import save_synthetic_set
 from sadag.pipeline import resolve_device
@@ -146,7 +146,7 @@ def main() -> None:
     p.add_argument("--calib-iters", type=int, default=500)
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--work", default="benchmarks/out/collapse")
+    p.add_argument("--work", default=str(WORK / "collapse"))
     p.add_argument("--tag", default="", help="suffix of the results file (e.g. the machine)")
     p.add_argument("--collect", action="store_true")
     args = p.parse_args()

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from _common import CIFAR_TRAIN, base_config, machine, run_row, write_results
+from _common import CIFAR_TRAIN, WORK, base_config, machine, run_row, write_results
 
 # "fast": the fast preset on 1,024 images; "peer": Genie's reference budget (256 images, 2,000 iters/unit)
 BUDGETS = {
@@ -27,7 +27,7 @@ def main() -> None:
     p.add_argument("--bits", nargs="+", default=["4/4", "3/3", "2/4"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--work", default="benchmarks/out", help="run directories (resumable)")
+    p.add_argument("--work", default=str(WORK), help="run directories (resumable)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     budget = BUDGETS[args.budget]

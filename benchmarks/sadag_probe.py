@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 import sadag
-from _common import CIFAR_TRAIN, EVAL, base_config, machine, write_results
+from _common import CIFAR_TRAIN, EVAL, WORK, base_config, machine, write_results
 from sadag.config import apply_preset
 from sadag.data import load_calibration_data
 from sadag.generation import load_synthetic_set
@@ -109,7 +109,7 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--real", type=int, default=2000, help="real test images for the reference gradient")
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--work", default="benchmarks/out")
+    p.add_argument("--work", default=str(WORK))
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     fp, spec = sadag.load_model(args.model, weights=base_config(args.model, Path(".")).weights)

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 import sadag
-from _common import CIFAR_TRAIN, WEIGHTS, base_config, log_progress, machine, mean_spread, run_row, write_results
+from _common import CIFAR_TRAIN, WEIGHTS, WORK, base_config, log_progress, machine, mean_spread, run_row, write_results
 from sadag.data import load_calibration_data
 from sadag.generation import save_synthetic_set
 
@@ -108,7 +108,7 @@ def main() -> None:
     p.add_argument("--one-seed", nargs="*", default=ONE_SEED, help="methods run with the first seed only")
     p.add_argument("--calib-iters", type=int, help="calibrate the budget's sets with this many iterations per unit")
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--work", default="benchmarks/out")
+    p.add_argument("--work", default=str(WORK))
     p.add_argument("--collect", action="store_true", help="only tabulate the runs already finished in --work")
     p.add_argument("--generate-only", action="store_true",
                    help="only make the sets (then calibrate each bit width in its own process)")
