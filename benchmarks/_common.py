@@ -27,6 +27,7 @@ EVAL = {
 }
 CIFAR_TRAIN = SHARED / "data/cifar10-jpeg/train-5k"
 WORK = Path(__file__).parent / "out"  # sets and run directories (git-ignored), wherever the script is run from
+RESULTS = Path(__file__).parent / "results"  # the JSON rows kept in git
 
 
 def base_config(model: str, out: Path, **kwargs: Any) -> sadag.RunConfig:
@@ -66,7 +67,7 @@ def mean_spread(values: list[float]) -> str:
 
 
 def write_results(name: str, rows: list[dict[str, Any]], meta: dict[str, Any]) -> Path:
-    path = Path(__file__).parent / "results" / f"{name}.json"
+    path = RESULTS / f"{name}.json"
     path.parent.mkdir(exist_ok=True)
     path.write_text(json.dumps({"meta": {**meta, "machine": machine()}, "rows": rows}, indent=2) + "\n")
     return path

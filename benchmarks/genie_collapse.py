@@ -27,14 +27,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import sadag
-from _common import WEIGHTS, WORK, base_config, run_row, write_results
+from _common import RESULTS, WEIGHTS, WORK, base_config, run_row, write_results
 from sadag.generation import generate_genie, near_copy_mask
 from sadag.generation.io import save_synthetic_set
 from sadag.pipeline import resolve_device
 
 VARIANTS: dict[str, dict[str, Any]] = {
     "base": {},  # ALGORITHM.md section 1
-    "lr_z_0.01": {"lr_z": 0.01},  # latents moved 10x slower: do large z norms drive the saturation?
+    "lr_z_0.01": {"lr_z": 0.01},  # latents moved 10x slower: do moving latents drive the collapse?
     "lr_g_0.001": {"lr_g": 0.001},  # generator moved 10x slower
     "no_swing": {"swing": False},
 }
@@ -120,8 +120,7 @@ def run_variant(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def collect(model: str) -> None:
-    rows = [json.loads(p.read_text()) for p in sorted((Path(__file__).parent / "results").glob(
-        f"genie_collapse_{model}_*.json"))]
+    rows = [json.loads(p.read_text()) for p in sorted(RESULTS.glob(f"genie_collapse_{model}_*.json"))]
     print("| variant | Genie-D steps | near-copies | saturated | top-5 share | z norms | top-1 |")
     print("|---|---|---|---|---|---|---|")
     for result in rows:
