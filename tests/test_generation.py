@@ -249,7 +249,6 @@ def test_progress_logs_first_and_every_kth_iteration() -> None:
     assert [step for _, step, _, _ in seen] == [1, 3, 6, 7, 8, 10, 13, 14]
 
 
-
 def test_genie_inspector_sees_each_log_point_without_changing_the_images() -> None:
     model, cfg = tiny_model(), small_cfg(num_images=6, batch_size=3, genie_iters=5)
     seen: list[tuple[int, int, tuple[int, ...], tuple[int, ...]]] = []
@@ -260,6 +259,7 @@ def test_genie_inspector_sees_each_log_point_without_changing_the_images() -> No
     assert all(z == (3, cfg.latent_dim) and x == (3, 3, SPEC.input_size, SPEC.input_size) for _, _, z, x in seen)
     plain = generate_genie(model, SPEC, cfg, seed=3)
     assert all(torch.equal(a.images, b.images) for a, b in zip(inspected, plain, strict=True))
+
 
 # --- reproducibility and resume -------------------------------------------------------------------
 
