@@ -9,6 +9,8 @@ import pytest
 import torch
 from torch import nn
 
+from sadag.quantization.units import register_unit_type
+
 SHARED = Path(os.environ.get("SADAG_SHARED", Path(__file__).resolve().parents[2] / "shared"))
 R20_WEIGHTS = SHARED / "weights" / "cifar10-resnet" / "resnet20-12fca82f.th"
 CIFAR_TEST = SHARED / "data" / "cifar10-jpeg" / "test"
@@ -26,8 +28,9 @@ def _threads() -> None:
     torch.set_num_threads(int(os.environ.get("SADAG_TEST_THREADS", min(2, os.cpu_count() or 1))))
 
 
+@register_unit_type
 class BasicBlock(nn.Module):
-    """A residual block shaped like torchvision's BasicBlock (registered as a unit by class name)."""
+    """A residual block shaped like torchvision's BasicBlock, registered as a reconstruction unit."""
 
     def __init__(self, c: int):
         super().__init__()

@@ -13,9 +13,10 @@ class WeightQuantizer(nn.Module):
 
     Modes: "nearest" (round to nearest), "soft" (AdaRound during calibration: the integer base
     floor(w / s0) is frozen, h(V) in [0, 1] is learned), "hard" (after calibration: V >= 0 rounds up).
+    ``p`` is the clip-search exponent that picks the initial step size (QuantConfig.clip_search_p).
     """
 
-    def __init__(self, weight: Tensor, bits: int, p: float = 2.4):
+    def __init__(self, weight: Tensor, bits: int, *, p: float):
         super().__init__()
         self.bits = bits
         self.qmax = 2**bits - 1
@@ -74,7 +75,7 @@ class ActQuantizer(nn.Module):
     element's quantized value with that probability and its FP value otherwise (calibration only).
     """
 
-    def __init__(self, bits: int | None):
+    def __init__(self, bits: int | None, *, p: float):
         super().__init__()
         self.bits = bits
         self.qmax = 2**bits - 1 if bits else 0
@@ -85,7 +86,7 @@ class ActQuantizer(nn.Module):
         self.drop_prob = 0.0
         self.active = True  # False turns the quantizer into the identity (FP reference copies)
         self.observing = False
-        self.p = 2.4
+        self.p = p  # clip-search exponent (QuantConfig.clip_search_p)
 
     @property
     def enabled(self) -> bool:
