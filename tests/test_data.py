@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import SHARED
+from conftest import IMAGENET_VAL, needs_imagenet
 from sadag.data import (
     CifarDataset,
     ImageFolderDataset,
@@ -26,7 +26,7 @@ from sadag.data import (
 from sadag.errors import DataError
 from sadag.models import DataSpec
 
-VAL500 = SHARED / "data" / "imagenet-val500"
+VAL500 = IMAGENET_VAL
 SPEC32 = DataSpec(mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.5), input_size=32, num_classes=3)
 SPEC224 = DataSpec(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), input_size=224, num_classes=1000,
                    resize=256)
@@ -66,7 +66,7 @@ def test_folder_with_class_index(folder: Path, tmp_path: Path) -> None:
         ImageFolderDataset(folder, SPEC32, class_index=tmp_path / "short.txt")
 
 
-@pytest.mark.skipif(not VAL500.is_dir(), reason=f"{VAL500} not found (set SADAG_SHARED)")
+@needs_imagenet
 def test_imagenet_val500_class_index() -> None:
     wnids = (VAL500 / "wnids.txt").read_text().split()
     ds = ImageFolderDataset(VAL500 / "val", SPEC224, class_index=VAL500 / "wnids.txt", limit=1)

@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import SHARED
+from conftest import CIFAR_TEST, R20_WEIGHTS, R56_WEIGHTS, needs_r56, needs_shared
 from sadag.data import ImageFolderDataset, make_loader
 from sadag.errors import ModelError
 from sadag.models import DataSpec, list_models, load_checkpoint, load_model
@@ -22,12 +22,7 @@ from sadag.models.cifar_resnet import BasicBlock, CifarResNet
 from sadag.models.pytorchcv_resnet import CifarResUnit, PytorchcvCifarResNet
 from sadag.models.weights import download
 
-WEIGHTS = SHARED / "weights" / "cifar10-resnet"
-R20, R56 = WEIGHTS / "resnet20-12fca82f.th", WEIGHTS / "resnet56-4bfd9763.th"
-CIFAR_TEST = SHARED / "data" / "cifar10-jpeg" / "test"
-needs_weights = pytest.mark.skipif(not R20.is_file() or not R56.is_file(),
-                                   reason=f"pretrained CIFAR weights not found under {WEIGHTS} (set SADAG_SHARED)")
-needs_cifar = pytest.mark.skipif(not CIFAR_TEST.is_dir(), reason=f"{CIFAR_TEST} not found (set SADAG_SHARED)")
+R20, R56 = R20_WEIGHTS, R56_WEIGHTS
 
 
 def n_params(model: nn.Module) -> int:
@@ -57,13 +52,15 @@ def test_option_a_shortcut_pickles_and_deep_copies() -> None:
     assert sum(isinstance(m, BasicBlock) for m in model.modules()) == 9
 
 
-@needs_weights
+@needs_shared
+@needs_r56
 @pytest.mark.parametrize(("path", "prefix"), [(R20, "12fca82f"), (R56, "4bfd9763")])
 def test_shared_weights_sha256_prefix(path: Path, prefix: str) -> None:
     assert hashlib.sha256(path.read_bytes()).hexdigest().startswith(prefix)
 
 
-@needs_weights
+@needs_shared
+@needs_r56
 def test_resnet20_loads_and_is_ready() -> None:
     model, spec = load_model("resnet20_cifar10", weights=str(R20))
     assert n_params(model) == 269_722
@@ -71,8 +68,9 @@ def test_resnet20_loads_and_is_ready() -> None:
     assert spec.input_size == 32 and spec.num_classes == 10 and spec.mean == (0.485, 0.456, 0.406)
 
 
-@needs_weights
-@needs_cifar
+@needs_shared
+@needs_r56
+@pytest.mark.slow
 @pytest.mark.parametrize(("name", "path", "per_class"), [("resnet20_cifar10", R20, 100),
                                                           ("resnet56_cifar10", R56, 50)])
 def test_fp_accuracy_on_cifar_jpeg_subset(name: str, path: Path, per_class: int) -> None:
@@ -87,7 +85,8 @@ def test_fp_accuracy_on_cifar_jpeg_subset(name: str, path: Path, per_class: int)
     assert correct / len(ds) > 0.75
 
 
-@needs_weights
+@needs_shared
+@needs_r56
 def test_wrong_checkpoint_names_missing_and_unexpected_keys() -> None:
     with pytest.raises(ModelError) as e:
         load_model("resnet20_cifar10", weights=str(R56))
