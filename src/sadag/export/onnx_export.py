@@ -123,7 +123,7 @@ def _export_copy(qmodel: nn.Module) -> tuple[nn.Module, list[_QTensor], list[_QT
 
 _WHY_TORCHSCRIPT = ("sadag keeps torch.onnx's TorchScript exporter (dynamo=False) on purpose: its placeholders "
                     "are autograd.Functions with a `symbolic`, which the dynamo exporter cannot lower without "
-                    "onnxscript (see docs/method.md, section Export)")
+                    "onnxscript (see docs/method.md, section 5)")
 _logged: set[str] = set()
 
 
