@@ -33,7 +33,7 @@ from sadag.generation.io import save_synthetic_set
 from sadag.pipeline import resolve_device
 
 VARIANTS: dict[str, dict[str, Any]] = {
-    "base": {},  # ALGORITHM.md section 1
+    "base": {},  # docs/method.md section 2
     "lr_z_0.01": {"lr_z": 0.01},  # latents moved 10x slower: do moving latents drive the collapse?
     "lr_g_0.001": {"lr_g": 0.001},  # generator moved 10x slower
     "no_swing": {"swing": False},

@@ -1,7 +1,7 @@
 """Does SADAG's refinement do what its theory says? Diagnostics on the saved sets of zero_shot.py.
 
 SADAG argues that a quantized model calibrated on data X is flat on real data when the gradient of
-the reconstruction loss on X aligns with the gradient on real data (ALGORITHM.md section 3). With the
+the reconstruction loss on X aligns with the gradient on real data (docs/method.md section 4). With the
 stage-B warm-up quantized model of each seed (W4A4, frozen), this script measures, for every saved set
 of that seed and for real images as a reference, with no calibration:
 

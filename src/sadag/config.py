@@ -15,7 +15,7 @@ NEIGHBORS: tuple[str, ...] = ("random", "adversarial")
 
 @dataclass
 class QuantConfig:
-    """What is quantized and how (ALGORITHM.md section 2)."""
+    """What is quantized and how (docs/method.md section 3.1)."""
 
     w_bits: int = 4
     a_bits: int | None = 4  # None = activations stay full precision
@@ -60,7 +60,7 @@ class CalibConfig:
 
 @dataclass
 class GenConfig:
-    """Synthetic calibration data (ALGORITHM.md sections 1 and 3)."""
+    """Synthetic calibration data (docs/method.md sections 2 and 4)."""
 
     num_images: int = 1024
     batch_size: int = 128  # each batch has its own generator and latents
@@ -99,7 +99,7 @@ class GenConfig:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
 
 
-# Iteration budgets. "paper" is ALGORITHM.md; "fast" finishes ResNet-20 in minutes on 2 CPU cores;
+# Iteration budgets. "paper" is docs/method.md; "fast" finishes ResNet-20 in minutes on 2 CPU cores;
 # "smoke" takes seconds and exists for tests.
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "paper": {"calib": {}, "gen": {}},

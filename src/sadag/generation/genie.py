@@ -138,7 +138,7 @@ def generate_genie(
     log_every: int = LOG_EVERY,
     on_log: GenieInspector | None = None,
 ) -> list[GenieBatch]:
-    """Genie-D (ALGORITHM.md section 1) for every batch not already in `done`, in batch order.
+    """Genie-D (docs/method.md section 2) for every batch not already in `done`, in batch order.
 
     The model is used frozen and in eval mode (its flags are restored after); with cfg.swing the BN
     loss is taken through a swing-conv copy. `on_batch` receives each newly finished batch; `on_log`

@@ -1,4 +1,4 @@
-"""SADAG stage C: sharpness-aware refinement of Genie-D batches (ALGORITHM.md section 3)."""
+"""SADAG stage C: sharpness-aware refinement of Genie-D batches (docs/method.md section 4)."""
 
 from __future__ import annotations
 
