@@ -253,7 +253,9 @@ def main() -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=1, help="torch threads per run")
     p.add_argument("--jobs", type=int, default=1, help="runs in parallel processes")
-    p.add_argument("--deterministic", action="store_true", help="torch.use_deterministic_algorithms (GPU)")
+    p.add_argument("--deterministic", action="store_true",
+                   help="torch.use_deterministic_algorithms (GPU); nn.AdaptiveAvgPool2d's CUDA backward has no "
+                   "deterministic kernel and raises (the CIFAR ResNets pool with it)")
     p.add_argument("--work", default=str(WORK))
     p.add_argument("--collect", action="store_true", help="only tabulate the finished runs")
     p.add_argument("--probe", action="store_true", help="with --collect: the gradient-alignment probe of each set")
