@@ -8,9 +8,9 @@ from typing import Any, Literal
 from .errors import ConfigError
 
 Method = Literal["sadag", "genie", "zeroq", "noise", "real"]
-Neighbor = Literal["random", "adversarial"]
+Neighbor = Literal["released", "random", "adversarial"]  # sadag.py: how each neighbor direction is drawn
 METHODS: tuple[str, ...] = ("sadag", "genie", "zeroq", "noise", "real")
-NEIGHBORS: tuple[str, ...] = ("random", "adversarial")
+NEIGHBORS: tuple[str, ...] = ("released", "random", "adversarial")
 
 
 @dataclass
@@ -84,7 +84,8 @@ class GenConfig:
     lambda_div: float = 1.0
     rho: float = 1.0
     zeta: float = 0.0
-    neighbor: Neighbor = "random"
+    neighbor: Neighbor = "released"  # J^T r: output noise back-propagated to z, as the authors' code effectively does
+    lowpass: float = 0.0  # SynQ's Gaussian low-pass D0 (frequency index) on the finished set; 0 = off
     # ZeroQ baseline
     zeroq_iters: int = 500
     zeroq_lr: float = 0.5
@@ -94,6 +95,8 @@ class GenConfig:
             raise ConfigError(f"num_images and batch_size must be >= 1, got {self.num_images}, {self.batch_size}")
         if self.neighbor not in NEIGHBORS:
             raise ConfigError(f"neighbor must be one of {', '.join(NEIGHBORS)}, got {self.neighbor!r}")
+        if not self.lowpass >= 0.0:  # also rejects NaN
+            raise ConfigError(f"lowpass (SynQ's D0) must be >= 0 (0 = off), got {self.lowpass}")
         for name in ("genie_iters", "refine_iters", "zeroq_iters", "warmup_calib_iters"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
