@@ -247,7 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
-    if getattr(args, "threads", None):  # run/generate/calibrate: also applied by the pipeline from the config
+    if args.command in ("evaluate", "export") and args.threads:  # a run's threads are a checked config field
         torch.set_num_threads(args.threads)
     try:
         return args.func(args)

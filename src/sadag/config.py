@@ -395,6 +395,10 @@ def _fold_bits(cfg: RunConfig) -> None:
     _set_implicit(cfg, "bits", None)
 
 
+def _default(f: dataclasses.Field) -> Any:
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default
+
+
 def apply_preset(cfg: RunConfig) -> RunConfig:
     """The resolved, validated copy of ``cfg``: dataclass defaults < preset < explicit values (idempotent).
 
@@ -406,11 +410,11 @@ def apply_preset(cfg: RunConfig) -> RunConfig:
     if preset is None:
         raise ConfigError(f"preset (--preset): got {out.preset!r}; allowed: {', '.join(PRESETS)}")
     validate_run(out)  # types first, so the preset is never merged into a list or a string
-    for name, values in preset.items():
-        section = getattr(out, name)
-        for key, value in values.items():
-            if key not in explicit_fields(section):
-                _set_implicit(section, key, value)
+    for name in SECTIONS:  # every value not set explicitly: the preset's, else the default
+        section, values = getattr(out, name), preset.get(name, {})
+        for f in fields(section):
+            if f.name not in explicit_fields(section):
+                _set_implicit(section, f.name, copy.deepcopy(values[f.name]) if f.name in values else _default(f))
     _fold_bits(out)
     validate_run(out)
     return out
