@@ -15,7 +15,7 @@ from sadag.errors import ConfigError
 
 
 def from_cli(*argv: str) -> RunConfig:
-    return apply_preset(config_from_args(build_parser().parse_args(["run", "--out", "unused", *argv])))
+    return apply_preset(config_from_args(build_parser().parse_args(["run", "--out", "x", *argv])))
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -186,7 +186,7 @@ def test_trust_checkpoint_flag_reaches_the_config() -> None:
 # --- the saved config loads back ------------------------------------------------------------------
 
 def test_saved_config_loads_back_to_the_same_config(tmp_path: Path) -> None:
-    cfg = apply_preset(RunConfig(model="resnet56_cifar10", bits="3/fp", preset="smoke", seed=4, eval_limit=3, out="unused",
+    cfg = apply_preset(RunConfig(model="resnet56_cifar10", bits="3/fp", preset="smoke", seed=4, eval_limit=3, out="x",
                                  quant=QuantConfig(units=["layer1.0", "layer2.0"], fold_bn=True),
                                  calib=CalibConfig(beta=(10, 1), lr_round=2e-3), gen=GenConfig(neighbor="adversarial")))
     path = tmp_path / "config.yaml"
