@@ -133,3 +133,19 @@ def tiny_bn_model():  # noqa: ANN201
     """A factory for `--model conftest:tiny_bn_model`: TinyNet with trained-looking BN statistics, 16x16 input."""
     torch.manual_seed(0)
     return randomize_bn_(TinyNet()), DataSpec(mean=(0.5,) * 3, std=(0.25,) * 3, input_size=16, num_classes=10)
+
+
+TINY = ["--model", "conftest:tiny_bn_model", "--preset", "smoke"]  # the CLI's tiny model at the smoke budget
+
+
+@pytest.fixture
+def cli(capsys):  # noqa: ANN001, ANN201
+    """Run the `sadag` command in-process: cli(args) -> (exit code, stdout, stderr)."""
+    from sadag.cli import main
+
+    def run(args: list[str]) -> tuple[int, str, str]:
+        code = main([str(a) for a in args])
+        out = capsys.readouterr()
+        return code, out.out, out.err
+
+    return run

@@ -226,7 +226,8 @@ def _check_structure(qmodel: nn.Module, meta: dict) -> None:
                                 "architecture or sadag version?)")
 
 
-def load_quantized(path: str | Path, model: nn.Module | None = None) -> tuple[nn.Module, dict]:
+def load_quantized(path: str | Path, model: nn.Module | None = None, *,
+                   allow_import: bool = False) -> tuple[nn.Module, dict]:
     """Rebuild the quantized model of an export; returns (qmodel in eval mode, metadata).
 
     ``model``: the FP architecture to quantize (its weights are overwritten); default: the registered

@@ -80,7 +80,7 @@ def get_model_info(name: str) -> ModelInfo:
 
 
 def load_model(name_or_module: str | nn.Module, weights: str | None = None, pretrained: bool = True,
-               spec: DataSpec | None = None) -> tuple[nn.Module, DataSpec]:
+               spec: DataSpec | None = None, *, trust_checkpoint: bool = False) -> tuple[nn.Module, DataSpec]:
     """Build a model in eval mode and return it with its preprocessing spec.
 
     ``name_or_module``: a registered name, ``"package.module:factory"`` or an ``nn.Module``.
