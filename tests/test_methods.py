@@ -11,9 +11,10 @@ from torch import Tensor
 
 import sadag
 from conftest import TINY
+from sadag import methods as registry
 from sadag.cli import build_parser
 from sadag.errors import ConfigError
-from sadag.generation import GenerationContext, load_synthetic_set, registry
+from sadag.generation import GenerationContext, load_synthetic_set
 from sadag.generation.common import batch_seed, cpu_generator
 
 

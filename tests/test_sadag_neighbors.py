@@ -6,13 +6,14 @@ import contextlib
 import copy
 from collections.abc import Iterator
 from dataclasses import replace
+from typing import get_args
 
 import pytest
 import torch
 from torch import Tensor, nn
 
 from conftest import R20_WEIGHTS, TinyNet, needs_shared, randomize_bn_
-from sadag.config import NEIGHBORS, GenConfig
+from sadag.config import GenConfig, Neighbor
 from sadag.generation import bn_layers, capture_bn_inputs, generate_genie, gradient_matching_loss, refine_sadag
 from sadag.generation.common import frozen_eval
 from sadag.generation.genie import load_batch_generator
@@ -77,7 +78,7 @@ def _direction(fp: nn.Module, q: nn.Module, mode: str, seed: int) -> Tensor:
 
 
 def test_every_configurable_neighbor_has_a_direction() -> None:
-    assert set(_PAIRS) == set(NEIGHBORS)
+    assert set(_PAIRS) == set(get_args(Neighbor))
     assert GenConfig().neighbor == "released"
 
 

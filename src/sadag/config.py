@@ -72,7 +72,7 @@ def _set_implicit(section: Any, name: str, value: Any) -> None:
 
 
 def _method_names() -> list[str]:
-    from .generation.registry import method_names
+    from .methods import method_names
 
     return [*method_names(), "real"]
 
@@ -355,7 +355,7 @@ def method_options(cfg: RunConfig) -> Any:
     if cfg.method == "real":
         options_cls = None
     else:
-        from .generation.registry import get_method
+        from .methods import get_method
 
         options_cls = get_method(cfg.method).config
     if options_cls is None:

@@ -1,5 +1,6 @@
 """Synthetic calibration data: Genie-D, SADAG refinement, ZeroQ and noise baselines."""
 
+from ..methods import GenerationMethod, get_method, method_names, register_method
 from . import builtin  # noqa: F401 (registers noise, zeroq, genie, sadag)
 from .bn_stats import bn_layers, bn_statistics_loss, capture_bn_inputs, input_prior_loss
 from .common import DevicePlateau, Progress
@@ -8,7 +9,7 @@ from .generator import GenieGenerator
 from .genie import GenieBatch, batch_sizes, generate_genie
 from .io import load_synthetic_set, save_synthetic_set
 from .noise import generate_noise
-from .registry import GenerationContext, GenerationMethod, get_method, method_names, register_method
+from .registry import GenerationContext
 from .sadag import diversity_loss, gradient_cosine, gradient_matching_loss, refine_sadag
 from .swing import SwingConv2d, swing_model, swing_shift
 from .zeroq import generate_zeroq

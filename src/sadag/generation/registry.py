@@ -1,8 +1,5 @@
-"""The generation-method registry: a method is a name, an optional config dataclass and a function of a
-:class:`GenerationContext` returning the calibration images.
-
-Adding a method takes one module that calls :func:`register_method` (plus its import where it should be
-registered by default): the CLI's ``--method`` choices, the config checks and the pipeline all read this table.
+"""What a generation method is given: :class:`GenerationContext`. The method table itself is
+:mod:`sadag.methods` (a leaf module, so that the config checks can read it without importing generation).
 """
 
 from __future__ import annotations
@@ -15,7 +12,6 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 from torch import Tensor, nn
 
-from ..errors import ConfigError
 from ..models.spec import DataSpec
 from .common import Progress
 
@@ -75,39 +71,3 @@ class GenerationContext:
     def save_state(self, name: str, obj: Any) -> None:
         if self.store is not None:
             self.store.save_state(name, obj)
-
-
-Generate = Callable[[GenerationContext], Tensor]
-
-
-@dataclass(frozen=True)
-class GenerationMethod:
-    name: str
-    generate: Generate
-    config: type | None = None  # a dataclass of the method's own options (RunConfig.method_options)
-    help: str = ""
-
-
-METHODS: dict[str, GenerationMethod] = {}
-
-
-def register_method(name: str, *, config: type | None = None, help: str = "") -> Callable[[Generate], Generate]:  # noqa: A002
-    """Decorator: register ``fn(ctx) -> images`` ((N, 3, S, S), the model's normalized input space) as ``name``."""
-    if name == "real" or name in METHODS:
-        raise ConfigError(f"generation method {name!r} is already taken")
-
-    def add(fn: Generate) -> Generate:
-        METHODS[name] = GenerationMethod(name, fn, config, help)
-        return fn
-
-    return add
-
-
-def get_method(name: str) -> GenerationMethod:
-    if name not in METHODS:
-        raise ConfigError(f"method: got {name!r}; allowed: {', '.join(method_names())}, real")
-    return METHODS[name]
-
-
-def method_names() -> list[str]:
-    return list(METHODS)
