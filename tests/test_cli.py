@@ -44,7 +44,7 @@ def test_run_real_smoke_writes_report(tmp_path: Path, cli) -> None:
     code, out, err = cli(["evaluate", "--quantized", str(out_dir / "quantized.safetensors"),
                               "--data", str(CIFAR_TEST), "--limit", "10"])
     assert code == 0 and f"top-1 {report['quant_top1']:.2f}%" in out, out + err
-    code, out, err = cli(["export", "--run", str(out_dir), "--onnx", str(tmp_path / "m.onnx"),
+    code, out, err = cli(["export", "--run", str(out_dir), "--to", str(tmp_path / "m.onnx"),
                               "--verify-data", str(CIFAR_TEST), "--limit", "5"])
     assert code == 0 and "top-1 agreement" in out, err
     # an existing run directory is never overwritten silently

@@ -151,15 +151,23 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from .export import export_onnx, load_quantized
+    from .export import export_model, get_exporter, load_quantized
     from .models import DataSpec
 
     source = Path(args.run) / "quantized.safetensors" if args.run else Path(args.quantized)
     model, meta = load_quantized(source, allow_import=args.allow_import)
     spec = DataSpec.from_dict(meta["spec"])
-    export_onnx(model, args.onnx, spec, opset=args.opset)
-    print(f"wrote {args.onnx} (QDQ ONNX, opset {args.opset}) from {source}")
+    fmt = args.format or _format_of(args.to)
+    options = {"spec": spec, "opset": args.opset} if fmt == "onnx" else {}
+    if fmt == "safetensors":
+        from .config import QuantConfig
+
+        options = {"model_name": meta["model_name"], "spec": spec, "quant_config": QuantConfig(**meta["quant_config"])}
+    written = export_model(model, args.to, fmt, **options)
+    print(f"wrote {written} ({get_exporter(fmt).description}) from {source}")
     if args.verify_data:
+        if fmt != "onnx":
+            raise ConfigError("--verify-data compares onnxruntime with PyTorch: it needs --format onnx")
         import torch
 
         from .data import ImageFolderDataset
@@ -167,11 +175,27 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
         data = ImageFolderDataset(args.verify_data, spec, class_index=args.class_index, limit=args.limit)
         images, labels = zip(*(data[i] for i in range(len(data))), strict=True)
-        r = verify_onnx(args.onnx, model, torch.stack(images), torch.tensor(labels))
+        r = verify_onnx(written, model, torch.stack(images), torch.tensor(labels))
         print(f"onnxruntime vs PyTorch on {r['num_images']} images: max |logit diff| {r['max_abs_diff']:.3g}, "
               f"top-1 agreement {100 * r['top1_agreement']:.2f}%, top-1 PyTorch {100 * r['top1_torch']:.2f}% "
               f"/ ONNX {100 * r['top1_onnx']:.2f}%")
     return 0
+
+
+def _export_formats() -> list[str]:
+    from .export import list_exporters
+
+    return [e.name for e in list_exporters()]
+
+
+def _format_of(path: str) -> str:
+    from .export import list_exporters
+
+    found = [e.name for e in list_exporters() if path.endswith(e.suffix)]
+    if len(found) != 1:
+        raise ConfigError(f"cannot tell the export format from {path!r}: give --format "
+                          f"({', '.join(e.name for e in list_exporters())})")
+    return found[0]
 
 
 def _cmd_models(_args: argparse.Namespace) -> int:
@@ -227,13 +251,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help=_field_help("device"))
     p.add_argument("--threads", type=_positive)
     p.set_defaults(func=_cmd_evaluate)
-    p = sub.add_parser("export", help="export a calibrated model to ONNX (QDQ)")
+    p = sub.add_parser("export", help="export a calibrated model (QDQ ONNX, safetensors, ...)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--run", help="a run directory holding quantized.safetensors")
     src.add_argument("--quantized", help="a quantized.safetensors file")
     _add_allow_import(p)
-    p.add_argument("--onnx", required=True, help="output .onnx path")
-    p.add_argument("--opset", type=_positive, default=21)
+    p.add_argument("--to", required=True, help="output file (its suffix picks the format unless --format is given)")
+    p.add_argument("--format", choices=_export_formats(), help="export format (default: from the --to suffix)")
+    p.add_argument("--opset", type=_positive, default=21, help="ONNX opset (21: UINT4 grids; 25: also UINT2)")
     p.add_argument("--verify-data", help="labelled image folder: compare onnxruntime with PyTorch on it")
     p.add_argument("--class-index")
     p.add_argument("--limit", type=_positive, default=20, help="images per class for --verify-data (default 20)")
