@@ -15,7 +15,9 @@ from sadag.data import (
     CifarDataset,
     ImageFolderDataset,
     denormalize,
+    load_and_preprocess,
     load_calibration_data,
+    load_image,
     load_image_tensor,
     make_loader,
     normalize,
@@ -166,3 +168,41 @@ def test_resize_rules() -> None:
     assert resize_and_crop(Image.new("RGB", (500, 375)), SPEC224).size == (224, 224)
     big = Image.fromarray(np.zeros((64, 48, 3), dtype=np.uint8))
     assert resize_and_crop(big, SPEC32).size == (32, 32)  # resize=None: straight to input size
+
+
+def _gradient(high: int) -> np.ndarray:
+    """A 32x32 ramp from 0 to ``high`` (row-major), so every gray level shows up."""
+    return np.linspace(0, high, 32 * 32).reshape(32, 32)
+
+
+@pytest.mark.parametrize(("mode", "suffix", "values"), [
+    ("I;16", ".png", _gradient(65535).astype(np.uint16)),  # 16-bit PNG
+    ("I;16", ".tif", _gradient(65535).astype(np.uint16)),  # 16-bit TIFF
+    ("I", ".tif", _gradient(65535).astype(np.int32)),  # 32-bit integer TIFF holding 16-bit samples
+    ("F", ".tif", _gradient(1.0).astype(np.float32)),  # float TIFF in [0, 1]
+    ("F", ".tif", _gradient(255.0).astype(np.float32)),  # float TIFF in [0, 255]
+])
+def test_high_bit_depth_images_keep_their_gray_levels(tmp_path: Path, mode: str, suffix: str,
+                                                      values: np.ndarray) -> None:
+    path = tmp_path / f"ramp{suffix}"
+    Image.fromarray(values).save(path)
+    with Image.open(path) as img:
+        assert img.mode == mode
+    rgb = np.asarray(load_image(path))
+    expected = np.round(np.linspace(0, 255, 32 * 32)).reshape(32, 32)
+    assert rgb.shape == (32, 32, 3) and np.abs(rgb[..., 1] - expected).max() <= 1
+    assert torch.allclose(preprocess(Image.open(path), SPEC32), load_and_preprocess(path, SPEC32))
+
+
+@pytest.mark.parametrize(("values", "match"), [
+    (_gradient(1000.0).astype(np.float32), "outside \\[0, 1\\] and \\[0, 255\\]"),
+    (_gradient(1.0).astype(np.float32) - 0.5, "outside \\[0, 1\\] and \\[0, 255\\]"),
+    (np.full((32, 32), np.nan, dtype=np.float32), "NaN"),
+    (_gradient(100_000).astype(np.int32), "outside the 16-bit range"),
+])
+def test_images_of_unknown_range_are_refused_by_name(tmp_path: Path, values: np.ndarray, match: str) -> None:
+    path = tmp_path / "cls" / "odd.tif"
+    path.parent.mkdir()
+    Image.fromarray(values).save(path)
+    with pytest.raises(DataError, match=f"odd\\.tif.*{match}"):
+        load_image(path)
