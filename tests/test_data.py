@@ -30,6 +30,7 @@ from sadag.models import DataSpec
 
 VAL500 = SHARED / "data" / "imagenet-val500"
 SPEC32 = DataSpec(mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.5), input_size=32, num_classes=3)
+SPEC4 = DataSpec(mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.5), input_size=32, num_classes=4)
 SPEC224 = DataSpec(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), input_size=224, num_classes=1000,
                    resize=256)
 
@@ -61,7 +62,7 @@ def test_folder_labels_follow_sorted_classes(folder: Path) -> None:
 
 def test_folder_with_class_index(folder: Path, tmp_path: Path) -> None:
     (tmp_path / "index.txt").write_text("zebra\ndog\nant\ncat\n")
-    ds = ImageFolderDataset(folder, SPEC32, class_index=tmp_path / "index.txt")
+    ds = ImageFolderDataset(folder, SPEC4, class_index=tmp_path / "index.txt")
     assert ds.class_to_idx == {"ant": 2, "cat": 3, "dog": 1}
     (tmp_path / "short.txt").write_text("ant\n")
     with pytest.raises(DataError, match=r"\['cat', 'dog'\].*not listed"):
@@ -206,3 +207,22 @@ def test_images_of_unknown_range_are_refused_by_name(tmp_path: Path, values: np.
     Image.fromarray(values).save(path)
     with pytest.raises(DataError, match=f"odd\\.tif.*{match}"):
         load_image(path)
+
+
+@pytest.mark.parametrize("folders", [2, 5])
+def test_class_folders_that_do_not_fit_the_model_are_refused(tmp_path: Path, folders: int) -> None:
+    names = ["ant", "bee", "cat", "dog", "eel"][:folders]
+    _write_images(tmp_path / "imgs", dict.fromkeys(names, 1))
+    with pytest.raises(DataError, match=f"has {folders} class folders but the model has 3 classes.*--class-index"):
+        ImageFolderDataset(tmp_path / "imgs", SPEC32)
+    (tmp_path / "index.txt").write_text("\n".join(["eel", "ant", "bee", "cat", "dog"][:max(folders, 3)]))
+    if folders <= 3:  # a subset of the classes, mapped by the index: labels are the index's
+        ds = ImageFolderDataset(tmp_path / "imgs", SPEC32, class_index=tmp_path / "index.txt")
+        assert ds.class_to_idx == {"ant": 1, "bee": 2}
+    else:  # an index with more names than the model has classes belongs to another model
+        with pytest.raises(DataError, match="lists 5 class names but the model has 3 classes"):
+            ImageFolderDataset(tmp_path / "imgs", SPEC32, class_index=tmp_path / "index.txt")
+    # Calibration ignores labels: any folder is fine there.
+    assert len(ImageFolderDataset(tmp_path / "imgs", SPEC32, labelled=False)) == folders
+    assert sample_calibration_images(tmp_path / "imgs", SPEC32, folders, seed=0).shape[0] == folders
+    assert load_calibration_data(tmp_path / "imgs", SPEC32).shape[0] == folders

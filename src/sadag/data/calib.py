@@ -16,7 +16,7 @@ SAVED_SET_FILE = "images.pt"
 def sample_calibration_images(root: str | Path, spec: DataSpec, num: int, seed: int,
                               class_index: str | Path | None = None) -> torch.Tensor:
     """``num`` images drawn uniformly without replacement (seeded) from an image folder, normalized."""
-    dataset = ImageFolderDataset(root, spec, class_index=class_index)
+    dataset = ImageFolderDataset(root, spec, class_index=class_index, labelled=False)
     if num > len(dataset):
         raise DataError(f"asked for {num} calibration images but {root} holds only {len(dataset)}")
     gen = torch.Generator().manual_seed(seed)
@@ -59,7 +59,7 @@ def load_calibration_data(path: str | Path, spec: DataSpec, num: int | None = No
                             f"{spec.input_size}x{spec.input_size}: were they generated for another model?")
         return images[:num] if num is not None else images
     if num is None:
-        num = len(ImageFolderDataset(p, spec, class_index=class_index))
+        num = len(ImageFolderDataset(p, spec, class_index=class_index, labelled=False))
     return sample_calibration_images(p, spec, num, seed, class_index)
 
 
