@@ -92,7 +92,7 @@ def load_model(name_or_module: str | nn.Module, weights: str | None = None, pret
     """
     if isinstance(name_or_module, nn.Module):
         model, found = name_or_module, None
-    elif isinstance(name_or_module, str) and _IMPORT_PATH.match(name_or_module):
+    elif isinstance(name_or_module, str) and is_import_path(name_or_module):
         model, found = _import_factory(name_or_module)
     elif isinstance(name_or_module, str):
         model, found = _build_registered(get_model_info(name_or_module), weights, pretrained, trust_checkpoint)
@@ -105,6 +105,11 @@ def load_model(name_or_module: str | nn.Module, weights: str | None = None, pret
     model.eval()
     model.sadag_spec = final
     return model, final
+
+
+def is_import_path(name: str) -> bool:
+    """Whether ``name`` is a ``package.module:factory`` path, which load_model imports and calls."""
+    return bool(_IMPORT_PATH.match(name))
 
 
 def _build_registered(info: ModelInfo, weights: str | None, pretrained: bool,
