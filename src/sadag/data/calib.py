@@ -16,7 +16,7 @@ from .folder import ImageFolderDataset
 def sample_calibration_images(root: str | Path, spec: DataSpec, num: int, seed: int,
                               class_index: str | Path | None = None) -> torch.Tensor:
     """``num`` images drawn uniformly without replacement (seeded) from an image folder, normalized."""
-    dataset = ImageFolderDataset(root, spec, class_index=class_index)
+    dataset = ImageFolderDataset(root, spec, class_index=class_index, labelled=False)
     if num > len(dataset):
         raise DataError(f"asked for {num} calibration images but {root} holds only {len(dataset)}")
     gen = torch.Generator().manual_seed(seed)
@@ -35,7 +35,7 @@ def calibration_set(path: str | Path, spec: DataSpec, num: int | None, seed: int
     (a seeded sample of ``num``, all if None; meta {"method": "real"})."""
     p = Path(path)
     if saved_set_file(p) is None:
-        count = num if num is not None else len(ImageFolderDataset(p, spec, class_index=class_index))
+        count = num if num is not None else len(ImageFolderDataset(p, spec, class_index=class_index, labelled=False))
         return sample_calibration_images(p, spec, count, seed, class_index), {"method": "real"}
     images, info = load_synthetic_set(p)
     if images.shape[-1] != spec.input_size or images.shape[-2] != spec.input_size:
