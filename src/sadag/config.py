@@ -73,6 +73,7 @@ class GenConfig:
     plateau_patience: int = 100
     min_lr_z: float = 1e-4
     swing: bool = True
+    parallel_batches: int = 0  # Genie-D batches optimized in one pass; 0 = all that fit in memory, 1 = one by one
     # SADAG stages B and C
     warmup_calib_iters: int = 4000  # stage B: Genie-M iterations per unit of the warm-up quantized model
     refine_iters: int = 500  # stage C: refinement iterations per batch
@@ -94,7 +95,7 @@ class GenConfig:
             raise ConfigError(f"num_images and batch_size must be >= 1, got {self.num_images}, {self.batch_size}")
         if self.neighbor not in NEIGHBORS:
             raise ConfigError(f"neighbor must be one of {', '.join(NEIGHBORS)}, got {self.neighbor!r}")
-        for name in ("genie_iters", "refine_iters", "zeroq_iters", "warmup_calib_iters"):
+        for name in ("genie_iters", "refine_iters", "zeroq_iters", "warmup_calib_iters", "parallel_batches"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
 
