@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import replace
 
 import pytest
 import torch
 
+from conftest import TinyNet
+from sadag.config import CalibConfig, QuantConfig
 from sadag.generation import generate_genie
 from sadag.generation.bn_stats import bn_layers, bn_statistics_losses, capture_bn_inputs, input_prior_losses
 from sadag.generation.generator import GenieGenerator, grouped_forward
 from sadag.generation.genie import _groups, auto_parallel_batches
+from sadag.quantization.prepare import quantize
+from sadag.quantization.quantizers import ActQuantizer, WeightQuantizer
+from sadag.reconstruction.reconstruct import MinibatchSampler, _optimizers, reconstruct_
 from test_generation import SPEC, small_cfg, tiny_model
 
 
@@ -123,3 +129,47 @@ def test_fused_bn_loss_matches_std_mean() -> None:
     prior = input_prior_losses(x, 2)
     s, mu = torch.std_mean(x[:4], dim=(2, 3))
     torch.testing.assert_close(prior[0], (mu.square().sum() + (s - 1).square().sum()) / 4)
+
+
+# --- reconstruction step ---------------------------------------------------------------------------
+
+def test_minibatches_are_permuted_epochs() -> None:
+    gen = torch.Generator().manual_seed(0)
+    sampler = MinibatchSampler(10, 3, "epochs", gen, torch.device("cpu"))
+    epoch = torch.cat([sampler.next() for _ in range(3)])  # 3 minibatches of 3, the 10th image dropped
+    assert epoch.unique().numel() == 9
+    with_replacement = MinibatchSampler(4, 4, "replacement", gen, torch.device("cpu"))
+    assert any(r.unique().numel() < 4 for r in (with_replacement.next() for _ in range(20)))
+
+
+def test_weight_step_size_lr_is_cosine_annealed_by_default() -> None:
+    w = WeightQuantizer(torch.randn(4, 3, 3, 3), 4)
+    a = ActQuantizer(4)
+    opts, scheds, _ = _optimizers([w], [a], CalibConfig(iters=10))
+    for _ in range(10):
+        for s in scheds:
+            s.step()
+    lrs = {id(g["params"][0]): g["lr"] for o in opts for g in o.param_groups}
+    assert lrs[id(w.scale)] < 1e-12 and lrs[id(a.scale)] < 1e-12 and lrs[id(w.alpha)] == 1e-3
+    opts, _, _ = _optimizers([w], [a], CalibConfig(iters=10, anneal_w_scale=False))
+    assert any(p is w.scale for g in opts[0].param_groups for p in g["params"])  # with V, not annealed
+
+
+@pytest.mark.slow
+def test_compiled_step_matches_eager_on_cpu() -> None:
+    pytest.importorskip("torch._inductor")
+    if shutil.which("g++") is None and shutil.which("c++") is None:
+        pytest.skip("torch.compile needs a C++ compiler")
+    torch.manual_seed(0)
+    net = TinyNet(4)
+    x = torch.randn(16, 3, 16, 16)
+    cfg = CalibConfig(iters=12, batch_size=8, warmup=0.5)
+    seen: list[dict] = []
+    models = []
+    for engine in ("eager", "compiled"):
+        q = quantize(net, QuantConfig(w_bits=4, a_bits=4), x[:1])
+        models.append(reconstruct_(q, x, replace(cfg, engine=engine), seed=2,
+                                   progress=lambda s, i, n, m: seen.append(m)))
+    with torch.no_grad():
+        torch.testing.assert_close(models[1](x), models[0](x), atol=1e-4, rtol=1e-4)
+    assert any("compile_s" in m and m["compile_s"] > 0 for m in seen)

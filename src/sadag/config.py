@@ -11,6 +11,8 @@ Method = Literal["sadag", "genie", "zeroq", "noise", "real"]
 Neighbor = Literal["random", "adversarial"]
 METHODS: tuple[str, ...] = ("sadag", "genie", "zeroq", "noise", "real")
 NEIGHBORS: tuple[str, ...] = ("random", "adversarial")
+SAMPLINGS: tuple[str, ...] = ("epochs", "replacement")
+ENGINES: tuple[str, ...] = ("auto", "eager", "compiled")
 
 
 @dataclass
@@ -46,6 +48,9 @@ class CalibConfig:
     warmup: float = 0.2  # fraction of iterations without the regulariser
     beta: tuple[float, float] = (20.0, 2.0)
     drop_prob: float = 0.5  # QDrop: probability of keeping the FP value, for input mix and quantizers
+    anneal_w_scale: bool = True  # cosine-anneal the weight step size's lr too (Genie's reconstruct.py:82-88)
+    sampling: str = "epochs"  # minibatches: "epochs" (permuted, without replacement, as Genie) or "replacement"
+    engine: str = "auto"  # training step: "eager", "compiled" (torch.compile), "auto" (compiled on CUDA only)
 
     def validate(self) -> None:
         if self.iters < 0:
@@ -56,6 +61,10 @@ class CalibConfig:
             raise ConfigError(f"drop_prob must be in [0, 1], got {self.drop_prob}")
         if not 0.0 <= self.warmup < 1.0:
             raise ConfigError(f"warmup must be in [0, 1), got {self.warmup}")
+        if self.sampling not in SAMPLINGS:
+            raise ConfigError(f"sampling must be one of {', '.join(SAMPLINGS)}, got {self.sampling!r}")
+        if self.engine not in ENGINES:
+            raise ConfigError(f"engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
 
 
 @dataclass
