@@ -154,7 +154,7 @@ def _report_group(monitor: StageMonitor, indices: Sequence[int], it: int, iters:
             on_log(b, it, gens[k], zs[k].detach(), images)
 
 
-def _groups(sizes: Sequence[int], parallel: int, done: dict[int, GenieBatch]) -> list[list[int]]:
+def batch_groups(sizes: Sequence[int], parallel: int, done: dict[int, GenieBatch]) -> list[list[int]]:
     """The batches still to do, in groups of `parallel` consecutive batches of equal size.
 
     Groups are cut from all batches, done or not, so a run resumed after a kill repeats the groups of
@@ -202,7 +202,7 @@ def generate_genie(
         layers = bn_layers(net)
         parallel = cfg.parallel_batches or auto_parallel_batches(model, spec, cfg.batch_size, len(sizes))
         with capture_bn_inputs(net) as captured:
-            for group in _groups(sizes, parallel, done):
+            for group in batch_groups(sizes, parallel, done):
                 batches = _genie_group(net, layers, captured, offsets, spec, cfg, seed, group, sizes[group[0]],
                                        monitor, on_log)
                 for batch in batches:
