@@ -100,7 +100,28 @@ def test_batched_genie_resumes_after_a_kill_to_the_same_floats() -> None:
     torch.testing.assert_close(full[3].images[:, :, 0], resumed[3].images[:, :, 0], atol=0.5, rtol=0)
 
 
-def testbatch_groups_are_cut_from_all_batches() -> None:
+def test_genie_resumes_mid_group_exactly(tmp_path) -> None:
+    cfg = small_cfg(num_images=6, batch_size=3, genie_iters=7, plateau_patience=1, g_decay_every=2,
+                    parallel_batches=2)
+    full = generate_genie(tiny_model(), SPEC, cfg, seed=5)
+
+    class Killed(Exception):
+        pass
+
+    def save(state: dict) -> None:
+        torch.save(state, tmp_path / "state.pt")
+        if state["iteration"] == 4:
+            raise Killed
+
+    with pytest.raises(Killed):
+        generate_genie(tiny_model(), SPEC, cfg, seed=5, on_state=save, state_every=2)
+    state = torch.load(tmp_path / "state.pt", weights_only=True)  # plain tensors and values only
+    assert state["iteration"] == 4 and state["batches"] == [0, 1]
+    resumed = generate_genie(tiny_model(), SPEC, cfg, seed=5, resume_state=state)
+    _assert_same(full, resumed)
+
+
+def test_batch_groups_are_cut_from_all_batches() -> None:
     assert batch_groups([4, 4, 4, 4, 2], 2, {}) == [[0, 1], [2, 3], [4]]
     assert batch_groups([4, 4, 4, 4, 2], 3, {1: None}) == [[0, 2], [3], [4]]
     assert batch_groups([4, 4, 2], 0 or 1, {}) == [[0], [1], [2]]
@@ -175,7 +196,7 @@ def test_compiled_step_matches_eager_on_cpu(float64) -> None:
     torch.manual_seed(0)
     net = TinyNet(4)
     x = torch.randn(16, 3, 16, 16)
-    cfg = CalibConfig(iters=12, batch_size=8, warmup=0.5)
+    cfg = CalibConfig(iters=12, batch_size=8, warmup=0.5, drop_prob=0.0)
     seen: list[dict] = []
     models = []
     for engine in ("eager", "compiled"):

@@ -109,9 +109,55 @@ def _new_group(spec: DataSpec, cfg: GenConfig, seed: int, indices: Sequence[int]
     return gens, zs, opts, plateaus
 
 
+@dataclass
+class _Hooks:
+    on_log: GenieInspector | None = None
+    on_state: Callable[[dict], None] | None = None  # receives a group's mid-stage state (see group_state)
+    state_every: int = 500
+    resume: dict | None = None  # a state from on_state: its group continues from that iteration
+
+
+def _cpu_copy(tree):  # noqa: ANN001, ANN202
+    if isinstance(tree, Tensor):
+        return tree.detach().cpu().clone()
+    if isinstance(tree, dict):
+        return {k: _cpu_copy(v) for k, v in tree.items()}
+    if isinstance(tree, list | tuple):
+        return type(tree)(_cpu_copy(v) for v in tree)
+    return tree
+
+
+def group_state(indices: Sequence[int], it: int, gens: list[GenieGenerator], zs: list[Tensor], opts: list,
+                plateaus: list[DevicePlateau], offsets: list[torch.Generator]) -> dict:
+    """Everything a group needs to continue exactly after `it` iterations: CPU tensors and plain values only."""
+    per_batch = [_cpu_copy({"generator": gen.state_dict(), "z": z, "opt_z": opt_z.state_dict(),
+                            "opt_g": opt_g.state_dict(), "swing": g.get_state(),
+                            "plateau": {"best": p.best, "bad": p.bad, "lr": p.lr}})
+                 for gen, z, (opt_z, opt_g), p, g in zip(gens, zs, opts, plateaus, offsets, strict=True)]
+    return {"batches": list(indices), "iteration": it, "per_batch": per_batch}
+
+
+def _load_group_state(state: dict, gens: list[GenieGenerator], zs: list[Tensor], opts: list,
+                      plateaus: list[DevicePlateau], offsets: list[torch.Generator]) -> int:
+    for s, gen, z, (opt_z, opt_g), p, g in zip(state["per_batch"], gens, zs, opts, plateaus, offsets, strict=True):
+        gen.load_state_dict(s["generator"])
+        with torch.no_grad():
+            z.copy_(s["z"])
+        lr = opt_z.param_groups[0]["lr"]  # the plateau's tensor: keep it shared with the optimizer
+        opt_z.load_state_dict(s["opt_z"])
+        opt_z.param_groups[0]["lr"] = lr
+        opt_g.load_state_dict(s["opt_g"])
+        g.set_state(s["swing"])
+        with torch.no_grad():
+            lr.copy_(s["plateau"]["lr"])
+        p.best = s["plateau"]["best"].to(p.best.device)
+        p.bad = s["plateau"]["bad"].to(p.bad.device)
+    return int(state["iteration"])
+
+
 def _genie_group(net: nn.Module, layers: list[nn.BatchNorm2d], captured: list, offsets: list[torch.Generator],
                  spec: DataSpec, cfg: GenConfig, seed: int, indices: Sequence[int], size: int,
-                 monitor: StageMonitor, on_log: GenieInspector | None) -> list[GenieBatch]:
+                 monitor: StageMonitor, hooks: _Hooks) -> list[GenieBatch]:
     """Genie-D on batches of equal size in one pass: their images concatenated through the model.
 
     The loss is the sum of the batches' losses, so each batch's gradients, optimizer steps, plateau
@@ -119,8 +165,10 @@ def _genie_group(net: nn.Module, layers: list[nn.BatchNorm2d], captured: list, o
     """
     gens, zs, opts, plateaus = _new_group(spec, cfg, seed, indices, size, model_device(net))
     offsets[:] = [cpu_generator(batch_seed(seed, b, "swing")) for b in indices]
-    count, iters, x = len(indices), cfg.genie_iters, None
-    for it in range(iters):
+    count, iters, x, first = len(indices), cfg.genie_iters, None, 0
+    if hooks.resume is not None and hooks.resume["batches"] == list(indices):
+        first = _load_group_state(hooks.resume, gens, zs, opts, plateaus, offsets)
+    for it in range(first, iters):
         for opt_z, opt_g in opts:
             opt_z.zero_grad(set_to_none=True)
             opt_g.zero_grad(set_to_none=True)
@@ -136,7 +184,9 @@ def _genie_group(net: nn.Module, layers: list[nn.BatchNorm2d], captured: list, o
                 opt_g.param_groups[0]["lr"] = cfg.lr_g * cfg.g_decay ** ((it + 1) // cfg.g_decay_every)
         monitor.observe(losses.sum())
         if monitor.due(it, iters):
-            _report_group(monitor, indices, it, iters, losses, plateaus, gens, zs, x, on_log)
+            _report_group(monitor, indices, it, iters, losses, plateaus, gens, zs, x, hooks.on_log)
+        if hooks.on_state is not None and (it + 1) % hooks.state_every == 0 and it + 1 < iters:
+            hooks.on_state(group_state(indices, it + 1, gens, zs, opts, plateaus, offsets))
     if x is None:
         with torch.no_grad():
             x = torch.cat([gen(z) for gen, z in zip(gens, zs, strict=True)])
@@ -180,6 +230,9 @@ def generate_genie(
     progress: Progress | None = None,
     log_every: int = LOG_EVERY,
     on_log: GenieInspector | None = None,
+    on_state: Callable[[dict], None] | None = None,
+    state_every: int = 500,
+    resume_state: dict | None = None,
 ) -> list[GenieBatch]:
     """Genie-D (ALGORITHM.md section 1) for every batch not already in `done`, in batch order.
 
@@ -187,7 +240,10 @@ def generate_genie(
     loss is taken through a swing-conv copy. `on_batch` receives each newly finished batch; `on_log`
     (diagnostics, e.g. benchmarks/genie_collapse.py) sees the generator, z and images at every log point.
     Up to cfg.parallel_batches batches of equal size run in one pass (0: all that fit in memory) with the
-    same math as one by one; a group finishes, and reaches `on_batch`, together.
+    same math as one by one; a group finishes, and reaches `on_batch`, together. Within a group,
+    `on_state` receives every `state_every` iterations a dict of tensors and plain values (group_state);
+    passing the last one back as `resume_state` (with the batches finished before it in `done`)
+    continues that group exactly where it was.
     """
     cfg.validate()
     bn_layers(model)  # fail early, with the actionable message, on a model without BN
@@ -200,11 +256,12 @@ def generate_genie(
         offsets: list[torch.Generator] = [torch.Generator()]
         net = swing_model(model, offsets) if cfg.swing else model
         layers = bn_layers(net)
+        hooks = _Hooks(on_log, on_state, max(1, state_every), resume_state)
         parallel = cfg.parallel_batches or auto_parallel_batches(model, spec, cfg.batch_size, len(sizes))
         with capture_bn_inputs(net) as captured:
             for group in batch_groups(sizes, parallel, done):
                 batches = _genie_group(net, layers, captured, offsets, spec, cfg, seed, group, sizes[group[0]],
-                                       monitor, on_log)
+                                       monitor, hooks)
                 for batch in batches:
                     log.info("genie-d: batch %d/%d done (%d images)", batch.index + 1, len(sizes), sizes[batch.index])
                     finished[batch.index] = batch
