@@ -44,6 +44,7 @@ def timed(fn, device: torch.device) -> float:  # noqa: ANN001
 
 
 def per_step(fn, k1: int, k2: int, device: torch.device) -> float:  # noqa: ANN001
+    fn(k1)  # untimed: first-call costs (allocator, thread pool, compilation) must not land in one of the two
     return (timed(lambda: fn(k2), device) - timed(lambda: fn(k1), device)) / (k2 - k1)
 
 

@@ -189,7 +189,8 @@ def test_weight_step_size_lr_is_cosine_annealed_by_default() -> None:
 
 @pytest.mark.slow
 def test_compiled_step_matches_eager_on_cpu(float64) -> None:
-    """Same masks (eager's generator, fallback_random) and the same math: equal to rounding, in float64."""
+    """The same math: equal to rounding in float64. Without QDrop's in-unit masks: inductor draws those from
+    its own stream (measured: 2e-3 apart after 12 iterations with drop_prob 0.5, fallback_random or not)."""
     pytest.importorskip("torch._inductor")
     if shutil.which("g++") is None and shutil.which("c++") is None:
         pytest.skip("torch.compile needs a C++ compiler")

@@ -135,7 +135,8 @@ def _loss_fn(unit: nn.Module, rounding: list, cfg: CalibConfig, engine: str, dev
 
     if engine == "eager":
         return loss
-    # CUDA: CUDA graphs replay the launch-bound step; CPU: inductor's kernels, eager's random stream
+    # CUDA: CUDA graphs replay the launch-bound step; CPU: inductor's kernels. The input mix and minibatches
+    # come from the unit's generator as in eager; the quantizers' in-unit masks from the compiled graph's draws
     mode = "reduce-overhead" if device.type == "cuda" else None
     return torch.compile(loss, mode=mode, dynamic=False)
 
@@ -195,7 +196,7 @@ def _engine_context(engine: str, device: torch.device) -> contextlib.AbstractCon
 
     # one graph per unit shape and regulariser phase: ResNet-20 alone has 12, above dynamo's default of 8
     stack.enter_context(dynamo_config.patch(recompile_limit=64))
-    if device.type == "cpu":  # the masks of eager's generator, in eager's order
+    if device.type == "cpu":  # aten's generator for QDrop's in-unit masks (still not eager's order of draws)
         stack.enter_context(inductor_config.patch(fallback_random=True))
     return stack
 
