@@ -100,7 +100,8 @@ def unit_row(block, data: tuple, args, device) -> dict:  # noqa: ANN001
 
         sec = per_step(run, args.r1, args.r2, device)
         row[name] = {"iters_per_s": 1 / sec, "compile_s": max((m.get("compile_s", 0.0) for m in seen), default=0.0)}
-    counts = [flops(lambda k=k: calibrate_unit_(copy.deepcopy(block), *data, CalibConfig(iters=k, warmup=0.0), 0))
+    eager = CalibConfig(warmup=0.0, engine="eager")
+    counts = [flops(lambda k=k: calibrate_unit_(copy.deepcopy(block), *data, replace(eager, iters=k), 0))
               for k in (1, 3)]
     row["flops_per_iter"] = (counts[1] - counts[0]) // 2  # without the quantizers' initialising forward
     return row
