@@ -82,7 +82,7 @@ class GenConfig:
     plateau_patience: int = 100
     min_lr_z: float = 1e-4
     swing: bool = True
-    parallel_batches: int = 0  # Genie-D batches optimized in one pass; 0 = all that fit in memory, 1 = one by one
+    parallel_batches: int = 0  # Genie-D/ZeroQ batches optimized in one pass; 0 = auto (CPU 1, GPU all that fit)
     # SADAG stages B and C
     warmup_calib_iters: int = 4000  # stage B: Genie-M iterations per unit of the warm-up quantized model
     refine_iters: int = 500  # stage C: refinement iterations per batch
