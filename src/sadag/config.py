@@ -117,6 +117,14 @@ class CalibConfig:
     drop_prob: float = setting(0.5, min=0.0, max=1.0,
                                help="QDrop: probability that an element keeps its quantized value (else its FP "
                                     "value) during calibration; 0 = QDrop off")
+    anneal_w_scale: bool = setting(True, help="cosine-anneal the weight step size's lr too, as Genie's reference code "
+                                              "does (one scheduler for both step sizes)")
+    sampling: Literal["epochs", "replacement"] = setting("epochs", flag="--calib-sampling",
+                                                         help="minibatches: permuted epochs without replacement (as "
+                                                              "Genie) or drawn with replacement")
+    engine: Literal["auto", "eager", "compiled"] = setting("auto", flag="--engine",
+                                                           help="reconstruction step: eager, compiled (torch.compile; "
+                                                                "CUDA graphs on GPU) or auto (compiled on CUDA only)")
 
     def validate(self) -> None:
         validate_section(self)
@@ -139,6 +147,9 @@ class GenConfig:
     plateau_patience: int = setting(100, min=0, help="plateau scheduler patience of the latents' lr")
     min_lr_z: float = setting(1e-4, min=0.0, help="lowest latents' lr of the plateau scheduler")
     swing: bool = setting(True, help="swing convolution during Genie-D")
+    parallel_batches: int = setting(0, flag="--parallel-batches", min=0,
+                                    help="Genie-D/ZeroQ batches optimized in one pass; 0 = auto (CPU: 1, GPU: all "
+                                         "that fit in a quarter of its memory)")
     # SADAG stages B and C
     warmup_calib_iters: int = setting(4000, flag="--warmup-calib-iters", min=0,
                                       help="SADAG stage B: reconstruction iterations per unit of the warm-up model")
