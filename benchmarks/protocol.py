@@ -33,7 +33,7 @@ import torch
 import yaml
 
 import sadag
-from _common import CIFAR_TRAIN, EVAL, WORK, base_config, machine, run_row, write_results
+from _common import CIFAR_TRAIN, EVAL, WORK, base_config, machine, run_row, sections, write_results
 
 METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "real": ("real", {}),
@@ -122,7 +122,8 @@ def budget(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     gen = {"num_images": args.num_images, "batch_size": min(args.gen_batch, args.num_images),
            "genie_iters": args.genie_iters, "refine_iters": args.refine_iters,
            "warmup_calib_iters": args.warmup_iters}
-    return {"gen": gen, "calib": {"iters": args.calib_iters, "batch_size": min(32, args.num_images)}}
+    return {"gen": gen, "calib": {"iters": args.calib_iters, "batch_size": min(32, args.num_images),
+                                  "engine": args.engine}}
 
 
 def lowpass_d0(args: argparse.Namespace, input_size: int) -> float:
@@ -144,7 +145,7 @@ def run_config(args: argparse.Namespace, bits: str, method: str, seed: int, inpu
         extra = {"calib_data": str(args.real_data), "num_calib": args.num_images}
     out = run_dir(Path(args.work), args.model, bits, method, seed)
     return base_config(args.model, out, method=kind, bits=bits, preset="paper", seed=seed, device=args.device,
-                       eval_limit=args.eval_limit, overrides={"gen": gen, "calib": b["calib"]}, **extra)
+                       eval_limit=args.eval_limit, **sections({"gen": gen, "calib": b["calib"]}), **extra)
 
 
 def row_of(directory: Path, bits: str, method: str, seed: int) -> dict[str, Any]:
@@ -161,7 +162,8 @@ def _worker_setup(threads: int, deterministic: bool) -> None:
     torch.set_num_threads(threads)
     if deterministic:
         torch.backends.cudnn.benchmark = False
-        torch.use_deterministic_algorithms(True)
+        # warn_only: a few CUDA backward kernels (adaptive average pooling) have no deterministic version
+        torch.use_deterministic_algorithms(True, warn_only=True)
 
 
 def one_run(args: argparse.Namespace, bits: str, method: str, seed: int, input_size: int) -> dict[str, Any]:
@@ -251,6 +253,8 @@ def main() -> None:
                    "CIFAR models; none for ImageNet models, whose only real images here are the test set)")
     p.add_argument("--eval-limit", type=int, help="evaluate on at most this many test images")
     p.add_argument("--device", default="auto")
+    p.add_argument("--engine", default="auto", choices=["auto", "eager", "compiled"],
+                   help="reconstruction step (calib.engine); eager avoids per-process compile time on short runs")
     p.add_argument("--threads", type=int, default=1, help="torch threads per run")
     p.add_argument("--jobs", type=int, default=1, help="runs in parallel processes")
     p.add_argument("--deterministic", action="store_true",

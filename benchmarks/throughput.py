@@ -111,7 +111,7 @@ def recon_rows(qmodel, images, args, device) -> dict:  # noqa: ANN001
     fp = float_copy(qmodel)
     modules = dict(qmodel.named_modules())
     rows = []
-    for unit in qmodel.sadag_plan.units:
+    for unit in qmodel.sadag_plan.units[: args.units]:
         fp_in, fp_out = capture_unit_io(fp, unit, images, 32)
         q_in, _ = capture_unit_io(qmodel, unit, images, 32, want_output=False)
         rows.append({"unit": unit, **unit_row(modules[unit], (fp_in, q_in, fp_out), args, device)})
@@ -124,6 +124,8 @@ def main() -> None:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--quick", action="store_true", help="2 batches and few iterations: under 5 minutes on 2 cores")
+    p.add_argument("--units", type=int, help="time only the first N reconstruction units (default: all); the "
+                                             "speedup is then over those units")
     args = p.parse_args()
     q = args.quick
     args.batches, args.batch = (2, 128) if q else (8, 128)
@@ -162,7 +164,7 @@ def main() -> None:
             "recon_iteration_all_units_s": recon_flops / rate,
         },
         "meta": {"model": args.model, "quick": q, "batches": args.batches, "batch": args.batch, "k": [args.k1, args.k2],
-                 "recon_iters": [args.r1, args.r2], "machine": machine(),
+                 "recon_iters": [args.r1, args.r2], "recon_units_timed": len(recon["units"]), "machine": machine(),
                  "note": "float32 engines differ by rounding, which Adam's first steps amplify: the first-step "
                          "diff checks the math, the k2 diff is what a user sees (thread count changes alone give "
                          "the same order)"},

@@ -194,7 +194,7 @@ def _engine_context(engine: str, device: torch.device) -> contextlib.AbstractCon
     import torch._dynamo.config as dynamo_config
     import torch._inductor.config as inductor_config
 
-    # one graph per unit shape and regulariser phase: ResNet-20 alone has 12, above dynamo's default of 8
+    # one graph per unit shape and regulariser phase: a 20-layer CIFAR network alone has 12, above dynamo's default 8
     stack.enter_context(dynamo_config.patch(recompile_limit=64))
     if device.type == "cpu":  # aten's generator for QDrop's in-unit masks (still not eager's order of draws)
         stack.enter_context(inductor_config.patch(fallback_random=True))
