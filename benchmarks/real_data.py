@@ -1,6 +1,6 @@
 """Real-data calibration (the engine alone): ResNet-20 on 1,024 or 256 real CIFAR-10 training images.
 
-Usage: python benchmarks/real_data.py [--budget fast|peer] [--bits 4/4 3/3 2/4] [--model resnet20_cifar10]
+Usage: python benchmarks/real_data.py [--budget fast|fast-legacy|peer] [--bits 4/4 3/3 2/4] [--model resnet20_cifar10]
 Prints a markdown table and writes benchmarks/results/real_<model>_<budget>.json.
 """
 
@@ -13,9 +13,12 @@ import torch
 
 from _common import CIFAR_TRAIN, WORK, base_config, machine, run_row, sections, write_results
 
-# "fast": the fast preset on 1,024 images; "peer": Genie's reference budget (256 images, 2,000 iters/unit)
+# "fast": the fast preset on 1,024 images; "peer": Genie's reference budget (256 images, 2,000 iters/unit);
+# "fast-legacy": "fast" with the calibration details of sadag <= 0.1 (minibatches drawn with replacement, the
+# weight step size's lr not annealed), to measure the switch to Genie's reference behaviour paired by seed
 BUDGETS = {
     "fast": {"num_calib": 1024, "calib": {}},
+    "fast-legacy": {"num_calib": 1024, "calib": {"sampling": "replacement", "anneal_w_scale": False}},
     "peer": {"num_calib": 256, "calib": {"iters": 2000}},
 }
 

@@ -44,7 +44,7 @@ def _write(rundir: RunDir, records: list[dict]) -> None:
 
 
 def test_report_survives_missing_stages_and_odd_lines(tmp_path: Path) -> None:
-    rundir = RunDir(tmp_path / "r")
+    rundir = RunDir(tmp_path / "r", {})
     images = torch.rand(8, 3, 16, 16)
     write_run_report(rundir, {**REPORT, "seconds": {"calibrate": 2.5}}, images, SPEC)  # no metrics at all
     assert not rundir.path("loss_curves.png").exists() and "loss_curves" not in rundir.path("report.md").read_text()

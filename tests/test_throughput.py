@@ -173,8 +173,8 @@ def test_minibatches_are_permuted_epochs() -> None:
 
 
 def test_weight_step_size_lr_is_cosine_annealed_by_default() -> None:
-    w = WeightQuantizer(torch.randn(4, 3, 3, 3), 4)
-    a = ActQuantizer(4)
+    w = WeightQuantizer(torch.randn(4, 3, 3, 3), 4, p=2.4)
+    a = ActQuantizer(4, p=2.4)
     opts, scheds, _ = _optimizers([w], [a], CalibConfig(iters=10))
     for _ in range(10):
         for o in opts:
@@ -211,7 +211,7 @@ def test_compiled_step_matches_eager_on_cpu(float64) -> None:
 
 @pytest.mark.parametrize("beta", [20.0, 7.3, 2.0])
 def test_fused_rounding_regularizer_matches_autograd(beta: float) -> None:
-    w = WeightQuantizer(torch.randn(8, 4, 3, 3, dtype=torch.float64), 4)
+    w = WeightQuantizer(torch.randn(8, 4, 3, 3, dtype=torch.float64), 4, p=2.4)
     w.start_adaround(torch.randn(8, 4, 3, 3, dtype=torch.float64))
     with torch.no_grad():
         w.alpha[0, 0] = torch.tensor([30.0, -30.0, 0.0])  # clamped at 1 and at 0; h(0) = 0.5 exactly: u = 0
