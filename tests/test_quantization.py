@@ -317,3 +317,14 @@ def test_a_model_family_registers_its_blocks_and_quantized_twin() -> None:
     assert torch.allclose(float_copy(q)(x), model(x), atol=1e-5)  # the twin keeps the family's forward
     with pytest.raises(TypeError, match="must subclass QuantConv2d"):
         register_quantized_twin(ScaledConv, nn.Conv2d)
+
+
+def test_quantize_takes_its_example_from_the_attached_spec(tiny_net) -> None:  # noqa: ANN001
+    from sadag.models import DataSpec, load_model
+
+    with pytest.raises(ConfigError, match="example input batch"):
+        quantize(tiny_net, QuantConfig(w_bits=4, a_bits=4))
+    model, spec = load_model(tiny_net, spec=DataSpec(mean=(0.5,) * 3, std=(0.25,) * 3, input_size=16, num_classes=10))
+    auto = quantize(model, QuantConfig(w_bits=4, a_bits=4))
+    given = quantize(model, QuantConfig(w_bits=4, a_bits=4), torch.zeros(2, 3, 16, 16))
+    assert auto.sadag_plan.units == given.sadag_plan.units and auto.sadag_spec == spec

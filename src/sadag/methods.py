@@ -1,5 +1,5 @@
 """The generation-method table: a method is a name, an optional config dataclass and a function of a
-:class:`sadag.generation.registry.GenerationContext` returning the calibration images.
+:class:`sadag.generation.context.GenerationContext` returning the calibration images.
 
 Adding a method takes one module that calls :func:`register_method` (plus its import where it should be
 registered by default): the CLI's ``--method`` choices, the config checks and the pipeline all read this table.

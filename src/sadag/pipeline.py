@@ -3,7 +3,7 @@
 The CLI and the Python API both call :func:`run` (and :func:`generate_set` for `sadag generate`).
 Every stage checkpoints its finished work atomically in ``RUN_DIR/state`` so that an interrupted run
 continues where it stopped and reaches the same result. Generation methods are looked up in
-:mod:`sadag.generation.registry`; this module names none of them.
+:mod:`sadag.generation.context`; this module names none of them.
 """
 
 from __future__ import annotations

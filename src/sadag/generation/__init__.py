@@ -4,12 +4,12 @@ from ..methods import GenerationMethod, get_method, method_names, register_metho
 from . import builtin  # noqa: F401 (registers noise, zeroq, genie, sadag)
 from .bn_stats import bn_layers, bn_statistics_loss, capture_bn_inputs, input_prior_loss
 from .common import DevicePlateau, Progress
+from .context import GenerationContext
 from .duplicates import near_copy_mask, near_duplicates
 from .generator import GenieGenerator
 from .genie import GenieBatch, batch_sizes, generate_genie
 from .io import load_synthetic_set, save_synthetic_set
 from .noise import generate_noise
-from .registry import GenerationContext
 from .sadag import diversity_loss, gradient_cosine, gradient_matching_loss, refine_sadag
 from .swing import SwingConv2d, swing_model, swing_shift
 from .zeroq import generate_zeroq

@@ -14,10 +14,10 @@ from torch import Tensor, nn
 from ..config import bits_label
 from ..errors import ConfigError
 from ..methods import register_method
+from .context import GenerationContext
 from .genie import GenieBatch, batch_sizes, generate_genie
 from .io import load_synthetic_set
 from .noise import generate_noise
-from .registry import GenerationContext
 from .sadag import refine_sadag
 from .zeroq import generate_zeroq
 

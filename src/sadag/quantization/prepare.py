@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from ..config import QuantConfig
+from ..errors import ConfigError
 from .fold import fold_bn_
 from .modules import is_quant_layer, quant_class_for
 from .quantizers import ActQuantizer, WeightQuantizer
@@ -39,15 +40,18 @@ def _quantize_block_input(module: nn.Module, args: tuple) -> tuple:
     return (module.sadag_input_quantizer(args[0]), *args[1:])
 
 
-def quantize(model: nn.Module, cfg: QuantConfig, example: Tensor) -> nn.Module:
+def quantize(model: nn.Module, cfg: QuantConfig, example: Tensor | None = None) -> nn.Module:
     """Return a fake-quantized deep copy of ``model`` (the original is not modified).
 
     Args:
         model: an FP classifier.
         cfg: bits, bit policy, BN folding and unit override.
-        example: one input batch, e.g. ``torch.zeros(1, 3, S, S)``, used to trace the dataflow.
+        example: one input batch, e.g. ``torch.zeros(1, 3, S, S)``, used to trace the dataflow; by default a
+            zero image of the input size in the spec that ``sadag.load_model`` attached to the model.
     """
     cfg.validate()
+    if example is None:
+        example = _example_of(model)
     qmodel = copy.deepcopy(model).eval()
     for p in qmodel.parameters():
         p.requires_grad_(False)
@@ -111,6 +115,15 @@ def _apply_bit_policy(
     for name in order[1:2] + [last]:
         if feeding[name] is not None:
             feeding[name].set_bits(8)
+
+
+def _example_of(model: nn.Module) -> Tensor:
+    spec = getattr(model, "sadag_spec", None)
+    if spec is None:
+        raise ConfigError("quantize() needs an example input batch (e.g. torch.zeros(1, 3, S, S)) for a model that "
+                          "was not loaded with sadag.load_model (which attaches its input size)")
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    return torch.zeros(1, 3, spec.input_size, spec.input_size, device=device)
 
 
 def quantizers(model: nn.Module) -> tuple[list[WeightQuantizer], list[ActQuantizer]]:
