@@ -39,6 +39,15 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
+@pytest.fixture
+def one_thread():  # noqa: ANN201
+    """Tiny ops: one thread avoids oversubscription slowdowns on a shared CPU (use with pytestmark)."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
 @pytest.fixture(autouse=True)
 def _threads() -> None:
     torch.set_num_threads(int(os.environ.get("SADAG_TEST_THREADS", min(2, os.cpu_count() or 1))))

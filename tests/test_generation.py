@@ -75,13 +75,7 @@ class NaNNet(TinyNet):
         return super().forward(x * float("nan"))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny ops: one thread avoids oversubscription slowdowns on a shared CPU."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_model(seed: int = 0, dtype: torch.dtype = torch.float32) -> TinyNet:

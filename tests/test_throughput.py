@@ -20,13 +20,7 @@ from sadag.quantization.quantizers import ActQuantizer, WeightQuantizer
 from sadag.reconstruction.reconstruct import MinibatchSampler, _optimizers, reconstruct_
 from test_generation import SPEC, small_cfg, tiny_model
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture
