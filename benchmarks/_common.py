@@ -37,6 +37,12 @@ def base_config(model: str, out: Path, **kwargs: Any) -> sadag.RunConfig:
                            class_index=str(class_index) if class_index else None, out=str(out), **kwargs)
 
 
+def sections(budget: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """A budget table's {"calib": {...}, "gen": {...}} as explicit RunConfig sections (they win over the preset)."""
+    kinds = {"quant": sadag.QuantConfig, "calib": sadag.CalibConfig, "gen": sadag.GenConfig}
+    return {name: kinds[name](**values) for name, values in budget.items()}
+
+
 def run_row(cfg: sadag.RunConfig) -> dict[str, Any]:
     """Run (or resume, or reuse a finished) configuration and return its report."""
     report_file = Path(cfg.out) / "report.json"

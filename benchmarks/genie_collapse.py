@@ -33,7 +33,7 @@ from sadag.generation.io import save_synthetic_set
 from sadag.pipeline import resolve_device
 
 VARIANTS: dict[str, dict[str, Any]] = {
-    "base": {},  # ALGORITHM.md section 1
+    "base": {},  # docs/method.md section 2
     "lr_z_0.01": {"lr_z": 0.01},  # latents moved 10x slower: do moving latents drive the collapse?
     "lr_g_0.001": {"lr_g": 0.001},  # generator moved 10x slower
     "no_swing": {"swing": False},
@@ -112,7 +112,7 @@ def run_variant(args: argparse.Namespace) -> dict[str, Any]:
         out = Path(args.work) / "runs" / f"{set_dir.name}_w{bits.replace('/', 'a')}"
         rcfg = base_config(args.model, out, method="genie", bits=bits, preset="fast", seed=args.seed,
                            calib_data=str(set_dir), device=args.device,
-                           overrides={"calib": {"iters": args.calib_iters}})
+                           calib=sadag.CalibConfig(iters=args.calib_iters))
         accuracy[bits] = run_row(rcfg)["quant_top1"]
     return {"variant": args.variant, "overrides": VARIANTS[args.variant], "seed": args.seed, "iters": args.iters,
             "batch": args.batch, "calib_iters": args.calib_iters, "generate_seconds": seconds, "top1": accuracy,

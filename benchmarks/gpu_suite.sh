@@ -2,6 +2,15 @@
 # The zero-shot comparison of one short GPU lease: every job at once on one GPU, stopped at a deadline.
 #
 # Usage: SADAG_SHARED=/path/to/shared [PYTHON=python3] benchmarks/gpu_suite.sh OUT_DIR [DEADLINE_SECONDS] [PLAN]
+# PLAN "lease3" (one <= 9 minute H200 lease, DEADLINE_SECONDS default 560): benchmarks/protocol.py on ResNet-20 W2A2
+# after benchmarks/throughput.py --device cuda --units 2 alone (at most 130 s): real, genie, sadag x seeds 0-4, 15
+# processes under MPS, eager reconstruction, until 25 s before the deadline. OUT_DIR gets protocol_resnet20_cifar10_h200.json,
+# throughput_cuda.json, the logs and the runs' reports (protocol_reports.tgz).
+# PLAN "throughput" (one <= 9 minute H200 lease, DEADLINE_SECONDS default 510 there): (a) benchmarks/throughput.py
+# --device cuda (reference vs fast engines, about 2 minutes), then (b) ResNet-20 SADAG W4A4 at the `paper` preset
+# end to end with the fast engines (gen.parallel_batches and calib.engine at their auto defaults: all batches in
+# one pass, compiled reconstruction steps) until the deadline; OUT_DIR gets throughput_cuda.json, the run's
+# report (or, cut short, its metrics.jsonl: the fraction done per stage) and paper_r20.json with the seconds.
 # PLAN "lease" (default) runs steps 1-4 below; "rest" (for what is left of a lease after "lease") skips
 # steps 1-2 and runs ResNet-20 seed 0 at the peer budget (genie, sadag-random; W4A4, W2A4) and
 # EfficientNet-Lite0 at the `tiny` budget (genie, sadag-random; W4A4, W2A4). "sadag" is sized from what
@@ -21,6 +30,52 @@
 # Stage seconds measured here are of jobs sharing one GPU and 16 cores: compare them only with each other.
 set -u
 out=$(realpath -m "$1"); deadline=${2:-480}; plan=${3:-lease}
+py=${PYTHON:-python}
+mps_on() {  # many small processes share the GPU: MPS runs their kernels side by side instead of time-sliced
+  export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps_pipe CUDA_MPS_LOG_DIRECTORY=/tmp/mps_log
+  mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
+  if nvidia-cuda-mps-control -d 2>/dev/null && timeout 60 "$py" -c "import torch; torch.ones(1, device='cuda').sum().item()"
+  then echo "MPS on"; else echo quit | nvidia-cuda-mps-control 2>/dev/null; echo "MPS off"; fi
+}
+mps_off() { echo quit | nvidia-cuda-mps-control 2>/dev/null; sleep 2; }
+if [ "$plan" = throughput ] || [ "$plan" = lease3 ]; then
+  deadline=${2:-560}; mkdir -p "$out"
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  "$py" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
+  echo "== throughput at $SECONDS s"  # alone on the GPU: reference vs fast engines, same seeds
+  tp_limit=$([ "$plan" = lease3 ] && echo 130 || echo $((deadline - SECONDS - 10)))
+  timeout -k 5 "$tp_limit" "$py" benchmarks/throughput.py --device cuda --threads 4 --units 2 \
+      2>&1 | tee "$out/throughput.log"
+  cp benchmarks/results/throughput_cuda.json "$out"/ 2>/dev/null
+  if [ "$plan" = lease3 ]; then
+    # issue 14's paired protocol where real data has headroom (W2A2), 5 seeds, one process per run under MPS
+    proto=(--model resnet20_cifar10 --bits 2/2 --seeds 0 1 2 3 4 --work /tmp/sadag_protocol --tag h200)
+    mps_on
+    echo "== protocol at $SECONDS s"
+    timeout -k 5 $((deadline - 25 - SECONDS)) "$py" benchmarks/protocol.py "${proto[@]}" --methods real genie sadag \
+        --jobs 15 --device cuda --engine eager --threads 1 >"$out/protocol.log" 2>&1
+    pkill -f benchmarks/protocol.py; sleep 2; mps_off
+    "$py" benchmarks/protocol.py "${proto[@]}" --collect 2>&1 | tee "$out/protocol_collect.log"
+    cp benchmarks/results/protocol_resnet20_cifar10_h200.json "$out"/ 2>/dev/null
+    tar czf "$out/protocol_reports.tgz" -C /tmp sadag_protocol --exclude='*.pt' --exclude='*.safetensors' 2>/dev/null
+  fi
+  if [ "$plan" = throughput ]; then
+    left=$((deadline - SECONDS - 15)); run=/tmp/sadag_paper_r20; rm -rf "$run"
+    echo "== ResNet-20 SADAG W4A4 paper preset from $SECONDS s, $left s left"
+    start=$SECONDS
+    timeout "$left" "$py" -m sadag run --model resnet20_cifar10 \
+        --weights "$SADAG_SHARED/weights/cifar10-resnet/resnet20-12fca82f.th" --method sadag --bits 4/4 \
+        --preset paper --eval-data "$SADAG_SHARED/data/cifar10-jpeg/test" --device cuda --threads 4 --out "$run" \
+        >"$out/paper_r20.log" 2>&1
+    rc=$?; sec=$((SECONDS - start))
+    echo "{\"seconds\": $sec, \"exit_code\": $rc, \"finished\": $([ $rc = 0 ] && echo true || echo false)}" \
+        >"$out/paper_r20.json"
+    cp "$run"/report.* "$run"/metrics.jsonl "$out"/ 2>/dev/null
+    tail -5 "$out/paper_r20.log"; cat "$out/paper_r20.json"
+  fi
+  echo "== done at $SECONDS s"
+  exit 0
+fi
 case $plan in
   lease) smoke=full effnet=short r56=1 r20_seeds="0 1 2" r20_bits="4/4 3/3 2/4" split=0
          r20_methods="genie sadag-random sadag-adversarial" ;;
@@ -28,27 +83,18 @@ case $plan in
   sadag) smoke=r20 effnet= r56=0 r20_seeds="0 1 2" r20_bits="4/4 2/4" split=1 r20_methods="genie sadag-random" ;;
   final) smoke=r20 effnet=tiny effnet_bits="4/4 3/3" r56=0 r20_seeds="0 1 2" r20_bits="4/4 2/4" split=1
          r20_methods="genie sadag-random" collapse="base lr_z_0.01 lr_g_0.001" ;;
-  *) echo "unknown plan '$plan': lease, rest, sadag or final"; exit 2 ;;
+  *) echo "unknown plan '$plan': throughput, lease, rest, sadag or final"; exit 2 ;;
 esac
 effnet_bits=${effnet_bits:-4/4 2/4}; collapse=${collapse:-}
 work=/tmp/sadag_gpu_suite; logs=$out/logs; stop=$out/STOP
 mkdir -p "$logs" "$work"
-py=${PYTHON:-python}
 zs() { "$py" benchmarks/zero_shot.py --threads 1 --work "$work" "$@"; }
 stopped() { [ -e "$stop" ]; }
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 "$py" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
 
-# Many small processes share the GPU: MPS lets their kernels run side by side instead of time-sliced.
-# Used when it starts and a CUDA tensor can be made through it; otherwise the suite goes on without it.
-export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps_pipe CUDA_MPS_LOG_DIRECTORY=/tmp/mps_log
-mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
-if nvidia-cuda-mps-control -d 2>/dev/null && timeout 60 "$py" -c "import torch; torch.ones(1, device='cuda').sum().item()"; then
-  echo "MPS on"
-else
-  echo quit | nvidia-cuda-mps-control 2>/dev/null; echo "MPS off"
-fi
+mps_on
 
 if [ "$smoke" != none ]; then
 echo "== smoke (CUDA path of every method)"

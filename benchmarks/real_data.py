@@ -11,12 +11,12 @@ from pathlib import Path
 
 import torch
 
-from _common import CIFAR_TRAIN, WORK, base_config, machine, run_row, write_results
+from _common import CIFAR_TRAIN, WORK, base_config, machine, run_row, sections, write_results
 
 # "fast": the fast preset on 1,024 images; "peer": Genie's reference budget (256 images, 2,000 iters/unit)
 BUDGETS = {
-    "fast": {"num_calib": 1024, "overrides": {}},
-    "peer": {"num_calib": 256, "overrides": {"calib": {"iters": 2000}}},
+    "fast": {"num_calib": 1024, "calib": {}},
+    "peer": {"num_calib": 256, "calib": {"iters": 2000}},
 }
 
 
@@ -35,7 +35,8 @@ def main() -> None:
     for bits in args.bits:
         out = Path(args.work) / f"real_{args.model}_{args.budget}_w{bits.replace('/', 'a')}_s{args.seed}"
         cfg = base_config(args.model, out, method="real", bits=bits, preset="fast", seed=args.seed,
-                          calib_data=str(CIFAR_TRAIN), num_calib=budget["num_calib"], overrides=budget["overrides"])
+                          calib_data=str(CIFAR_TRAIN), num_calib=budget["num_calib"],
+                          **sections({"calib": budget["calib"]}))
         rows.append(run_row(cfg))
         r = rows[-1]
         print(f"| {args.model} | W{r['w_bits']}A{r['a_bits']} | {r['num_calib']} | {r['fp_top1']:.2f} | "

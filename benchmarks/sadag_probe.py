@@ -1,7 +1,7 @@
 """Does SADAG's refinement do what its theory says? Diagnostics on the saved sets of zero_shot.py.
 
 SADAG argues that a quantized model calibrated on data X is flat on real data when the gradient of
-the reconstruction loss on X aligns with the gradient on real data (ALGORITHM.md section 3). With the
+the reconstruction loss on X aligns with the gradient on real data (docs/method.md section 4). With the
 stage-B warm-up quantized model of each seed (W4A4, frozen), this script measures, for every saved set
 of that seed and for real images as a reference, with no calibration:
 
@@ -66,12 +66,24 @@ def bn_loss(fp: nn.Module, images: Tensor, batch: int = 128) -> float:
     return sum(losses) / len(losses)
 
 
-def warmup_model(model_name: str, fp: nn.Module, state: Path, spec: Any) -> nn.Module:
-    cfg = apply_preset(base_config(model_name, state.parent, method="sadag", bits="4/4", preset="fast"))
+def warmup_model(model_name: str, fp: nn.Module, state: Path, spec: Any, bits: str = "4/4") -> nn.Module:
+    """The frozen stage-B quantized model saved at `state` (a run directory's state/warmup_calib.pt)."""
+    cfg = apply_preset(base_config(model_name, state.parent, method="sadag", bits=bits, preset="fast"))
     q = quantize(fp, cfg.quant, torch.zeros(2, 3, spec.input_size, spec.input_size))
     saved = torch.load(state, map_location="cpu", weights_only=False)
     q.load_state_dict(saved["state_dict"])
     return freeze_(q).eval()
+
+
+def probe_set(fp: nn.Module, q: nn.Module, images: Tensor, g_real: Tensor, genie: Tensor | None = None
+              ) -> dict[str, Any]:
+    """align, div, bn and (given the Genie-D images the set was refined from) change, for one set."""
+    e, h = last_layer_terms(fp, q, images)
+    g = mean_gradient(e, h)
+    change = None if genie is None or genie.shape != images.shape else ((images - genie).norm() / genie.norm()).item()
+    return {"num": images.shape[0],
+            "align": torch.nn.functional.cosine_similarity(g.flatten(), g_real.flatten(), dim=0).item(),
+            "div": diversity(e, h), "bn": bn_loss(fp, images), "change": change}
 
 
 def probe_seed(model_name: str, seed: int, budget: str, work: Path, real: Tensor, train: Tensor,
@@ -90,14 +102,8 @@ def probe_seed(model_name: str, seed: int, budget: str, work: Path, real: Tensor
     genie = sets.get("genie")
     rows = []
     for name, images in sets.items():
-        e, h = last_layer_terms(fp, q, images)
-        g = mean_gradient(e, h)
-        derived = name.startswith("sadag") and genie is not None
-        change = (images - genie).norm() / genie.norm() if derived else None
-        rows.append({"seed": seed, "set": name, "num": images.shape[0],
-                     "align": torch.nn.functional.cosine_similarity(g.flatten(), g_real.flatten(), dim=0).item(),
-                     "div": diversity(e, h), "bn": bn_loss(fp, images),
-                     "change": None if change is None else change.item()})
+        rows.append({"seed": seed, "set": name,
+                     **probe_set(fp, q, images, g_real, genie if name.startswith("sadag") else None)})
         print(rows[-1], flush=True)
     return rows
 

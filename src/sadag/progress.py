@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
+
+# progress(stage, step, total, metrics): the one callback type of the library
+Progress = Callable[[str, int, int, dict[str, float]], None]
+LOG_EVERY = 50  # iterations between progress reports / metrics.jsonl records of the iterative stages
 
 
 class ProgressPrinter:

@@ -1,22 +1,56 @@
-"""A run directory: resolved config, atomic checkpoints of finished work, metrics and reports."""
+"""A run directory: resolved config, atomic checkpoints of finished work, metrics and reports.
+
+Guarantees (docs/guarantees.md): a directory is a sadag run only if it carries :data:`MARKER`, which records
+the fingerprint of the settings that can change the result; ``resume`` continues only a run with the same
+fingerprint, ``force`` replaces only a run; one process at a time (an advisory ``fcntl.flock`` on
+:data:`LOCK`); checkpoints hold tensors and plain containers only and are read with ``weights_only=True``.
+"""
 
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
 import os
 import platform
 import shutil
 import tempfile
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from .errors import SadagError
 
 STATE = "state"
+MARKER = "sadag-run.json"
+LOCK = ".sadag.lock"
+_PLAIN = (str, int, float, bool, type(None))
+
+
+class RunDirError(SadagError):
+    """A run directory that cannot be used as asked (not a run, another run's settings, in use, unreadable)."""
+
+
+def check_plain(obj: Any, what: str) -> None:
+    """Refuse anything but tensors and dict/list/tuple/str/int/float/bool/None: what sadag writes must load with
+    ``torch.load(weights_only=True)`` and never needs a class to be imported."""
+    if isinstance(obj, Tensor) or type(obj) in _PLAIN:
+        return
+    if type(obj) is dict:
+        for key, value in obj.items():
+            if type(key) not in _PLAIN:
+                raise TypeError(f"{what}: key {key!r} is a {type(key).__name__}, not a plain value")
+            check_plain(value, f"{what}[{key!r}]")
+        return
+    if type(obj) in (list, tuple):
+        for i, value in enumerate(obj):
+            check_plain(value, f"{what}[{i}]")
+        return
+    raise TypeError(f"{what} is a {type(obj).__name__}: store tensors and plain containers only")
 
 
 def atomic_write(path: Path, write: Any) -> None:
@@ -40,6 +74,7 @@ def atomic_write(path: Path, write: Any) -> None:
 
 
 def atomic_save(obj: Any, path: Path) -> None:
+    check_plain(obj, str(path))
     atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
@@ -50,29 +85,117 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write(path, write)
 
 
-class RunDir:
-    """Paths and checkpoint files of one run. Nothing is overwritten without resume or force."""
+def _differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    keys = sorted(set(old) | set(new))
+    return [f"{k}: {old.get(k, '(unset)')!r} in the run, {new.get(k, '(unset)')!r} now" for k in keys
+            if old.get(k, "(unset)") != new.get(k, "(unset)")]
 
-    def __init__(self, root: str | os.PathLike, *, resume: bool = False, force: bool = False):
+
+class RunDir:
+    """Paths and checkpoint files of one run, held under an exclusive lock until :meth:`close`.
+
+    ``settings``: the flat settings that can change the result (config.result_settings); they are written to
+    the marker of a new run and compared with it on ``resume``.
+    """
+
+    def __init__(self, root: str | os.PathLike, settings: Mapping[str, Any], *, resume: bool = False,
+                 force: bool = False):
         self.root = Path(root)
-        if self.root.exists() and any(self.root.iterdir()):
-            if force:
-                shutil.rmtree(self.root)
-            elif not resume:
-                raise SadagError(
-                    f"run directory {self.root} already exists and is not empty; pass --resume to continue it "
-                    "or --force to start over (its contents are deleted)"
-                )
+        self.settings = dict(settings)
+        self._lock_file: Any = None
+        is_run = self._check_existing(resume, force)
         try:
-            (self.root / STATE).mkdir(parents=True, exist_ok=True)
-            probe = self.root / ".write-test"
-            probe.write_text("")
-            probe.unlink()
+            self.root.mkdir(parents=True, exist_ok=True)
+            self._lock()
+            if is_run and resume:
+                self._check_settings()
+                self._remove_orphans()
+            elif is_run and force:
+                self._clear()
+            if not (is_run and resume):
+                atomic_write_text(self.root / MARKER, json.dumps(self._marker(), indent=2) + "\n")
+            (self.root / STATE).mkdir(exist_ok=True)
         except OSError as exc:
-            raise SadagError(
-                f"cannot write to the run directory {self.root}: {exc.strerror}; choose another --out"
-            ) from exc
+            self.close()
+            raise RunDirError(f"cannot write to the run directory {self.root}: {exc.strerror}; choose another "
+                              "--out") from exc
+        except BaseException:
+            self.close()
+            raise
         self.metrics_file = self.root / "metrics.jsonl"
+
+    def _check_existing(self, resume: bool, force: bool) -> bool:
+        """Whether root is an existing sadag run; refuses what may not be touched."""
+        if self.root.exists() and not self.root.is_dir():
+            raise RunDirError(f"{self.root} exists and is not a directory; choose another --out")
+        entries = [p for p in self.root.iterdir() if p.name != LOCK] if self.root.is_dir() else []
+        if not entries:
+            return False
+        if not (self.root / MARKER).is_file():
+            what = "resume it" if resume else "replace it" if force else "use it"
+            raise RunDirError(f"{self.root} is not empty and is not a sadag run directory (no {MARKER}): sadag will "
+                              f"not {what}; choose another --out")
+        if not resume and not force:
+            raise RunDirError(f"run directory {self.root} already exists; pass --resume to continue it or --force to "
+                              "start over (its contents are deleted)")
+        return True
+
+    def _lock(self) -> None:
+        self._lock_file = (self.root / LOCK).open("a")
+        try:
+            fcntl.flock(self._lock_file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as exc:
+            self.close()
+            raise RunDirError(f"run directory {self.root} is in use by another sadag process; wait for it to "
+                              "finish (or stop it), or choose another --out") from exc
+
+    def close(self) -> None:
+        """Release the lock (also released when the process ends)."""
+        if self._lock_file is not None:
+            self._lock_file.close()
+            self._lock_file = None
+
+    def __enter__(self) -> RunDir:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    def _marker(self) -> dict[str, Any]:
+        from . import __version__
+        from .config import fingerprint
+
+        return {"sadag_run": 1, "sadag": __version__, "fingerprint": fingerprint(self.settings),
+                "settings": self.settings}
+
+    def _check_settings(self) -> None:
+        path = self.root / MARKER
+        try:
+            marker = json.loads(path.read_text())
+            old = marker["settings"]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise RunDirError(f"{path} is unreadable ({exc}); this run cannot be resumed safely: start a new --out "
+                              "or replace it with --force") from exc
+        diff = _differences(old, self.settings)
+        if diff:
+            raise RunDirError(f"cannot resume {self.root}: it was made with other settings ({'; '.join(diff)}). "
+                              "Resume with the run's settings (its config.yaml: --config), or start a new --out, "
+                              "or replace it with --force")
+
+    def _remove_orphans(self) -> None:
+        """Temporary files of writes that an interrupted process never finished."""
+        for folder in (self.root, self.root / STATE):
+            for tmp in folder.glob(".*.tmp"):
+                tmp.unlink()
+
+    def _clear(self) -> None:
+        for entry in self.root.iterdir():
+            if entry.name == LOCK:
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
 
     def path(self, name: str) -> Path:
         return self.root / name
@@ -85,7 +208,14 @@ class RunDir:
 
     def load_state(self, name: str) -> Any | None:
         path = self.state_path(name)
-        return torch.load(path, map_location="cpu", weights_only=False) if path.exists() else None
+        if not path.exists():
+            return None
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # truncated, garbage or holding pickled objects: all mean "redo this step"
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise RunDirError(f"the checkpoint {path} cannot be read ({reason[:200]}); delete it and rerun the same "
+                              "command with --resume (only that step is redone)") from exc
 
     def write_json(self, name: str, data: Any) -> None:
         atomic_write_text(self.root / name, json.dumps(data, indent=2, default=str) + "\n")

@@ -3,7 +3,15 @@
 from .calib import load_calibration_data, load_image_tensor, sample_calibration_images
 from .cifar import CifarDataset, download_cifar, read_cifar_batch
 from .folder import IMAGE_EXTENSIONS, ImageFolderDataset, make_loader, read_class_index
-from .transforms import denormalize, load_and_preprocess, load_image, normalize, preprocess, resize_and_crop
+from .transforms import (
+    denormalize,
+    load_and_preprocess,
+    load_image,
+    normalize,
+    preprocess,
+    resize_and_crop,
+    to_rgb,
+)
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -22,4 +30,5 @@ __all__ = [
     "read_class_index",
     "resize_and_crop",
     "sample_calibration_images",
+    "to_rgb",
 ]

@@ -32,14 +32,21 @@ class ImageFolderDataset(Dataset):
     Labels follow the sorted class folders, or the line numbers of ``class_index`` when given
     (e.g. ImageNet's wnids.txt, so a 10-class subset keeps its 1000-way labels).
     ``limit`` keeps at most that many images per class (the first in sorted file order).
+
+    ``labelled=True`` (evaluation) refuses labels that cannot be the model's: without a class index
+    the folders must be exactly ``spec.num_classes`` (a subset of classes, or more folders than
+    classes, has no label order to follow), and a class index may list at most that many names.
+    ``labelled=False`` (calibration, which ignores labels) reads any folder.
     """
 
     def __init__(self, root: str | Path, spec: DataSpec, class_index: str | Path | None = None,
-                 limit: int | None = None) -> None:
+                 limit: int | None = None, *, labelled: bool = True) -> None:
         self.root = Path(root)
         self.spec = spec
         folders = self._class_folders()
         self.classes = [f.name for f in folders]
+        if labelled:
+            self._check_label_space(class_index)
         self.class_to_idx = self._labels(self.classes, class_index)
         self.samples: list[tuple[Path, int]] = [
             (img, self.class_to_idx[f.name]) for f in folders for img in _images_in(f)[:limit]
@@ -53,6 +60,23 @@ class ImageFolderDataset(Dataset):
             raise DataError(f"no images found under {self.root}: expected {self.root}/<class>/<image>.jpg "
                             f"(one sub-folder per class, extensions {', '.join(IMAGE_EXTENSIONS)})")
         return folders
+
+    def _check_label_space(self, class_index: str | Path | None) -> None:
+        """Folder order or the class index must give labels of this model, or accuracy is silently wrong."""
+        want, have = self.spec.num_classes, len(self.classes)
+        if class_index is not None:
+            listed = len(read_class_index(class_index))
+            if listed > want:
+                raise DataError(f"class index {class_index} lists {listed} class names but the model has {want} "
+                                f"classes: it belongs to another model; give the model's own class list")
+            return
+        if have != want:
+            raise DataError(
+                f"{self.root} has {have} class folders but the model has {want} classes, so labelling the sorted "
+                f"folders 0..{have - 1} would not give the model's labels: pass --class-index FILE "
+                f"(class_index= in Python) listing the model's {want} class names in label order, one per "
+                f"line, with every folder name among them"
+            )
 
     @staticmethod
     def _labels(classes: list[str], class_index: str | Path | None) -> dict[str, int]:

@@ -121,13 +121,27 @@ def _export_copy(qmodel: nn.Module) -> tuple[nn.Module, list[_QTensor], list[_QT
     return model, weights, activations
 
 
+_WHY_TORCHSCRIPT = ("sadag keeps torch.onnx's TorchScript exporter (dynamo=False) on purpose: its placeholders "
+                    "are autograd.Functions with a `symbolic`, which the dynamo exporter cannot lower without "
+                    "onnxscript (see docs/method.md, section 5)")
+_logged: set[str] = set()
+
+
 def _torch_export(model: nn.Module, spec: DataSpec, opset: int) -> bytes:
     example = torch.zeros(1, 3, spec.input_size, spec.input_size)
     buf = io.BytesIO()
-    with warnings.catch_warnings():  # the TorchScript exporter's constant-folding notes are not actionable
-        warnings.simplefilter("ignore", UserWarning)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         _export_graph(model, example, buf, opset)
+    for w in caught:  # the deprecation notice and constant-folding notes: known, not for the user to act on
+        _log_once(f"{w.category.__name__}: {str(w.message).splitlines()[0]}")
     return buf.getvalue()
+
+
+def _log_once(message: str) -> None:
+    if message not in _logged:
+        _logged.add(message)
+        log.debug("torch.onnx.export warned %r; %s", message, _WHY_TORCHSCRIPT)
 
 
 def _export_graph(model: nn.Module, example: Tensor, buf: io.BytesIO, opset: int) -> None:
@@ -239,16 +253,21 @@ def _lower(model: onnx.ModelProto, weights: list[_QTensor], acts: list[_QTensor]
     return model
 
 
-def export_onnx(qmodel: nn.Module, path: str | Path, spec: DataSpec, *, opset: int = 21) -> Path:
+def export_onnx(qmodel: nn.Module, path: str | Path, spec: DataSpec | None = None, *, opset: int = 21) -> Path:
     """Write ``qmodel`` (calibrated, frozen) as an ONNX QDQ model with a dynamic batch dimension.
 
-    Input ``input`` (N, 3, S, S) normalised as ``spec`` says; output ``logits``. ``opset`` 21 gives UINT4
-    for 4-bit grids, 25 also UINT2 for 2-bit grids; other widths use a UINT8 container.
+    Input ``input`` (N, 3, S, S) normalised as ``spec`` says (default: the spec ``load_model`` attached to
+    the model); output ``logits``. ``opset`` 21 gives UINT4 for 4-bit grids, 25 also UINT2 for 2-bit grids;
+    other widths use a UINT8 container.
     """
     import onnx
 
     if not MIN_OPSET <= opset <= MAX_OPSET:
         raise ConfigError(f"ONNX opset must be in {MIN_OPSET}..{MAX_OPSET}, got {opset}")
+    spec = spec or getattr(qmodel, "sadag_spec", None)
+    if spec is None:
+        raise ConfigError("export_onnx needs the model's DataSpec: pass spec=..., or load the model with "
+                          "sadag.load_model, which attaches it")
     check_frozen(qmodel)
     model, weights, acts = _export_copy(qmodel)
     proto = _lower(onnx.load_from_string(_torch_export(model, spec, opset)), weights, acts, opset)

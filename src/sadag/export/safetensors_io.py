@@ -12,19 +12,21 @@ The JSON string under metadata key "sadag" holds the model name, bits, plan, Qua
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
+import math
+from dataclasses import asdict, fields
 from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from ..config import QuantConfig
 from ..errors import ConfigError, ModelError
-from ..models import DataSpec, load_model
+from ..models import DataSpec, get_model_info, load_model
+from ..models.registry import is_import_path
 from ..quantization.modules import is_quant_layer
 from ..quantization.prepare import quantize
 from ..quantization.quantizers import ActQuantizer, WeightQuantizer
@@ -32,10 +34,12 @@ from ..quantization.quantizers import ActQuantizer, WeightQuantizer
 FORMAT = "sadag-quantized"
 FORMAT_VERSION = 1
 META_KEY = "sadag"
+MAX_INPUT_SIZE = 2048  # a larger image side in a file's spec is damage, not a model: refuse before allocating
+MAX_CLASSES = 1_000_000
 
 
 class ExportFormatError(ModelError):
-    """A file that is not a sadag export, or whose tensors do not fit the model it describes."""
+    """An export that cannot be written, is not a sadag export, or whose tensors do not fit its metadata."""
 
 
 def sadag_version() -> str:
@@ -131,10 +135,21 @@ def save_quantized(qmodel: nn.Module, path: str | Path, *, model_name: str, spec
         text = json.dumps(meta)
     except TypeError as e:
         raise ConfigError(f"extra metadata must be JSON-serialisable: {e}") from e
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().clone().contiguous() for k, v in tensors.items()}  # no shared storage
-    save_file(tensors, str(path), metadata={META_KEY: text})
+    return _write(Path(path), tensors, text)
+
+
+def _write(path: Path, tensors: dict[str, Tensor], text: str) -> Path:
+    """safetensors writes a temporary file and renames it, so a failed write leaves no partial export."""
+    if path.is_dir():
+        raise ExportFormatError(f"cannot export to {path}: it is a directory; give a file path such as "
+                                f"{path / 'quantized.safetensors'}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(path), metadata={META_KEY: text})
+    except (OSError, SafetensorError) as e:
+        raise ExportFormatError(f"cannot write the export to {path} ({e}): choose a path in a writable "
+                                f"directory (no part of it may be an existing file)") from e
     return path
 
 
@@ -164,13 +179,30 @@ def read_export(path: str | Path) -> tuple[dict[str, Tensor], dict]:
     return tensors, meta
 
 
-def _take(tensors: dict[str, Tensor], key: str, shape: torch.Size | tuple[int, ...]) -> Tensor:
+def _take(tensors: dict[str, Tensor], key: str, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+    """The tensor stored under ``key``, which must have exactly this shape and dtype."""
     if key not in tensors:
         raise ExportFormatError(f"tensor {key!r} is missing from the export")
     t = tensors[key]
-    if t.numel() != int(torch.Size(shape).numel()):
-        raise ExportFormatError(f"tensor {key!r} has shape {tuple(t.shape)}, the model needs {tuple(shape)}")
-    return t.reshape(shape)
+    if tuple(t.shape) != tuple(shape) or t.dtype != dtype:
+        raise ExportFormatError(f"tensor {key!r} is {t.dtype} {tuple(t.shape)}, the model needs {dtype} "
+                                f"{tuple(shape)}: the file was modified or made for another model")
+    return t
+
+
+def _check_scale(key: str, scale: Tensor, signed: bool) -> None:
+    """Step sizes must be finite and non-zero; activation ones positive. A learned weight step size can
+    cross zero during reconstruction and the layer stays exact ((q - zp) * scale), so its sign is free."""
+    bad = ~torch.isfinite(scale) | (scale == 0 if signed else scale <= 0)
+    if bool(bad.any()):
+        what = "finite and non-zero" if signed else "finite and positive"
+        raise ExportFormatError(f"tensor {key!r} holds step sizes that are not {what}: the file is damaged")
+
+
+def _check_integers(key: str, q: Tensor, qmax: int) -> None:
+    if q.numel() and int(q.max()) > qmax:
+        raise ExportFormatError(f"tensor {key!r} holds values up to {int(q.max())}, above qmax={qmax} of its "
+                                f"bit width")
 
 
 @torch.no_grad()
@@ -180,16 +212,33 @@ def _fill_layer(name: str, layer: nn.Module, tensors: dict[str, Tensor], info: d
     if info.get("bits") != wq.bits:
         raise ExportFormatError(f"layer {name}: the file has {info.get('bits')}-bit weights, the rebuilt "
                                 f"model {wq.bits}-bit")
-    q = _take(tensors, f"w.{name}.q", layer.weight.shape).to(layer.weight.device, layer.weight.dtype)
-    if q.numel() and q.max() > wq.qmax:
-        raise ExportFormatError(f"layer {name}: integer weights exceed qmax={wq.qmax}")
-    wq.scale.copy_(_take(tensors, f"w.{name}.scale", wq.scale.shape))
-    wq.zero_point.copy_(_take(tensors, f"w.{name}.zero_point", wq.zero_point.shape))
+    channels = (wq.scale.numel(),)
+    q = _take(tensors, f"w.{name}.q", tuple(layer.weight.shape), torch.uint8)
+    scale = _take(tensors, f"w.{name}.scale", channels, torch.float32)
+    zero_point = _take(tensors, f"w.{name}.zero_point", channels, torch.uint8)
+    _check_integers(f"w.{name}.q", q, wq.qmax)
+    _check_integers(f"w.{name}.zero_point", zero_point, wq.qmax)
+    _check_scale(f"w.{name}.scale", scale, signed=True)
+    quantize_weight = bool(info.get("quantize_weight", True))
+    if quantize_weight:
+        _check_uses_its_bits(name, q, wq.bits)
+    q = q.to(layer.weight.device, layer.weight.dtype)
+    wq.scale.copy_(scale.reshape(wq.scale.shape))
+    wq.zero_point.copy_(zero_point.reshape(wq.zero_point.shape))
     wq.w_floor.copy_(q - wq.zero_point)
     wq.alpha.fill_(-1.0)
     wq.mode = "hard"
     layer.weight.copy_((q - wq.zero_point) * wq.scale)
-    layer.quantize_weight = bool(info.get("quantize_weight", True))
+    layer.quantize_weight = quantize_weight
+
+
+def _check_uses_its_bits(name: str, q: Tensor, bits: int) -> None:
+    """Clip search spreads each channel over its whole grid; integers that all fit a grid of one bit
+    less mean the layer was relabelled (e.g. a 4-bit layer declared 8-bit)."""
+    span = int(q.max()) - int(q.min()) if q.numel() else 0
+    if bits > 1 and span < 2 ** (bits - 1):
+        raise ExportFormatError(f"layer {name} is declared {bits}-bit but its integer weights span only "
+                                f"{span + 1} levels, which fit in {bits - 1} bits: the metadata was changed")
 
 
 @torch.no_grad()
@@ -200,8 +249,12 @@ def _fill_act(name: str, act: ActQuantizer, tensors: dict[str, Tensor], info: di
     act.active = bool(info.get("active", True))
     if act.bits is None or not info.get("initialized", False):
         return
-    act.scale.copy_(_take(tensors, f"a.{name}.scale", ()))
-    act.zero_point.copy_(_take(tensors, f"a.{name}.zero_point", ()))
+    scale = _take(tensors, f"a.{name}.scale", (), torch.float32)
+    zero_point = _take(tensors, f"a.{name}.zero_point", (), torch.uint8)
+    _check_scale(f"a.{name}.scale", scale, signed=False)
+    _check_integers(f"a.{name}.zero_point", zero_point, act.qmax)
+    act.scale.copy_(scale)
+    act.zero_point.copy_(zero_point)
     act.initialized.fill_(True)
     act.ready = True
 
@@ -209,14 +262,23 @@ def _fill_act(name: str, act: ActQuantizer, tensors: dict[str, Tensor], info: di
 @torch.no_grad()
 def _fill_fp(qmodel: nn.Module, tensors: dict[str, Tensor]) -> None:
     current = _fp_tensors(qmodel)  # state_dict tensors share storage with the model
-    unknown = sorted(k[3:] for k in tensors if k.startswith("fp.") and k[3:] not in current)
-    if unknown:
-        raise ExportFormatError(f"the export holds tensors the model does not have: {unknown[:5]}")
     for key, target in current.items():
-        target.copy_(_take(tensors, f"fp.{key}", target.shape))
+        value = _take(tensors, f"fp.{key}", tuple(target.shape), target.dtype)
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise ExportFormatError(f"tensor 'fp.{key}' holds NaN or infinite values: the file is damaged")
+        target.copy_(value)
 
 
-def _check_structure(qmodel: nn.Module, meta: dict) -> None:
+def _expected_keys(qmodel: nn.Module, meta: dict) -> set[str]:
+    layers, _ = quantized_parts(qmodel)
+    keys = {f"fp.{k}" for k in _fp_tensors(qmodel)}
+    keys.update(f"w.{n}.{part}" for n in layers for part in ("q", "scale", "zero_point"))
+    keys.update(f"a.{n}.{part}" for n, info in meta["act_quantizers"].items()
+                if info.get("bits") is not None and info.get("initialized") for part in ("scale", "zero_point"))
+    return keys
+
+
+def _check_structure(qmodel: nn.Module, meta: dict, tensors: dict[str, Tensor]) -> None:
     layers, acts = quantized_parts(qmodel)
     if set(layers) != set(meta.get("layers", {})) or set(acts) != set(meta.get("act_quantizers", {})):
         raise ExportFormatError(f"the quantized layers of the rebuilt {meta.get('model_name')!r} do not match "
@@ -224,25 +286,114 @@ def _check_structure(qmodel: nn.Module, meta: dict) -> None:
     if _normalise(qmodel.sadag_plan.to_dict()) != meta.get("plan"):
         raise ExportFormatError("the rebuilt quantization plan differs from the exported one (another "
                                 "architecture or sadag version?)")
+    unknown = sorted(set(tensors) - _expected_keys(qmodel, meta))
+    if unknown:
+        raise ExportFormatError(f"the export holds tensors the model does not have: {unknown[:5]}")
 
 
-def load_quantized(path: str | Path, model: nn.Module | None = None) -> tuple[nn.Module, dict]:
+def _int_in(x: object, low: int, high: int) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and low <= x <= high
+
+
+def _three_floats_in(x: object, low: float, high: float) -> bool:
+    return isinstance(x, list) and len(x) == 3 and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and low <= v <= high for v in x)
+
+
+def _read_spec(raw: object, path: Path) -> DataSpec:
+    """The file's DataSpec, every field in a sane range before anything is allocated from it."""
+    d = raw if isinstance(raw, dict) else {}
+    checks = {
+        "input_size": _int_in(d.get("input_size"), 1, MAX_INPUT_SIZE),
+        "num_classes": _int_in(d.get("num_classes"), 1, MAX_CLASSES),
+        "mean": _three_floats_in(d.get("mean"), -1e3, 1e3),
+        "std": _three_floats_in(d.get("std"), 1e-6, 1e3),
+        "resize": d.get("resize") is None or _int_in(d.get("resize"), 1, 4 * MAX_INPUT_SIZE),
+    }
+    bad = [f"{k}={d.get(k)!r}" for k, ok in checks.items() if not ok]
+    if bad:
+        raise ExportFormatError(f"{path}: the metadata's input spec is out of range ({', '.join(bad)}; input_size "
+                                f"must be in 1..{MAX_INPUT_SIZE}): the file is damaged or was not made by sadag")
+    return DataSpec.from_dict(d)
+
+
+def _quant_types_ok(raw: dict) -> bool:
+    units, p = raw.get("units"), raw.get("clip_search_p", 2.4)
+    return (all(isinstance(raw.get(k, True), bool) for k in ("first_last_8bit", "fold_bn"))
+            and isinstance(p, (int, float)) and not isinstance(p, bool) and math.isfinite(p) and p > 0
+            and (units is None or isinstance(units, list) and all(isinstance(u, str) for u in units)))
+
+
+def _read_quant_config(raw: object, meta: dict, path: Path) -> QuantConfig:
+    names = {f.name for f in fields(QuantConfig)}
+    if not isinstance(raw, dict) or not set(raw) <= names or not _quant_types_ok(raw):
+        raise ExportFormatError(f"{path}: malformed quant_config in the metadata ({raw!r})")
+    cfg = QuantConfig(**raw)
+    try:
+        cfg.validate()
+    except ConfigError as e:
+        raise ExportFormatError(f"{path}: invalid quant_config in the metadata: {e}") from e
+    if (meta.get("w_bits"), meta.get("a_bits")) != (cfg.w_bits, cfg.a_bits):
+        raise ExportFormatError(f"{path}: the metadata's bits W{meta.get('w_bits')}A{meta.get('a_bits')} differ "
+                                f"from its quant_config W{cfg.w_bits}A{cfg.a_bits}: the file was modified")
+    return cfg
+
+
+def _architecture(meta: dict, path: Path, allow_import: bool) -> tuple[nn.Module, DataSpec | None]:
+    """The FP model a file names: a registered zoo model, or a module:factory only with ``allow_import``."""
+    name = meta.get("model_name")
+    if not isinstance(name, str):
+        raise ExportFormatError(f"{path}: the metadata names no model")
+    if is_import_path(name):
+        if not allow_import:
+            raise ExportFormatError(
+                f"{path} names the model {name!r}, a Python module:function: rebuilding it would import that "
+                f"module and run that function, i.e. run code chosen by whoever wrote the file. Pass the FP "
+                f"architecture yourself (load_quantized(path, model=...)), or allow_import=True "
+                f"(--allow-import) only if you trust the file and that module")
+        return load_model(name, pretrained=False)[0], None
+    try:
+        info = get_model_info(name)
+    except ModelError as e:
+        raise ExportFormatError(f"{path} names the model {name!r}, which is not in sadag's model zoo (sadag "
+                                f"models lists them); pass the architecture with model=") from e
+    return load_model(name, pretrained=False)[0], info.spec
+
+
+def _check_spec_fits(spec: DataSpec, expected: DataSpec | None, path: Path) -> None:
+    if expected is not None and (spec.input_size, spec.num_classes) != (expected.input_size, expected.num_classes):
+        raise ExportFormatError(f"{path}: the metadata says {spec.input_size}x{spec.input_size} inputs and "
+                                f"{spec.num_classes} classes, the model {expected.input_size}x{expected.input_size} "
+                                f"and {expected.num_classes}: the file was modified or made for another model")
+
+
+def load_quantized(path: str | Path, model: nn.Module | None = None, *,
+                   allow_import: bool = False) -> tuple[nn.Module, dict]:
     """Rebuild the quantized model of an export; returns (qmodel in eval mode, metadata).
 
     ``model``: the FP architecture to quantize (its weights are overwritten); default: the registered
-    model named in the file, built without pretrained weights.
+    model named in the file, built without pretrained weights. A file naming a ``module:factory``
+    model needs ``model`` or ``allow_import=True``: importing it runs that module's code.
+
+    Every tensor is checked against the metadata and the rebuilt model (exact shapes and dtypes,
+    integers within each layer's bit width, finite non-zero scales, finite FP tensors) and the input
+    spec is range-checked before anything is allocated from it.
     """
+    path = Path(path)
     tensors, meta = read_export(path)
-    try:
-        spec = DataSpec.from_dict(meta["spec"])
-        cfg = QuantConfig(**meta["quant_config"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise ExportFormatError(f"{path}: incomplete sadag metadata ({e})") from e
+    spec = _read_spec(meta.get("spec"), path)
+    cfg = _read_quant_config(meta.get("quant_config"), meta, path)
+    sections = [meta.get("layers"), meta.get("act_quantizers")]
+    if not all(isinstance(x, dict) and all(isinstance(v, dict) for v in x.values()) for x in sections):
+        raise ExportFormatError(f"{path}: incomplete sadag metadata (no layers / act_quantizers)")
     if model is None:
-        model, _ = load_model(meta["model_name"], pretrained=False)
+        model, expected = _architecture(meta, path, allow_import)
+    else:
+        expected = getattr(model, "sadag_spec", None)
+    _check_spec_fits(spec, expected, path)
     example = torch.zeros(1, 3, spec.input_size, spec.input_size, device=next(model.parameters()).device)
     qmodel = quantize(model, cfg, example)
-    _check_structure(qmodel, meta)
+    _check_structure(qmodel, meta, tensors)
     layers, acts = quantized_parts(qmodel)
     for name, layer in layers.items():
         _fill_layer(name, layer, tensors, meta["layers"][name])

@@ -1,5 +1,7 @@
 """Synthetic calibration data: Genie-D, SADAG refinement, ZeroQ and noise baselines."""
 
+from ..methods import GenerationMethod, get_method, method_names, register_method
+from . import builtin  # noqa: F401 (registers noise, zeroq, genie, sadag)
 from .bn_stats import bn_layers, bn_statistics_loss, capture_bn_inputs, input_prior_loss
 from .common import DevicePlateau, Progress
 from .duplicates import near_copy_mask, near_duplicates
@@ -7,12 +9,15 @@ from .generator import GenieGenerator
 from .genie import GenieBatch, batch_sizes, generate_genie
 from .io import load_synthetic_set, save_synthetic_set
 from .noise import generate_noise
+from .registry import GenerationContext
 from .sadag import diversity_loss, gradient_cosine, gradient_matching_loss, refine_sadag
 from .swing import SwingConv2d, swing_model, swing_shift
 from .zeroq import generate_zeroq
 
 __all__ = [
     "DevicePlateau",
+    "GenerationContext",
+    "GenerationMethod",
     "GenieBatch",
     "GenieGenerator",
     "Progress",
@@ -25,13 +30,16 @@ __all__ = [
     "generate_genie",
     "generate_noise",
     "generate_zeroq",
+    "get_method",
     "gradient_cosine",
     "gradient_matching_loss",
     "input_prior_loss",
     "load_synthetic_set",
+    "method_names",
     "near_copy_mask",
     "near_duplicates",
     "refine_sadag",
+    "register_method",
     "save_synthetic_set",
     "swing_model",
     "swing_shift",

@@ -3,25 +3,32 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
 from ..errors import NumericalError
+from ..progress import LOG_EVERY, Progress
 
-Progress = Callable[[str, int, int, dict[str, float]], None]
-LOG_EVERY = 50
-
+# The first stages' tags, kept so that their seeds (and results) never change; any other stage name gets a
+# tag from a hash of the name, above 2**32 so that it never meets these.
 _STAGE_TAGS = {"genie-z": 1, "genie-g": 2, "swing": 3, "zeroq": 4, "sadag": 5}
+
+
+def stage_tag(stage: str) -> int:
+    if stage in _STAGE_TAGS:
+        return _STAGE_TAGS[stage]
+    return (1 << 32) + int.from_bytes(hashlib.sha256(stage.encode()).digest()[:4], "big")
 
 
 def batch_seed(seed: int, batch: int, stage: str) -> int:
     """A 63-bit seed that depends only on (run seed, batch index, stage): batches are independent."""
-    state = np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(batch), _STAGE_TAGS[stage]])
+    state = np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(batch), stage_tag(stage)])
     return int(state.generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
 
 

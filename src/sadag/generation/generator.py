@@ -1,7 +1,11 @@
-"""Genie's image generator (one per batch, always in train mode)."""
+"""Genie's image generator (one per batch, always in train mode), and G of them run as one module."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ConfigError
@@ -36,3 +40,47 @@ class GenieGenerator(nn.Module):
     def forward(self, z: Tensor) -> Tensor:
         out = self.linear(z).view(z.shape[0], -1, self.init_size, self.init_size)
         return self.body(out)
+
+
+def _grouped_bn(mods: Sequence[nn.BatchNorm2d], h: Tensor) -> Tensor:
+    """Train-mode BN of channel blocks (B, G*C, H, W): each generator's own batch statistics and affine
+    part; the updated running statistics are written back to each generator (as its own forward would)."""
+    first = mods[0]
+    running_mean = torch.cat([m.running_mean for m in mods])
+    running_var = torch.cat([m.running_var for m in mods])
+    weight = torch.cat([m.weight for m in mods]) if first.affine else None
+    bias = torch.cat([m.bias for m in mods]) if first.affine else None
+    out = F.batch_norm(h, running_mean, running_var, weight, bias, True, first.momentum, first.eps)
+    with torch.no_grad():
+        for m, mean, var in zip(mods, running_mean.chunk(len(mods)), running_var.chunk(len(mods)), strict=True):
+            m.running_mean.copy_(mean)
+            m.running_var.copy_(var)
+            m.num_batches_tracked.add_(1)
+    return out
+
+
+def grouped_forward(gens: Sequence[GenieGenerator], z: Tensor) -> Tensor:
+    """The images of G generators in one pass: z (G, B, latent) -> (G*B, 3, S, S), batch g first from z[g].
+
+    The same math as concatenating gens[g](z[g]): the Linear layers become one batched matmul and the
+    convolutions one grouped convolution over channel blocks (B, G*C, H, W), where a train-mode BatchNorm
+    normalizes each batch's channels with that batch's statistics. Every generator must be in train mode.
+    """
+    if len(gens) == 1:
+        return gens[0](z[0])
+    first, groups, size = gens[0], z.shape[0], z.shape[1]
+    weight = torch.stack([g.linear.weight for g in gens])
+    bias = torch.stack([g.linear.bias for g in gens]).unsqueeze(1)
+    h = torch.baddbmm(bias, z, weight.transpose(1, 2))  # (G, B, C1 * s * s)
+    h = h.transpose(0, 1).reshape(size, -1, first.init_size, first.init_size)
+    for i, layer in enumerate(first.body):
+        mods = [g.body[i] for g in gens]
+        if isinstance(layer, nn.BatchNorm2d):
+            h = _grouped_bn(mods, h)
+        elif isinstance(layer, nn.Conv2d):
+            w = torch.cat([m.weight for m in mods])
+            b = torch.cat([m.bias for m in mods]) if layer.bias is not None else None
+            h = F.conv2d(h, w, b, layer.stride, layer.padding, layer.dilation, groups=groups)
+        else:  # upsampling and activations act per channel
+            h = layer(h)
+    return h.unflatten(1, (groups, -1)).transpose(0, 1).flatten(0, 1)

@@ -1,4 +1,4 @@
-"""SADAG stage C: sharpness-aware refinement of Genie-D batches (ALGORITHM.md section 3)."""
+"""SADAG stage C: sharpness-aware refinement of Genie-D batches (docs/method.md section 4)."""
 
 from __future__ import annotations
 
@@ -117,8 +117,39 @@ class _Nets:
         return fp_out - q_out, h.flatten(1), bn
 
 
+# Neighbor directions (ALGORITHM.md section 3). Each returns (x, L_BN, e, h, e', h') with x' = G(z - rho d/||d||)
+# per sample; d is detached (no gradient flows through the choice of neighbor) and its randomness comes from
+# `noise`, the batch's seeded generator.
+
+def _unit_outputs(e: Tensor, h: Tensor) -> Tensor:
+    """(e/||e||, h/||h||) per sample: the gradient cosine cos(e, e') cos(h, h') sees nothing else."""
+    return torch.cat([F.normalize(e, dim=1), F.normalize(h, dim=1)], dim=1)
+
+
+def _vjp(u: Tensor, z: Tensor, r: Tensor) -> Tensor:
+    """J^T r, J = du/dz; the graph is kept for the loss's backward."""
+    (g,) = torch.autograd.grad(u, z, grad_outputs=r, retain_graph=True)
+    return g
+
+
+def _jvp(u: Tensor, z: Tensor, v: Tensor) -> Tensor:
+    """J v by the double-backward trick: J^T w is linear in w, and its gradient with respect to w along v is J v.
+    (Reverse mode only: the quantizers' custom backward has no forward-mode rule.)"""
+    w = torch.zeros_like(u, requires_grad=True)
+    (g,) = torch.autograd.grad(u, z, grad_outputs=w, create_graph=True)
+    (jv,) = torch.autograd.grad(g, w, grad_outputs=v, retain_graph=True)
+    return jv
+
+
+def _step_to(nets: _Nets, gen: nn.Module, z: Tensor, rho: float, d: Tensor, x: Tensor, bn: Tensor | None,
+             e: Tensor, h: Tensor):
+    x_n = gen(z - rho * F.normalize(d.detach(), dim=1))
+    e_n, h_n, _ = nets.forward(x_n)
+    return x, bn, e, h, e_n, h_n
+
+
 def _random_pair(nets: _Nets, gen: nn.Module, z: Tensor, rho: float, noise: torch.Generator):
-    """Neighbor along a seeded random unit direction; x and x' go through the models as one 2B batch.
+    """Neighbor along a seeded isotropic unit direction in z; x and x' go through the models as one 2B batch.
 
     The generator runs on z and z' separately: its BN uses batch statistics, so one 2B call would
     change the images.
@@ -131,16 +162,46 @@ def _random_pair(nets: _Nets, gen: nn.Module, z: Tensor, rho: float, noise: torc
     return x, bn, e2[:n], h2[:n], e2[n:], h2[n:]
 
 
-def _adversarial_pair(nets: _Nets, gen: nn.Module, z: Tensor, rho: float, noise: torch.Generator):
-    """Neighbor along -grad_{z'} (e.e')(h.h') at z' = z (e, h held fixed): to first order the
-    neighbor whose gradient is least similar to the sample's. The direction is detached."""
+def _released_pair(nets: _Nets, gen: nn.Module, z: Tensor, rho: float, noise: torch.Generator):
+    """Neighbor along d = J^T r: seeded Gaussian noise r on the unit outputs (e/||e||, h/||h||), back-propagated
+    through the models and the generator to z (one extra backward).
+
+    What the authors' released configuration does in effect: its direction is the gradient of the
+    self-similarity mean_i (u_i . sg(u_i) + 1e-9) with u the normalized logit difference and feature, which is
+    zero in exact arithmetic (normalization's Jacobian is orthogonal to u); what remains is float rounding noise
+    at u, carried back to z by J^T. So d lies along the directions of z that move the outputs.
+    """
     x = gen(z)
     e, h, bn = nets.forward(x, bn_images=x)
-    sim = ((e.detach() * e).sum(1) * (h.detach() * h).sum(1)).sum()
-    (d,) = torch.autograd.grad(sim, z, retain_graph=True)
-    x_n = gen(z - rho * F.normalize(d.detach(), dim=1))
-    e_n, h_n, _ = nets.forward(x_n)
-    return x, bn, e, h, e_n, h_n
+    u = _unit_outputs(e, h)
+    r = torch.randn(u.shape, generator=noise, device=u.device, dtype=u.dtype)
+    return _step_to(nets, gen, z, rho, _vjp(u, z, r), x, bn, e, h)
+
+
+ADVERSARIAL_POWER_STEPS = 2  # power-iteration steps from the released direction toward the top eigenvector
+
+
+def _adversarial_pair(nets: _Nets, gen: nn.Module, z: Tensor, rho: float, noise: torch.Generator):
+    """Neighbor that, to leading order, most lowers the gradient cosine cos(e, e') cos(h, h') (what the paper
+    describes, under the loss actually optimized).
+
+    The cosine's gradient at z' = z is zero (a maximum), so the leading term is second order: with the unit
+    outputs u = (e/||e||, h/||h||) linearized, 1 - cos(e, e') cos(h, h') ~ 1/2 ||J delta||^2, J = du/dz.
+    The least-similar direction is the top eigenvector of J^T J, found by a few power-iteration steps
+    d <- J^T J d (each: one double backward for J d, one backward for J^T), normalized per sample, starting
+    from the released direction J^T r. Each step costs about three backward passes.
+    """
+    x = gen(z)
+    e, h, bn = nets.forward(x, bn_images=x)
+    u = _unit_outputs(e, h)
+    r = torch.randn(u.shape, generator=noise, device=u.device, dtype=u.dtype)
+    d = _vjp(u, z, r)
+    for _ in range(ADVERSARIAL_POWER_STEPS):
+        d = _vjp(u, z, _jvp(u, z, F.normalize(d, dim=1)).detach())
+    return _step_to(nets, gen, z, rho, d, x, bn, e, h)
+
+
+_PAIRS = {"released": _released_pair, "random": _random_pair, "adversarial": _adversarial_pair}
 
 
 @dataclass
@@ -164,7 +225,7 @@ def _refine_batch(nets: _Nets, batch: GenieBatch, pool: _Pool, spec: DataSpec, c
     opt_g = torch.optim.Adam(gen.parameters(), lr=cfg.refine_lr_g)
     noise = torch.Generator(device=device)
     noise.manual_seed(batch_seed(seed, batch.index, "sadag"))
-    pair = _adversarial_pair if cfg.neighbor == "adversarial" else _random_pair
+    pair = _PAIRS[cfg.neighbor]
     iters, b = cfg.refine_iters, batch.index
     x = e = h = None
     for it in range(iters):

@@ -22,34 +22,38 @@ from .common import (
     model_device,
     tensor_lr_adam,
 )
-from .genie import batch_sizes
+from .genie import auto_parallel_batches, batch_groups, batch_sizes
 
 log = logging.getLogger(__name__)
 
 _HINT = "lower gen.zeroq_lr or check that the model's forward pass is finite"
 
 
-def _per_sample_stat_loss(x: Tensor, mean: Tensor, std: Tensor) -> Tensor:
-    """ZeroQ's ||mu - mu_i||^2 + ||sigma - sigma_i||^2 summed over (N, C), divided by N.
+def _per_sample_stat_loss(x: Tensor, mean: Tensor, std: Tensor, groups: int = 1) -> Tensor:
+    """ZeroQ's ||mu - mu_i||^2 + ||sigma - sigma_i||^2 summed over (N, C), divided by N, per batch of
+    `groups` equal batches concatenated along N: shape (groups,).
 
     mu_i, sigma_i are each sample's spatial mean and sqrt(unbiased var + 1e-6).
     """
     flat = x.flatten(2)
     var, m = torch.var_mean(flat, dim=2)
     s = torch.sqrt(var + BN_STD_EPS)
-    return ((m - mean).square().sum() + (s - std).square().sum()) / x.shape[0]
+    per_sample = (m - mean).square().sum(1) + (s - std).square().sum(1)
+    return per_sample.view(groups, -1).mean(1)
 
 
-def zeroq_loss(inputs: Sequence[Tensor | None], layers: Sequence[nn.BatchNorm2d], x: Tensor) -> Tensor:
-    """Per-sample BN-statistics loss of every BN input plus the same term on the image (target 0 / 1).
+def zeroq_losses(inputs: Sequence[Tensor | None], layers: Sequence[nn.BatchNorm2d], x: Tensor,
+                 groups: int = 1) -> Tensor:
+    """Per-sample BN-statistics loss of every BN input plus the same term on the image (target 0 / 1), per
+    batch of `groups` equal batches concatenated along N: shape (groups,).
 
     ZeroQ hooks conv outputs paired with BN layers; the BN inputs are the same tensors in conv-BN
     networks and stay correct in networks where they are not.
     """
-    total = _per_sample_stat_loss(x, torch.zeros_like(x[0, :, 0, 0]), torch.ones_like(x[0, :, 0, 0]))
+    total = _per_sample_stat_loss(x, torch.zeros_like(x[0, :, 0, 0]), torch.ones_like(x[0, :, 0, 0]), groups)
     for a, (mean, std) in zip(inputs, bn_targets(layers), strict=True):
         assert a is not None, "a BatchNorm2d layer was not reached by the forward pass"
-        total = total + _per_sample_stat_loss(a, mean, std)
+        total = total + _per_sample_stat_loss(a, mean, std, groups)
     return total
 
 
@@ -58,39 +62,47 @@ def generate_zeroq(model: nn.Module, spec: DataSpec, cfg: GenConfig, seed: int,
     """ZeroQ distilled data, (N, 3, S, S) float32 on CPU in the model's normalized input space.
 
     Adam (lr cfg.zeroq_lr) with ZeroQ's ReduceLROnPlateau (patience cfg.plateau_patience, min lr
-    cfg.min_lr_z; ZeroQ's 100 / 1e-4 are those fields' defaults), cfg.zeroq_iters per batch.
+    cfg.min_lr_z; ZeroQ's 100 / 1e-4 are those fields' defaults), cfg.zeroq_iters per batch. Batches of
+    equal size run cfg.parallel_batches at a time (0: as Genie-D decides) with per-batch optimizers.
     """
     cfg.validate()
     bn_layers(model)
     device = model_device(model)
     sizes = batch_sizes(cfg.num_images, cfg.batch_size)
+    parallel = cfg.parallel_batches or auto_parallel_batches(model, spec, cfg.batch_size, len(sizes))
     monitor = StageMonitor("zeroq", len(sizes) * cfg.zeroq_iters, progress, log, _HINT, log_every)
     out = []
     with frozen_eval(model), torch.enable_grad(), capture_bn_inputs(model) as captured:
         layers = bn_layers(model)
-        for b, size in enumerate(sizes):
-            out.append(_zeroq_batch(model, layers, captured, spec, cfg, seed, b, size, device, monitor))
+        for group in batch_groups(sizes, parallel, {}):
+            out.extend(_zeroq_group(model, layers, captured, spec, cfg, seed, group, sizes[group[0]], device,
+                                    monitor))
     return torch.cat(out)
 
 
-def _zeroq_batch(model: nn.Module, layers: list[nn.BatchNorm2d], captured: list, spec: DataSpec,
-                 cfg: GenConfig, seed: int, index: int, size: int, device: torch.device,
-                 monitor: StageMonitor) -> Tensor:
-    s = spec.input_size
-    x = torch.randn(size, 3, s, s, generator=cpu_generator(batch_seed(seed, index, "zeroq")))
-    x = x.to(device).requires_grad_()
-    opt = tensor_lr_adam([x], cfg.zeroq_lr, device)
-    plateau = DevicePlateau(opt.param_groups[0]["lr"], patience=cfg.plateau_patience, min_lr=cfg.min_lr_z)
+def _zeroq_group(model: nn.Module, layers: list[nn.BatchNorm2d], captured: list, spec: DataSpec,
+                 cfg: GenConfig, seed: int, indices: list[int], size: int, device: torch.device,
+                 monitor: StageMonitor) -> list[Tensor]:
+    s, count = spec.input_size, len(indices)
+    xs = [torch.randn(size, 3, s, s, generator=cpu_generator(batch_seed(seed, b, "zeroq"))).to(device).requires_grad_()
+          for b in indices]
+    opts = [tensor_lr_adam([x], cfg.zeroq_lr, device) for x in xs]
+    plateaus = [DevicePlateau(o.param_groups[0]["lr"], patience=cfg.plateau_patience, min_lr=cfg.min_lr_z)
+                for o in opts]
     iters = cfg.zeroq_iters
     for it in range(iters):
-        opt.zero_grad(set_to_none=True)
+        for opt in opts:
+            opt.zero_grad(set_to_none=True)
+        x = xs[0] if count == 1 else torch.cat(xs)
         model(x)
-        loss = zeroq_loss(captured, layers, x)
-        loss.backward()
-        opt.step()
-        plateau.step(loss)
-        monitor.observe(loss)
+        losses = zeroq_losses(captured, layers, x, count)
+        losses.sum().backward()
+        for opt, plateau, loss in zip(opts, plateaus, losses, strict=True):
+            opt.step()
+            plateau.step(loss)
+        monitor.observe(losses.sum())
         if monitor.due(it, iters):
-            monitor.report(index, it, index * iters + it + 1, {"loss": loss, "lr": plateau.lr})
-    monitor.check(index, max(iters - 1, 0))
-    return x.detach().float().cpu()
+            for k, b in enumerate(indices):
+                monitor.report(b, it, b * iters + it + 1, {"loss": losses[k], "lr": plateaus[k].lr})
+    monitor.check(indices[-1], max(iters - 1, 0))
+    return [x.detach().float().cpu() for x in xs]

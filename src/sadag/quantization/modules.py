@@ -1,4 +1,9 @@
-"""Quantized drop-ins for Conv2d and Linear, swapped in place and reversible."""
+"""Quantized drop-ins for Conv2d and Linear, swapped in place and reversible.
+
+Which float class becomes which quantized class is a table: a model family whose layers subclass
+Conv2d / Linear with their own forward registers a quantized twin with :func:`register_quantized_twin`
+(in ``sadag.models``); a subclass without a twin stays in full precision.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .quantizers import ActQuantizer, WeightQuantizer
+from .registry import TypeTable
 
 
 class _QuantMixin:
@@ -15,10 +21,10 @@ class _QuantMixin:
 
     def _attach(self, w_bits: int, a_bits: int | None, p: float) -> None:
         self.weight_quantizer = WeightQuantizer(self.weight, w_bits, p=p)
-        self.input_quantizer: ActQuantizer | None = ActQuantizer(a_bits)
+        self.input_quantizer: ActQuantizer | None = ActQuantizer(a_bits, p=p)
         self.quantize_weight = True
 
-    def set_weight_bits(self, bits: int, p: float = 2.4) -> None:
+    def set_weight_bits(self, bits: int, p: float) -> None:
         self.weight_quantizer = WeightQuantizer(self.weight, bits, p=p)
 
     def quantized_weight(self) -> Tensor:
@@ -27,46 +33,49 @@ class _QuantMixin:
     def quantize_input(self, x: Tensor) -> Tensor:
         return self.input_quantizer(x) if self.input_quantizer is not None else x
 
+    @classmethod
+    def from_float(cls, layer: nn.Module, w_bits: int, a_bits: int | None, p: float) -> nn.Module:
+        """Turn ``layer`` into this class in place, reusing its parameters (quantize() works on a deep copy).
+
+        ``p`` is the clip-search exponent of both quantizers (``QuantConfig.clip_search_p``).
+        """
+        layer.__class__ = cls
+        layer._attach(w_bits, a_bits, p)
+        return layer
+
 
 class QuantConv2d(_QuantMixin, nn.Conv2d):
-    @classmethod
-    def from_float(cls, conv: nn.Conv2d, w_bits: int, a_bits: int | None, p: float = 2.4) -> QuantConv2d:
-        conv.__class__ = cls  # reuse the parameters; the model was deep-copied before swapping
-        conv._attach(w_bits, a_bits, p)
-        return conv
-
     def forward(self, x: Tensor) -> Tensor:
-        x = self.quantize_input(x)
-        if isinstance(getattr(self, "static_padding", None), nn.Module):  # TF-"SAME" convs (EfficientNet-Lite)
-            x = self.static_padding(x)  # zero padding after quantizing is exact: 0 is on every grid
-        return self._conv_forward(x, self.quantized_weight(), self.bias)
+        return self._conv_forward(self.quantize_input(x), self.quantized_weight(), self.bias)
 
 
 class QuantLinear(_QuantMixin, nn.Linear):
-    @classmethod
-    def from_float(cls, linear: nn.Linear, w_bits: int, a_bits: int | None, p: float = 2.4) -> QuantLinear:
-        linear.__class__ = cls
-        linear._attach(w_bits, a_bits, p)
-        return linear
-
     def forward(self, x: Tensor) -> Tensor:
         return F.linear(self.quantize_input(x), self.quantized_weight(), self.bias)
 
 
-QUANT_MODULES: dict[type, type] = {nn.Conv2d: QuantConv2d, nn.Linear: QuantLinear}
-QuantLayer = QuantConv2d | QuantLinear
+_TWINS: TypeTable[type] = TypeTable("quantized twins")
+
+
+def register_quantized_twin(float_cls: type | str, quant_cls: type) -> type:
+    """Quantize every layer of exactly ``float_cls`` as ``quant_cls`` (a subclass of QuantConv2d or QuantLinear).
+
+    ``float_cls`` is the class or its qualified name ``"package.module.Class"`` (for optional packages).
+    ``quant_cls.from_float(layer, w_bits, a_bits, p)`` is called on each such layer. Returns ``quant_cls``.
+    """
+    if not (isinstance(quant_cls, type) and issubclass(quant_cls, (QuantConv2d, QuantLinear))):
+        raise TypeError(f"a quantized twin must subclass QuantConv2d or QuantLinear, got {quant_cls!r}")
+    _TWINS.register(float_cls, quant_cls)
+    return quant_cls
+
+
+register_quantized_twin(nn.Conv2d, QuantConv2d)
+register_quantized_twin(nn.Linear, QuantLinear)
 
 
 def quant_class_for(module: nn.Module) -> type | None:
-    """The quantized class for a layer, or None when its forward is one sadag cannot reproduce.
-
-    Plain Conv2d / Linear swap directly; a Conv2d subclass whose only change is a ``static_padding``
-    module applied first (EfficientNet's Conv2dStaticSamePadding) is reproduced by QuantConv2d.
-    """
-    cls = QUANT_MODULES.get(type(module))
-    if cls is None and isinstance(module, nn.Conv2d) and isinstance(getattr(module, "static_padding", None), nn.Module):
-        cls = QuantConv2d
-    return cls
+    """The quantized class for a layer, or None when no twin is registered for its exact class."""
+    return _TWINS.lookup(type(module))
 
 
 def is_quant_layer(module: nn.Module) -> bool:

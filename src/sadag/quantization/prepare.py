@@ -10,11 +10,11 @@ import torch
 from torch import Tensor, nn
 
 from ..config import QuantConfig
-from ..reconstruction.units import find_units, unit_layers
 from .fold import fold_bn_
 from .modules import is_quant_layer, quant_class_for
 from .quantizers import ActQuantizer, WeightQuantizer
 from .trace import block_input_consumers, trace_modules
+from .units import find_units, unit_layers
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ def quantize(model: nn.Module, cfg: QuantConfig, example: Tensor) -> nn.Module:
         if unit in inner:  # a single-layer unit quantizes its own input
             continue
         consumers = block_input_consumers(qmodel, example, unit, inner)
-        quantizer = ActQuantizer(cfg.a_bits)
+        quantizer = ActQuantizer(cfg.a_bits, p=cfg.clip_search_p)
         modules[unit].add_module("sadag_input_quantizer", quantizer)
         modules[unit].register_forward_pre_hook(_quantize_block_input)
         for name in consumers:

@@ -62,7 +62,7 @@ def affine_params(x_min: Tensor, x_max: Tensor, qmax: int) -> tuple[Tensor, Tens
     return scale, zero_point
 
 
-def clip_search(x: Tensor, qmax: int, p: float = 2.4, dim: int | None = 0, steps: int = 100) -> tuple[Tensor, Tensor]:
+def clip_search(x: Tensor, qmax: int, *, p: float, dim: int | None = 0, steps: int = 100) -> tuple[Tensor, Tensor]:
     """Choose scale and zero point by searching clipping ratios 1.00, 0.99, ... 0.01 of the range.
 
     Minimises mean |x - Q(x)|^p, per slice along ``dim`` (per output channel for weights) or over the

@@ -5,7 +5,40 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .primitives import clip_search, fake_quantize, fake_quantize_lsq, inverse_rectified_sigmoid, rectified_sigmoid
+from .primitives import (
+    GAMMA,
+    ZETA,
+    clip_search,
+    fake_quantize,
+    fake_quantize_lsq,
+    inverse_rectified_sigmoid,
+    rectified_sigmoid,
+)
+
+
+class _RoundingRegularizer(torch.autograd.Function):
+    """sum(1 - |u|^beta) with u = 2h(V) - 1 and h the rectified sigmoid, in one pass each way.
+
+    d/dV = -beta |u|^beta / u * 2 (ZETA - GAMMA) s (1 - s) where 0 < h < 1 (s = sigmoid(V)): the forward's
+    |u|^beta is reused, so the backward needs no second pow (autograd's version computes |u|^(beta - 1)).
+    """
+
+    @staticmethod
+    def forward(ctx, alpha: Tensor, beta: Tensor) -> Tensor:  # noqa: ANN001
+        s = torch.sigmoid(alpha)
+        h = s * (ZETA - GAMMA) + GAMMA
+        u = h.clamp(0, 1).mul_(2).sub_(1)
+        p = u.abs().pow_(beta)
+        ctx.save_for_backward(s, u, p, beta)
+        return (1 - p).sum()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple:  # noqa: ANN001
+        s, u, p, beta = ctx.saved_tensors
+        live = u.abs() < 1  # 0 < h < 1: where the clamp does not bite; u = 0 has a zero gradient (beta > 1)
+        live &= u != 0
+        d = p.div(torch.where(live, u, torch.ones_like(u))).mul_(s * (1 - s)).mul_(-2 * (ZETA - GAMMA) * beta * grad)
+        return torch.where(live, d, torch.zeros_like(d)), None
 
 
 class WeightQuantizer(nn.Module):
@@ -13,9 +46,10 @@ class WeightQuantizer(nn.Module):
 
     Modes: "nearest" (round to nearest), "soft" (AdaRound during calibration: the integer base
     floor(w / s0) is frozen, h(V) in [0, 1] is learned), "hard" (after calibration: V >= 0 rounds up).
+    ``p`` is the clip-search exponent that picks the initial step size (QuantConfig.clip_search_p).
     """
 
-    def __init__(self, weight: Tensor, bits: int, p: float = 2.4):
+    def __init__(self, weight: Tensor, bits: int, *, p: float):
         super().__init__()
         self.bits = bits
         self.qmax = 2**bits - 1
@@ -46,9 +80,9 @@ class WeightQuantizer(nn.Module):
                 return torch.clamp(torch.round(weight / self.scale) + self.zero_point, 0, self.qmax)
             return torch.clamp(self.w_floor + (self.alpha >= 0) + self.zero_point, 0, self.qmax)
 
-    def regularizer(self, beta: float) -> Tensor:
-        """AdaRound's push of h(V) to 0 or 1: sum(1 - |2h - 1|^beta)."""
-        return (1 - (2 * rectified_sigmoid(self.alpha) - 1).abs().pow(beta)).sum()
+    def regularizer(self, beta: float | Tensor) -> Tensor:
+        """AdaRound's push of h(V) to 0 or 1: sum(1 - |2h - 1|^beta), value and gradient in one pass each."""
+        return _RoundingRegularizer.apply(self.alpha, torch.as_tensor(beta, dtype=self.alpha.dtype))
 
     def forward(self, weight: Tensor) -> Tensor:
         if self.mode == "nearest":
@@ -74,7 +108,7 @@ class ActQuantizer(nn.Module):
     element's quantized value with that probability and its FP value otherwise (calibration only).
     """
 
-    def __init__(self, bits: int | None):
+    def __init__(self, bits: int | None, *, p: float):
         super().__init__()
         self.bits = bits
         self.qmax = 2**bits - 1 if bits else 0
@@ -85,7 +119,7 @@ class ActQuantizer(nn.Module):
         self.drop_prob = 0.0
         self.active = True  # False turns the quantizer into the identity (FP reference copies)
         self.observing = False
-        self.p = 2.4
+        self.p = p  # clip-search exponent (QuantConfig.clip_search_p)
 
     @property
     def enabled(self) -> bool:

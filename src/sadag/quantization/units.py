@@ -1,7 +1,8 @@
 """Split a model into reconstruction units: the stem, each residual block, the classifier.
 
-Block types are named by class name, so the quantization code never imports model files.
-Layers outside every block become units of their own (the fallback for unknown architectures).
+Model families declare their block classes with :func:`register_unit_type` where they are defined
+(``sadag.models``), so this module names no architecture. Layers outside every registered block
+become units of their own (the fallback for unknown architectures).
 """
 
 from __future__ import annotations
@@ -9,16 +10,24 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from ..errors import ConfigError
-from ..quantization.trace import trace_modules
+from .registry import TypeTable
+from .trace import trace_modules
 
-# CIFAR option-A and torchvision ResNets, pytorchcv ResNets, MobileNetV2, EfficientNet-Lite.
-UNIT_TYPES: set[str] = {"BasicBlock", "Bottleneck", "CifarResUnit", "InvertedResidual", "MBConvBlock"}
+_UNIT_TYPES: TypeTable[bool] = TypeTable("reconstruction unit types")
 
 
-def register_unit_type(cls: type) -> type:
-    """Treat every module of this class as one reconstruction unit (usable as a decorator)."""
-    UNIT_TYPES.add(cls.__name__)
+def register_unit_type(cls: type | str) -> type | str:
+    """Treat every module of exactly this class as one reconstruction unit (usable as a class decorator).
+
+    ``cls`` is the class, or its qualified name ``"package.module.Class"`` for a class of an optional
+    package that must not be imported yet (e.g. ``"some_package.blocks.ResidualBlock"``).
+    """
+    _UNIT_TYPES.register(cls, True)
     return cls
+
+
+def is_unit_type(module: nn.Module) -> bool:
+    return type(module) in _UNIT_TYPES
 
 
 def _is_layer(module: nn.Module) -> bool:
@@ -29,7 +38,7 @@ def _detect(module: nn.Module, prefix: str = "") -> list[str]:
     units = []
     for name, child in module.named_children():
         full = f"{prefix}{name}"
-        if type(child).__name__ in UNIT_TYPES or _is_layer(child):
+        if is_unit_type(child) or _is_layer(child):
             units.append(full)
         else:
             units.extend(_detect(child, full + "."))

@@ -1,0 +1,293 @@
+"""The paired protocol of issue 14: does a data method beat Genie, by more than the protocol can resolve?
+
+For one model, every (bits, method, seed) is one `sadag.run` (public API) in its own run directory under
+--work/protocol/<model>/; finished runs are reused, unfinished ones resumed. SADAG runs warm up at the target
+bits (what `sadag run` does). Methods (the same seed gives the same Genie-D batches, so differences are paired):
+
+  real            real training images through the same calibration (the headroom: real minus genie)
+  genie           Genie-D
+  sadag           SADAG with the released neighbor and the paper's lambdas (1, 1)
+  sadag-div-only  SADAG with lambda_gm = 0
+  sadag-gm-only   SADAG with lambda_div = 0
+  genie-lowpass   Genie-D, then SynQ's Gaussian low-pass filter (gen.lowpass = D0)
+
+Usage: python benchmarks/protocol.py --model resnet20_cifar10 --bits 4/4 2/4 --seeds 0 1 2 3 4 [--jobs 4]
+       python benchmarks/protocol.py --model resnet20_cifar10 --collect [--probe]
+Writes benchmarks/results/protocol_<model>.json (rows: model, bits, method, seed, top1, num_images,
+calib_iters, ...) and prints the headroom table and the paired differences with 95% t-intervals.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+import sadag
+from _common import CIFAR_TRAIN, EVAL, WORK, base_config, machine, run_row, sections, write_results
+
+METHODS: dict[str, tuple[str, dict[str, Any]]] = {
+    "real": ("real", {}),
+    "genie": ("genie", {}),
+    "sadag": ("sadag", {"neighbor": "released"}),
+    "sadag-div-only": ("sadag", {"neighbor": "released", "lambda_gm": 0.0}),
+    "sadag-gm-only": ("sadag", {"neighbor": "released", "lambda_div": 0.0}),
+    "genie-lowpass": ("genie", {}),  # gen.lowpass is added from --lowpass
+}
+BASE = "genie"
+GEN_KEYS = ("genie_iters", "warmup_calib_iters", "refine_iters", "neighbor", "lambda_gm", "lambda_div", "lowpass")
+# Two-sided 95% Student t quantiles t_{0.975, df}, df = 1..30 (tests/test_protocol_stats.py checks them
+# against a numerical integral of the t density).
+T975 = (12.706205, 4.302653, 3.182446, 2.776445, 2.570582, 2.446912, 2.364624, 2.306004, 2.262157, 2.228139,
+        2.200985, 2.178813, 2.160369, 2.144787, 2.131450, 2.119905, 2.109816, 2.100922, 2.093024, 2.085963,
+        2.079614, 2.073873, 2.068658, 2.063899, 2.059539, 2.055529, 2.051831, 2.048407, 2.045230, 2.042272)
+Z975 = 1.959964
+
+
+# --- statistics -------------------------------------------------------------------------------------
+
+def t_quantile_975(df: int) -> float:
+    """t_{0.975, df}: the table up to 30, then the Cornish-Fisher expansion in 1/df (error < 1e-4)."""
+    if df < 1:
+        raise ValueError(f"degrees of freedom must be >= 1, got {df}")
+    if df <= len(T975):
+        return T975[df - 1]
+    z = Z975
+    return z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
+
+
+def summarize(values: list[float]) -> dict[str, Any]:
+    """mean, sd, n, standard error, the 95% t-interval and the smallest detectable difference (2 SE)."""
+    n = len(values)
+    out: dict[str, Any] = {"n": n, "mean": statistics.mean(values) if values else None,
+                           "sd": None, "se": None, "lo": None, "hi": None, "detectable": None}
+    if n >= 2:
+        sd = statistics.stdev(values)
+        se = sd / math.sqrt(n)
+        half = t_quantile_975(n - 1) * se
+        out.update(sd=sd, se=se, lo=out["mean"] - half, hi=out["mean"] + half, detectable=2 * se)
+    return out
+
+
+def paired_differences(rows: list[dict[str, Any]], method: str, bits: str, base: str = BASE) -> list[float]:
+    """top1(method) - top1(base) over the seeds both have at these bits."""
+    def by_seed(m: str) -> dict[int, float]:
+        return {r["seed"]: r["top1"] for r in rows if r["method"] == m and r["bits"] == bits}
+
+    mine, theirs = by_seed(method), by_seed(base)
+    return [mine[s] - theirs[s] for s in sorted(mine.keys() & theirs.keys())]
+
+
+def format_summary(s: dict[str, Any]) -> str:
+    if s["n"] == 0:
+        return "-"
+    if s["n"] == 1:
+        return f"{s['mean']:+.2f} (n=1)"
+    return (f"{s['mean']:+.2f} ± {s['sd']:.2f} (n={s['n']}), 95% [{s['lo']:+.2f}, {s['hi']:+.2f}], "
+            f"detectable {s['detectable']:.2f}")
+
+
+def tables(rows: list[dict[str, Any]]) -> str:
+    """The headroom (real minus genie) and every other method minus genie, paired by seed, per bits."""
+    bits_list = sorted({r["bits"] for r in rows}, reverse=True)
+    methods = [m for m in METHODS if m != BASE and any(r["method"] == m for r in rows)]
+    lines = ["| minus genie, same seed | " + " | ".join(f"W{b.replace('/', 'A')}" for b in bits_list) + " |",
+             "|" + "---|" * (len(bits_list) + 1)]
+    for m in methods:
+        cells = [format_summary(summarize(paired_differences(rows, m, b))) for b in bits_list]
+        label = f"{m} (headroom)" if m == "real" else m
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    genie = [f"{statistics.mean(v):.2f}" if (v := [r["top1"] for r in rows if r["method"] == BASE
+                                                    and r["bits"] == b]) else "-" for b in bits_list]
+    lines.append("| genie top-1 (mean) | " + " | ".join(genie) + " |")
+    return "\n".join(lines)
+
+
+# --- runs ---------------------------------------------------------------------------------------------
+
+def run_dir(work: Path, model: str, bits: str, method: str, seed: int) -> Path:
+    return work / "protocol" / model / f"w{bits.replace('/', 'a')}_{method}_s{seed}"
+
+
+def budget(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    gen = {"num_images": args.num_images, "batch_size": min(args.gen_batch, args.num_images),
+           "genie_iters": args.genie_iters, "refine_iters": args.refine_iters,
+           "warmup_calib_iters": args.warmup_iters}
+    return {"gen": gen, "calib": {"iters": args.calib_iters, "batch_size": min(32, args.num_images),
+                                  "engine": args.engine}}
+
+
+def lowpass_d0(args: argparse.Namespace, input_size: int) -> float:
+    """--lowpass, or SynQ's code default 80 at ImageNet size and 20 (the smallest D0 SynQ searched, the only
+    one of theirs that filters a 32x32 image noticeably: gain 0.73 at the axis Nyquist) below it."""
+    if args.lowpass is not None:
+        return args.lowpass
+    return 80.0 if input_size >= 224 else 20.0
+
+
+def run_config(args: argparse.Namespace, bits: str, method: str, seed: int, input_size: int) -> sadag.RunConfig:
+    kind, gen_extra = METHODS[method]
+    b = budget(args)
+    gen = {**b["gen"], **gen_extra}
+    if method == "genie-lowpass":
+        gen["lowpass"] = lowpass_d0(args, input_size)
+    extra: dict[str, Any] = {}
+    if kind == "real":
+        extra = {"calib_data": str(args.real_data), "num_calib": args.num_images}
+    out = run_dir(Path(args.work), args.model, bits, method, seed)
+    return base_config(args.model, out, method=kind, bits=bits, preset="paper", seed=seed, device=args.device,
+                       eval_limit=args.eval_limit, **sections({"gen": gen, "calib": b["calib"]}), **extra)
+
+
+def row_of(directory: Path, bits: str, method: str, seed: int) -> dict[str, Any]:
+    """The protocol's row of a finished run, its budget read from the run's own resolved config.yaml."""
+    report = json.loads((directory / "report.json").read_text())
+    cfg = yaml.safe_load((directory / "config.yaml").read_text())
+    return {"model": report["model"], "bits": bits, "method": method, "seed": seed, "top1": report["quant_top1"],
+            "num_images": report["num_calib"], "calib_iters": cfg["calib"]["iters"], "fp_top1": report.get("fp_top1"),
+            "gen": {k: cfg["gen"][k] for k in GEN_KEYS}, "seconds": report.get("seconds", {}),
+            "device": report.get("device")}
+
+
+def _worker_setup(threads: int, deterministic: bool) -> None:
+    torch.set_num_threads(threads)
+    if deterministic:
+        torch.backends.cudnn.benchmark = False
+        # warn_only: a few CUDA backward kernels (adaptive average pooling) have no deterministic version
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def one_run(args: argparse.Namespace, bits: str, method: str, seed: int, input_size: int) -> dict[str, Any]:
+    _worker_setup(args.threads, args.deterministic)
+    cfg = run_config(args, bits, method, seed, input_size)
+    run_row(cfg)
+    return row_of(Path(cfg.out), bits, method, seed)
+
+
+def plan(args: argparse.Namespace) -> list[tuple[str, str, int]]:
+    """Every (bits, method, seed); genie first so a paired difference exists as early as possible."""
+    methods = sorted(args.methods, key=lambda m: m != BASE)
+    return [(b, m, s) for s in args.seeds for m in methods for b in args.bits]
+
+
+def run_all(args: argparse.Namespace, input_size: int) -> list[dict[str, Any]]:
+    todo = plan(args)
+    if args.jobs <= 1:
+        return [one_run(args, *job, input_size) for job in todo]
+    rows = []
+    # spawn: no forked CUDA state; each process loads the model once per run (runs are minutes, that is cheap)
+    with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn")) as pool:
+        futures = {pool.submit(one_run, args, *job, input_size): job for job in todo}
+        for f in as_completed(futures):
+            rows.append(f.result())
+            print(json.dumps({k: rows[-1][k] for k in ("bits", "method", "seed", "top1")}), flush=True)
+    return rows
+
+
+def finished_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Rows of every finished run of this model in --work (any bits, method, seed)."""
+    rows = []
+    for bits in args.bits:
+        for method in METHODS:
+            for seed in args.seeds:
+                directory = run_dir(Path(args.work), args.model, bits, method, seed)
+                if (directory / "report.json").is_file():
+                    rows.append(row_of(directory, bits, method, seed))
+    return rows
+
+
+# --- the gradient-alignment probe of every set, with each (bits, seed)'s SADAG warm-up model ------------
+
+def probe_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
+    from sadag.data import load_calibration_data
+    from sadag.generation import load_synthetic_set
+    from sadag_probe import last_layer_terms, mean_gradient, probe_set, warmup_model
+
+    fp, spec = sadag.load_model(args.model, weights=base_config(args.model, Path(".")).weights)
+    fp.eval()
+    real = load_calibration_data(EVAL[args.model][0], spec, args.probe_real, seed=0, class_index=EVAL[args.model][1])
+    # the reference gradient is taken on test images: fine for a diagnostic, never for calibration
+    rows = []
+    for bits in args.bits:
+        for seed in args.seeds:
+            state = run_dir(Path(args.work), args.model, bits, "sadag", seed) / "state" / "warmup_calib.pt"
+            if not state.is_file():
+                continue
+            q = warmup_model(args.model, fp, state, spec, bits)
+            g_real = mean_gradient(*last_layer_terms(fp, q, real))
+            genie_dir = run_dir(Path(args.work), args.model, bits, BASE, seed) / "synthetic"
+            genie = load_synthetic_set(genie_dir)[0] if (genie_dir / "images.pt").is_file() else None
+            for method in METHODS:
+                directory = run_dir(Path(args.work), args.model, bits, method, seed) / "synthetic"
+                if (directory / "images.pt").is_file():
+                    images = load_synthetic_set(directory)[0]
+                    rows.append({"bits": bits, "seed": seed, "set": method,
+                                 **probe_set(fp, q, images, g_real, genie if method != BASE else None)})
+                    print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="resnet20_cifar10", choices=list(EVAL))
+    p.add_argument("--bits", nargs="+", default=["4/4", "3/3", "2/4", "2/2"])
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    p.add_argument("--num-images", type=int, default=256)
+    p.add_argument("--gen-batch", type=int, default=128, help="Genie-D / SADAG batch (each has its own generator)")
+    p.add_argument("--calib-iters", type=int, default=2000, help="reconstruction iterations per unit")
+    p.add_argument("--genie-iters", type=int, default=1000)
+    p.add_argument("--refine-iters", type=int, default=200, help="SADAG stage C iterations per batch")
+    p.add_argument("--warmup-iters", type=int, default=500, help="SADAG stage B iterations per unit")
+    p.add_argument("--lowpass", type=float, help="D0 of genie-lowpass (default 80 at 224 px, 20 below)")
+    p.add_argument("--real-data", help="real training images for method real (default: CIFAR-10 train-5k for the "
+                   "CIFAR models; none for ImageNet models, whose only real images here are the test set)")
+    p.add_argument("--eval-limit", type=int, help="evaluate on at most this many test images")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--engine", default="auto", choices=["auto", "eager", "compiled"],
+                   help="reconstruction step (calib.engine); eager avoids per-process compile time on short runs")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per run")
+    p.add_argument("--jobs", type=int, default=1, help="runs in parallel processes")
+    p.add_argument("--deterministic", action="store_true",
+                   help="torch.use_deterministic_algorithms (GPU); nn.AdaptiveAvgPool2d's CUDA backward has no "
+                   "deterministic kernel and raises (the CIFAR ResNets pool with it)")
+    p.add_argument("--work", default=str(WORK))
+    p.add_argument("--collect", action="store_true", help="only tabulate the finished runs")
+    p.add_argument("--probe", action="store_true", help="with --collect: the gradient-alignment probe of each set")
+    p.add_argument("--probe-real", type=int, default=2000, help="real test images for the probe's reference")
+    p.add_argument("--tag", default="", help="suffix of the results file (e.g. smoke: protocol_<model>_smoke.json)")
+    args = p.parse_args()
+    if args.deterministic:  # cuBLAS needs this before CUDA starts, in every process (spawned ones inherit it)
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    if args.real_data is None and args.model.endswith("cifar10"):
+        args.real_data = str(CIFAR_TRAIN)
+    if "real" in args.methods and not (args.real_data and Path(args.real_data).is_dir()):
+        raise SystemExit(f"method real needs a folder of real training images; {args.real_data} is not one "
+                         "(pass --real-data DIR or leave real out of --methods)")
+    _worker_setup(args.threads, args.deterministic)
+    input_size = sadag.load_model(args.model, weights=base_config(args.model, Path(".")).weights)[1].input_size
+    if not args.collect:
+        run_all(args, input_size)
+    rows = finished_rows(args)
+    print(tables(rows))
+    meta = {"budget": budget(args), "lowpass_d0": lowpass_d0(args, input_size), "seeds": args.seeds,
+            "bits": args.bits, "deterministic": args.deterministic,
+            "paired": {f"{m} {b}": summarize(paired_differences(rows, m, b)) for m in METHODS if m != BASE
+                       for b in args.bits}}
+    if args.collect and args.probe:
+        meta["probe"] = probe_rows(args)
+    path = write_results(f"protocol_{args.model}{'_' + args.tag if args.tag else ''}", rows, meta)
+    print(f"machine: {machine()}; results in {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,184 @@
+"""Throughput of the reference engines against the fast ones, in one run, same seeds.
+
+Reference: Genie-D one batch at a time (gen.parallel_batches=1), reconstruction eager (calib.engine=eager).
+Fast: Genie-D batches in one pass (all the run's batches), reconstruction with calib.engine=auto.
+Each cost is the difference of two runs (k1 and k2 iterations) over k2 - k1: setup and compilation cancel.
+The FLOP floor is a step's FLOPs (torch's flop counter) over the device's measured convolution rate.
+Usage: python benchmarks/throughput.py [--quick] [--device cpu|cuda] [--threads 2]
+Writes benchmarks/results/throughput_{cpu,cuda}.json (top level: genie_d_speedup, recon_speedup,
+max_abs_image_diff); do not publish timings taken on a shared machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+from dataclasses import replace
+
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+import sadag
+from _common import RESULTS, WEIGHTS, machine
+from sadag.config import CalibConfig, GenConfig
+from sadag.generation import generate_genie, refine_sadag
+from sadag.quantization.prepare import float_copy
+from sadag.reconstruction.cache import capture_unit_io
+from sadag.reconstruction.reconstruct import calibrate_unit_, reconstruct_
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device: torch.device) -> float:  # noqa: ANN001
+    sync(device)
+    start = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - start
+
+
+def per_step(fn, k1: int, k2: int, device: torch.device) -> float:  # noqa: ANN001
+    fn(k1)  # untimed: first-call costs (allocator, thread pool, compilation) must not land in one of the two
+    return (timed(lambda: fn(k2), device) - timed(lambda: fn(k1), device)) / (k2 - k1)
+
+
+def conv_rate(device: torch.device) -> float:
+    """FLOP/s of a 3x3 convolution forward, batch 128, 64 -> 64 channels, 32x32 (ResNet-20's shapes x4)."""
+    x = torch.randn(128, 64, 32, 32, device=device)
+    w = torch.randn(64, 64, 3, 3, device=device)
+    F.conv2d(x, w, padding=1)
+    reps = 20 if device.type == "cuda" else 3
+    sec = timed(lambda: [F.conv2d(x, w, padding=1) for _ in range(reps)], device) / reps
+    return 2 * 128 * 64 * 64 * 9 * 32 * 32 / sec
+
+
+def flops(fn) -> int:  # noqa: ANN001
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def max_diff(a: list, b: list) -> float:
+    return max((x.images - y.images).abs().max().item() for x, y in zip(a, b, strict=True))
+
+
+def genie_rows(model, spec, args, device) -> dict:  # noqa: ANN001
+    images = args.batches * args.batch
+    base = GenConfig(num_images=images, batch_size=args.batch)
+    engines = {"reference": 1, "fast": args.batches}
+    out: dict = {}
+    for name, parallel in engines.items():
+        cfg = replace(base, parallel_batches=parallel)
+        sec = per_step(lambda k, c=cfg: generate_genie(model, spec, replace(c, genie_iters=k), 0), args.k1, args.k2,
+                       device)
+        out[name] = {"seconds_per_step_of_all_batches": sec, "image_steps_per_s": images / sec}
+    first = [generate_genie(model, spec, replace(base, genie_iters=1, parallel_batches=p), 0) for p in engines.values()]
+    last = [generate_genie(model, spec, replace(base, genie_iters=args.k2, parallel_batches=p), 0)
+            for p in engines.values()]
+    out["max_abs_image_diff_first_step"] = max_diff(*first)
+    out["max_abs_image_diff"] = max_diff(*last)
+    step_flops = flops(lambda: generate_genie(model, spec, replace(base, num_images=args.batch, genie_iters=1), 0))
+    out["flops_per_batch_step"] = step_flops
+    return out
+
+
+def unit_row(block, data: tuple, args, device) -> dict:  # noqa: ANN001
+    """Iterations per second of one unit for both engines (on copies of the block) and its FLOPs per iteration."""
+    row: dict = {}
+    for name, engine in (("reference", "eager"), ("fast", "auto")):
+        seen: list[dict] = []
+
+        def run(k: int, e: str = engine, log: list = seen) -> None:
+            calibrate_unit_(copy.deepcopy(block), *data, CalibConfig(iters=k, engine=e, warmup=0.0), 0,
+                            progress=lambda _s, _i, _n, metrics: log.append(metrics))
+
+        sec = per_step(run, args.r1, args.r2, device)
+        row[name] = {"iters_per_s": 1 / sec, "compile_s": max((m.get("compile_s", 0.0) for m in seen), default=0.0)}
+    eager = CalibConfig(warmup=0.0, engine="eager")
+    counts = [flops(lambda k=k: calibrate_unit_(copy.deepcopy(block), *data, replace(eager, iters=k), 0))
+              for k in (1, 3)]
+    row["flops_per_iter"] = (counts[1] - counts[0]) // 2  # without the quantizers' initialising forward
+    return row
+
+
+def recon_rows(qmodel, images, args, device) -> dict:  # noqa: ANN001
+    fp = float_copy(qmodel)
+    modules = dict(qmodel.named_modules())
+    rows = []
+    for unit in qmodel.sadag_plan.units[: args.units]:
+        fp_in, fp_out = capture_unit_io(fp, unit, images, 32)
+        q_in, _ = capture_unit_io(qmodel, unit, images, 32, want_output=False)
+        rows.append({"unit": unit, **unit_row(modules[unit], (fp_in, q_in, fp_out), args, device)})
+    return {"units": rows}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="resnet20_cifar10")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--quick", action="store_true", help="2 batches and few iterations: under 5 minutes on 2 cores")
+    p.add_argument("--units", type=int, help="time only the first N reconstruction units (default: all); the "
+                                             "speedup is then over those units")
+    args = p.parse_args()
+    q = args.quick
+    args.batches, args.batch = (2, 128) if q else (8, 128)
+    args.k1, args.k2 = (1, 3) if q else (5, 25)
+    args.r1, args.r2 = (5, 25) if q else (50, 550)
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    weights = WEIGHTS.get(args.model)
+    model, spec = sadag.load_model(args.model, weights=str(weights) if weights else None)
+    model = model.to(device)
+    rate = conv_rate(device)
+    genie = genie_rows(model, spec, args, device)
+    batches = generate_genie(model, spec, GenConfig(num_images=args.batch, batch_size=args.batch, genie_iters=2), 0)
+    calib = batches[0].images.to(device)
+    example = calib[:1]
+    qmodel = reconstruct_(sadag.quantize(model, sadag.QuantConfig(4, 4), example), calib, CalibConfig(iters=0))
+    refine_cfg = GenConfig(num_images=args.batch, batch_size=args.batch, neighbor="random")
+    refine_sec = per_step(lambda k: refine_sadag(model, qmodel, batches, spec, replace(refine_cfg, refine_iters=k), 0),
+                          args.k1, args.k2, device)
+    recon = recon_rows(sadag.quantize(model, sadag.QuantConfig(4, 4), example), calib, args, device)
+    ref_it = sum(1 / u["reference"]["iters_per_s"] for u in recon["units"])
+    fast_it = sum(1 / u["fast"]["iters_per_s"] for u in recon["units"])
+    recon_flops = sum(u["flops_per_iter"] for u in recon["units"])
+    result = {
+        "genie_d_speedup": genie["reference"]["seconds_per_step_of_all_batches"]
+        / genie["fast"]["seconds_per_step_of_all_batches"],
+        "recon_speedup": ref_it / fast_it,
+        "max_abs_image_diff": genie["max_abs_image_diff"],
+        "max_abs_image_diff_first_step": genie["max_abs_image_diff_first_step"],
+        "genie_d": genie,
+        "sadag_refine": {"steps_per_s": 1 / refine_sec, "batch": args.batch},
+        "reconstruction": recon,
+        "flop_floor": {
+            "conv_flops_per_s": rate,
+            "genie_d_step_of_all_batches_s": genie["flops_per_batch_step"] * args.batches / rate,
+            "recon_iteration_all_units_s": recon_flops / rate,
+        },
+        "meta": {"model": args.model, "quick": q, "batches": args.batches, "batch": args.batch, "k": [args.k1, args.k2],
+                 "recon_iters": [args.r1, args.r2], "recon_units_timed": len(recon["units"]), "machine": machine(),
+                 "note": "float32 engines differ by rounding, which Adam's first steps amplify: the first-step "
+                         "diff checks the math, the k2 diff is what a user sees (thread count changes alone give "
+                         "the same order)"},
+    }
+    path = RESULTS / f"throughput_{device.type}.json"
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"Genie-D {result['genie_d_speedup']:.2f}x ({genie['fast']['image_steps_per_s']:.0f} image-steps/s; floor "
+          f"{result['flop_floor']['genie_d_step_of_all_batches_s']:.3f} s/step), reconstruction "
+          f"{result['recon_speedup']:.2f}x ({1 / fast_it:.1f} iterations/s over all units; floor "
+          f"{recon_flops / rate * 1e3:.2f} ms), SADAG {1 / refine_sec:.2f} steps/s, max image diff "
+          f"{result['max_abs_image_diff']:.3g} (first step {result['max_abs_image_diff_first_step']:.3g})")
+    print(f"wrote {path}; machine: {machine()}")
+
+
+if __name__ == "__main__":
+    main()

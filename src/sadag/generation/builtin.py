@@ -1,0 +1,128 @@
+"""The built-in generation methods, registered by name: noise, zeroq, genie, sadag.
+
+Each one owns its checkpoint names (``ctx.save_state``) and its artifacts; nothing outside this module knows them.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..config import bits_label
+from ..errors import ConfigError
+from ..methods import register_method
+from .genie import GenieBatch, batch_sizes, generate_genie
+from .io import load_synthetic_set
+from .noise import generate_noise
+from .registry import GenerationContext
+from .sadag import refine_sadag
+from .zeroq import generate_zeroq
+
+GENIE_BATCHES = "genie_batches"  # artifact of a Genie set: each batch's generator state and latents
+WARMUP_MODEL = "warmup"  # SADAG publishes its stage-B model as warmup.safetensors
+
+
+def batch_to_state(batch: GenieBatch, images: bool = True) -> dict[str, Any]:
+    """A GenieBatch as tensors and plain containers (checkpoints and saved sets never pickle classes)."""
+    state = {"index": batch.index, "generator_state": dict(batch.generator_state), "z": batch.z}
+    return {**state, "images": batch.images} if images else state
+
+
+def batch_from_state(state: dict[str, Any], images: Tensor | None = None) -> GenieBatch:
+    return GenieBatch(int(state["index"]), dict(state["generator_state"]), state["z"],
+                      state["images"] if images is None else images)
+
+
+@register_method("noise", help="Gaussian noise in the model's normalized input space")
+def noise(ctx: GenerationContext) -> Tensor:
+    with ctx.stage("generate"):
+        return generate_noise(ctx.spec, ctx.gen.num_images, ctx.seed)
+
+
+@register_method("zeroq", help="ZeroQ: pixels optimized to match the BatchNorm statistics")
+def zeroq(ctx: GenerationContext) -> Tensor:
+    with ctx.stage("generate"):
+        return generate_zeroq(ctx.model, ctx.spec, ctx.gen, ctx.seed, progress=ctx.progress)
+
+
+def genie_batches(ctx: GenerationContext) -> list[GenieBatch]:
+    """Genie-D, checkpointed per batch."""
+    count = len(batch_sizes(ctx.gen.num_images, ctx.gen.batch_size))
+    with ctx.stage("generate"):
+        found = {k: ctx.load_state(f"genie_batch_{k}.pt") for k in range(count)}
+        done = {k: batch_from_state(v) for k, v in found.items() if v is not None}
+        return generate_genie(ctx.model, ctx.spec, ctx.gen, ctx.seed, done=done, progress=ctx.progress,
+                              on_batch=lambda b: ctx.save_state(f"genie_batch_{b.index}.pt", batch_to_state(b)))
+
+
+@register_method("genie", help="Genie-D: a generator and latents per batch, trained to match BatchNorm statistics")
+def genie(ctx: GenerationContext) -> Tensor:
+    batches = genie_batches(ctx)
+    ctx.artifacts[GENIE_BATCHES] = [batch_to_state(b, images=False) for b in batches]
+    return torch.cat([b.images for b in batches])
+
+
+def genie_set_batches(ctx: GenerationContext) -> list[GenieBatch]:
+    """The Genie-D batches of a set saved by the genie method (``gen.genie_set``), checked against this run."""
+    path = ctx.gen.genie_set
+    images, info = load_synthetic_set(path)
+    states, meta = info["artifacts"].get(GENIE_BATCHES), info["meta"]
+    if not states:
+        raise ConfigError(f"gen.genie_set (--genie-set): {path} holds no Genie-D batches; make it with `sadag "
+                          "generate --method genie`")
+    if meta.get("model") not in (None, ctx.cfg.model):
+        raise ConfigError(f"gen.genie_set (--genie-set): {path} was generated for model {meta['model']!r}, this run "
+                          f"is for {ctx.cfg.model!r}")
+    sizes = batch_sizes(ctx.gen.num_images, ctx.gen.batch_size)
+    found = [int(s["z"].shape[0]) for s in states]
+    if found != sizes or images.shape[0] != sum(sizes):
+        raise ConfigError(f"gen.genie_set (--genie-set): {path} has batches of {found} images, this run asks for "
+                          f"{sizes} (gen.num_images {ctx.gen.num_images}, gen.batch_size {ctx.gen.batch_size}): "
+                          "set them to the set's values")
+    if states[0]["z"].shape[1] != ctx.gen.latent_dim:
+        raise ConfigError(f"gen.genie_set (--genie-set): {path} has latents of size {states[0]['z'].shape[1]}, "
+                          f"gen.latent_dim is {ctx.gen.latent_dim}")
+    parts = images.split(sizes)
+    return [batch_from_state(s, parts[i]) for i, s in enumerate(states)]
+
+
+def load_warmup_model(ctx: GenerationContext) -> nn.Module:
+    """``gen.warmup_model``: a quantized.safetensors of this run's model at this run's bits."""
+    from ..export import load_quantized
+
+    path = ctx.gen.warmup_model
+    qmodel, meta = load_quantized(path, model=copy.deepcopy(ctx.model))
+    wanted, found = bits_label(ctx.cfg.quant), f"{meta.get('w_bits')}/{meta.get('a_bits') or 'fp'}"
+    if meta.get("model_name") != ctx.cfg.model or found != wanted:
+        raise ConfigError(f"gen.warmup_model (--warmup-model): {path} is {meta.get('model_name')!r} at W/A {found}; "
+                          f"this run needs {ctx.cfg.model!r} at {wanted}")
+    return qmodel.to(ctx.device)
+
+
+def _warmup_model(ctx: GenerationContext, warmup_images: Tensor) -> nn.Module:
+    if ctx.gen.warmup_model:
+        return load_warmup_model(ctx)
+    if ctx.calibrate is None:
+        raise ConfigError("SADAG needs a warm-up quantized model: run it through sadag.run / sadag.generate_set, "
+                          "or set gen.warmup_model")
+    with ctx.stage("warmup_calibrate"):  # SADAG stage B
+        q_warm = ctx.calibrate(warmup_images, ctx.gen.warmup_calib_iters, "warmup_calib.pt")
+    if ctx.publish is not None:
+        ctx.publish(WARMUP_MODEL, q_warm)
+    return q_warm
+
+
+@register_method("sadag", help="SADAG: Genie-D, a warm-up quantized model, then sharpness-aware refinement")
+def sadag(ctx: GenerationContext) -> Tensor:
+    batches = genie_set_batches(ctx) if ctx.gen.genie_set else genie_batches(ctx)
+    warmup = torch.cat([b.images for b in batches]).to(ctx.device)
+    q_warm = _warmup_model(ctx, warmup)
+    with ctx.stage("refine"):  # SADAG stage C
+        found = {b.index: ctx.load_state(f"refined_{b.index}.pt") for b in batches}
+        return refine_sadag(ctx.model, q_warm, batches, ctx.spec, ctx.gen, ctx.seed,
+                            done={k: v for k, v in found.items() if v is not None},
+                            on_batch=lambda k, images: ctx.save_state(f"refined_{k}.pt", images),
+                            progress=ctx.progress)

@@ -1,0 +1,211 @@
+"""Settings: one resolution order for every entry point, one place that checks them, config.yaml loads back."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import TINY
+from sadag import CalibConfig, GenConfig, QuantConfig, RunConfig, apply_preset
+from sadag.cli import build_parser, config_from_args
+from sadag.config import explicit_fields, load_config, to_dict
+from sadag.errors import ConfigError
+
+
+def from_cli(*argv: str) -> RunConfig:
+    return apply_preset(config_from_args(build_parser().parse_args(["run", "--out", "x", *argv])))
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    return path
+
+
+# --- resolution order: defaults < preset < file < flags < Python ---------------------------------
+
+def test_python_explicit_sections_beat_the_preset() -> None:
+    cfg = apply_preset(RunConfig(preset="fast", quant=QuantConfig(w_bits=2), calib=CalibConfig(iters=500),
+                                 gen=GenConfig(genie_iters=7)))
+    assert (cfg.quant.w_bits, cfg.quant.a_bits, cfg.calib.iters, cfg.gen.genie_iters) == (2, 4, 500, 7)
+    assert cfg.gen.num_images == 256  # not set: the preset's
+
+
+def test_python_explicit_value_equal_to_the_default_still_wins() -> None:
+    cfg = apply_preset(RunConfig(preset="fast", calib=CalibConfig(iters=20_000), gen=GenConfig(num_images=1024)))
+    assert cfg.calib.iters == 20_000 and cfg.gen.num_images == 1024 and cfg.gen.genie_iters == 1000
+
+
+def test_python_assignment_is_explicit_and_beats_a_loaded_file(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, "preset: fast\ncalib: {iters: 77}\n"))
+    cfg.calib.iters = 5
+    cfg.quant.w_bits = 3
+    cfg.gen.refine_iters = 200  # equal to the preset's value, still explicit
+    assert {"iters"} <= explicit_fields(cfg.calib) and "refine_iters" in explicit_fields(cfg.gen)
+    out = apply_preset(cfg)
+    assert (out.calib.iters, out.quant.w_bits, out.gen.refine_iters) == (5, 3, 200)
+
+
+def test_yaml_sections_beat_the_preset(tmp_path: Path) -> None:
+    path = write(tmp_path, "preset: fast\nquant: {w_bits: 2}\ncalib: {iters: 20000}\ngen: {num_images: 1024}\n")
+    for cfg in (apply_preset(load_config(path)), from_cli("--config", str(path))):
+        assert (cfg.quant.w_bits, cfg.calib.iters, cfg.gen.num_images) == (2, 20_000, 1024)
+        assert cfg.gen.genie_iters == 1000  # the preset's
+
+
+def test_cli_flags_beat_the_preset_per_section() -> None:
+    cfg = from_cli("--preset", "fast", "--bits", "2/4", "--calib-iters", "20000", "--num-images", "1024")
+    assert (cfg.quant.w_bits, cfg.calib.iters, cfg.gen.num_images, cfg.gen.genie_iters) == (2, 20_000, 1024, 1000)
+
+
+def test_cli_flags_beat_the_file_per_section(tmp_path: Path) -> None:
+    path = write(tmp_path, "preset: fast\nquant: {w_bits: 2}\ncalib: {iters: 77, batch_size: 8}\n"
+                           "gen: {rho: 0.5, lr_z: 1e-3}\n")
+    cfg = from_cli("--config", str(path), "--bits", "3/3", "--calib-iters", "88", "--rho", "0.25")
+    assert (cfg.quant.w_bits, cfg.quant.a_bits) == (3, 3)
+    assert (cfg.calib.iters, cfg.calib.batch_size) == (88, 8)  # the flag, and the file's other key
+    assert (cfg.gen.rho, cfg.gen.lr_z) == (0.25, 1e-3)  # 1e-3 is a number, not YAML 1.1's string
+    # and a file's bits lose to a flag's quant section the same way
+    cfg = from_cli("--config", str(write(tmp_path, "bits: 2/4\n")), "--bits", "4/fp")
+    assert (cfg.quant.w_bits, cfg.quant.a_bits) == (4, None)
+
+
+def test_bits_and_quant_bits_are_one_setting() -> None:
+    assert apply_preset(RunConfig(bits="2/4")).quant.w_bits == 2
+    assert apply_preset(RunConfig(bits="2/4", quant=QuantConfig(w_bits=2))).quant.a_bits == 4
+    with pytest.raises(ConfigError, match=r"bits '2/4' contradicts quant.w_bits=4"):
+        apply_preset(RunConfig(bits="2/4", quant=QuantConfig(w_bits=4)))
+    with pytest.raises(ConfigError, match="contradicts quant.a_bits"):
+        load_config_text("bits: 4/4\nquant: {a_bits: 8}\n")
+
+
+def load_config_text(text: str) -> RunConfig:
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        return apply_preset(load_config(write(Path(d), text)))
+
+
+def test_resolution_is_idempotent_and_keeps_explicitness() -> None:
+    cfg = apply_preset(RunConfig(preset="smoke", calib=CalibConfig(iters=3)))
+    assert apply_preset(cfg) == cfg
+    cfg.preset = "fast"  # the preset's values were not explicit: a new preset replaces them
+    again = apply_preset(cfg)
+    assert again.calib.iters == 3 and again.calib.batch_size == 32 and again.gen.num_images == 256
+
+
+# --- checks: one place, before anything is written -----------------------------------------------
+
+@pytest.mark.parametrize(("flags", "field", "allowed"), [
+    (["--num-calib", "-4990"], "num_calib (--num-calib)", ">= 1"),
+    (["--num-calib", "0"], "num_calib (--num-calib)", ">= 1"),
+    (["--eval-limit", "-99"], "eval_limit (--eval-limit)", ">= 1"),
+    (["--eval-limit", "0"], "eval_limit (--eval-limit)", ">= 1"),
+    (["--eval-batch-size", "0"], "eval_batch_size (--eval-batch-size)", ">= 1"),
+    (["--calib-batch-size", "0"], "calib.batch_size (--calib-batch-size)", ">= 1"),
+    (["--gen-batch-size", "0"], "gen.batch_size (--gen-batch-size)", ">= 1"),
+    (["--calib-iters", "-1"], "calib.iters (--calib-iters)", ">= 0"),
+    (["--threads", "-1"], "threads (--threads)", ">= 1"),
+    (["--device", "tpu"], "device (--device)", "auto, cpu, cuda, cuda:N (N a GPU index), mps"),
+    (["--seed", "-3"], "seed (--seed)", ">= 0"),
+])
+def test_bad_flag_values_are_refused_before_the_run_directory(tmp_path: Path, cli, flags, field, allowed) -> None:
+    out = tmp_path / "run"
+    code, _, err = cli(["run", *TINY, "--method", "noise", "--out", out, *flags])
+    assert code == 2 and f"{field}: got " in err and allowed in err, err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("calib: {iters: 1.5}\n", "calib.iters (--calib-iters): got 1.5; allowed: an integer"),
+    ("gen: {num_images: many}\n", "gen.num_images (--num-images): got 'many'; allowed: an integer"),
+    ("calib: {lr_round: fast}\n", "calib.lr_round: got 'fast'; allowed: a number"),
+    ("quant: [1, 2]\n", "quant: got [1, 2]; allowed: a mapping of QuantConfig fields"),
+    ("calib: {itres: 5}\n", "calib: unknown keys itres; valid:"),
+    ("modle: resnet20_cifar10\n", "config: unknown keys modle"),
+    ("- 1\n- 2\n", "must hold a mapping of config keys"),
+    ("calib: {beta: [1, 2, 3]}\n", "calib.beta: got [1, 2, 3]; allowed: a list of a number (exactly 2)"),
+    ("gen: {neighbor: nearest}\n",
+     "gen.neighbor (--neighbor): got 'nearest'; allowed: one of released, random, adversarial"),
+    ("method: magic\n", "method (--method): got 'magic'; allowed: noise, zeroq, genie, sadag, real"),
+    ("calib: {drop_prob: 1.5}\n", "calib.drop_prob: got 1.5; allowed: a number >= 0.0 and <= 1.0"),
+    ("quant: {w_bits: true}\n", "quant.w_bits: got True; allowed: an integer"),
+])
+def test_bad_config_files_are_refused_before_the_run_directory(tmp_path: Path, cli, text, message) -> None:
+    out = tmp_path / "run"
+    code, _, err = cli(["run", *TINY, "--out", out, "--config", write(tmp_path, text)])
+    assert code == 2 and message in err, err
+    assert not out.exists()
+
+
+def test_yaml_alias_bomb_is_refused_not_expanded(tmp_path: Path, cli) -> None:
+    lines = ['a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    for prev, name in zip("abcdefgh", "bcdefghi", strict=True):
+        lines.append(f"{name}: &{name} [" + ",".join([f"*{prev}"] * 9) + "]")
+    bomb = write(tmp_path, "\n".join(lines) + "\n")
+    assert bomb.stat().st_size < 600  # expanded: 9**9 strings
+    out = tmp_path / "run"
+    code, _, err = cli(["run", *TINY, "--out", out, "--config", bomb])
+    assert code == 2 and "anchors and aliases" in err and "line 1" in err
+    assert not out.exists()
+
+
+def test_sections_checked_standalone() -> None:
+    with pytest.raises(ConfigError, match=r"batch_size \(--calib-batch-size\): got 0; allowed: an integer >= 1"):
+        CalibConfig(batch_size=0).validate()
+    with pytest.raises(ConfigError, match=r"warmup: got 1.0; allowed: a number >= 0.0 and < 1.0"):
+        CalibConfig(warmup=1.0).validate()
+
+
+# --- what a file may not do ------------------------------------------------------------------------
+
+def test_a_file_naming_code_needs_the_callers_opt_in(tmp_path: Path) -> None:
+    path = write(tmp_path, "model: conftest:tiny_bn_model\n")
+    with pytest.raises(ConfigError, match="--allow-import"):
+        from_cli("--config", str(path))
+    with pytest.raises(ConfigError, match="allow_import=True"):
+        load_config(path)
+    assert from_cli("--config", str(path), "--allow-import").model == "conftest:tiny_bn_model"
+    assert load_config(path, allow_import=True).model == "conftest:tiny_bn_model"
+    # typed on the command line or passed in Python, the same string is the user's own choice
+    assert from_cli("--config", str(path), "--model", "conftest:no_bn_model").model == "conftest:no_bn_model"
+    assert from_cli("--model", "conftest:tiny_bn_model").model == "conftest:tiny_bn_model"
+
+
+@pytest.mark.parametrize("key", ["allow_import", "trust_checkpoint"])
+def test_a_file_cannot_grant_trust(tmp_path: Path, key: str) -> None:
+    with pytest.raises(ConfigError, match=f"sets {key}: a file cannot grant trust"):
+        from_cli("--config", str(write(tmp_path, f"{key}: true\n")))
+
+
+def test_trust_checkpoint_flag_reaches_the_config() -> None:
+    assert from_cli("--trust-checkpoint").trust_checkpoint is True and from_cli().trust_checkpoint is False
+
+
+# --- the saved config loads back ------------------------------------------------------------------
+
+def test_saved_config_loads_back_to_the_same_config(tmp_path: Path) -> None:
+    cfg = apply_preset(RunConfig(model="resnet56_cifar10", bits="3/fp", preset="smoke", seed=4, eval_limit=3, out="x",
+                                 quant=QuantConfig(units=["layer1.0", "layer2.0"], fold_bn=True),
+                                 calib=CalibConfig(beta=(10, 1), lr_round=2e-3), gen=GenConfig(neighbor="adversarial")))
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    assert from_cli("--config", str(path)) == cfg
+    assert apply_preset(load_config(path)) == cfg
+    # and it wins over a different preset on the command line: every value in it is explicit
+    assert from_cli("--config", str(path), "--preset", "paper").calib.iters == cfg.calib.iters
+
+
+def test_run_writes_a_config_that_reruns_identically(tmp_path: Path, cli) -> None:
+    out = tmp_path / "run"
+    code, _, err = cli(["run", *TINY, "--method", "noise", "--out", out, "--calib-iters", "2", "--no-export"])
+    assert code == 0, err
+    saved = out / "config.yaml"
+    first = from_cli("--config", str(saved), "--allow-import")
+    again = tmp_path / "again"
+    code, _, err = cli(["run", "--config", saved, "--allow-import", "--out", again, "--no-export"])
+    assert code == 0, err
+    assert (again / "config.yaml").read_text() == saved.read_text().replace(str(out), str(again))
+    assert first.calib.iters == 2 and first.model == "conftest:tiny_bn_model"

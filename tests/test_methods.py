@@ -1,0 +1,109 @@
+"""The generation-method registry, and SADAG started from a saved Genie set and from a given warm-up model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from torch import Tensor
+
+import sadag
+from conftest import TINY
+from sadag import methods as registry
+from sadag.cli import build_parser
+from sadag.errors import ConfigError
+from sadag.generation import GenerationContext, load_synthetic_set
+from sadag.generation.common import batch_seed, cpu_generator
+
+
+@dataclass
+class UniformOptions:
+    low: float = -1.0
+    high: float = 1.0
+
+
+@pytest.fixture
+def uniform(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A new method in a few lines: registering it is all the CLI, the checks and the pipeline need."""
+    monkeypatch.setattr(registry, "METHODS", dict(registry.METHODS))
+
+    @registry.register_method("uniform", config=UniformOptions, help="uniform noise")
+    def generate(ctx: GenerationContext) -> Tensor:
+        s, o = ctx.spec.input_size, ctx.options
+        gen = cpu_generator(batch_seed(ctx.seed, 0, "uniform"))
+        return torch.rand(ctx.gen.num_images, 3, s, s, generator=gen) * (o.high - o.low) + o.low
+
+
+def tiny(out: Path, **kwargs) -> sadag.RunConfig:  # noqa: ANN003
+    return sadag.RunConfig(model="conftest:tiny_bn_model", preset="smoke", out=str(out), **kwargs)
+
+
+def test_a_registered_method_runs_end_to_end(tmp_path: Path, uniform: None, cli) -> None:
+    report = sadag.run(tiny(tmp_path / "py", method="uniform", method_options={"high": 0.5}), export=False)
+    assert report["method"] == "uniform" and report["num_calib"] == 32
+    images, info = load_synthetic_set(tmp_path / "py" / "synthetic")
+    assert -1.0 <= images.min() and images.max() <= 0.5 and info["meta"]["method"] == "uniform"
+    assert build_parser().parse_args(["run", "--method", "uniform"]).method == "uniform"  # CLI choices
+    code, _, err = cli(["run", *TINY, "--method", "uniform", "--out", tmp_path / "cli", "--no-export"])
+    assert code == 0, err
+    with pytest.raises(ConfigError, match=r"method_options: unknown keys middle; valid: high, low"):
+        sadag.run(tiny(tmp_path / "bad", method="uniform", method_options={"middle": 0}))
+    with pytest.raises(ConfigError, match=r"method_options.high: got 'big'; allowed: a number"):
+        sadag.run(tiny(tmp_path / "bad", method="uniform", method_options={"high": "big"}))
+    with pytest.raises(ConfigError, match="method 'noise' takes no options"):
+        sadag.run(tiny(tmp_path / "bad", method="noise", method_options={"high": 1}))
+    assert not (tmp_path / "bad").exists()
+
+
+def test_registering_a_taken_name_is_refused(uniform: None) -> None:
+    for name in ("genie", "real", "uniform"):
+        with pytest.raises(ConfigError, match="already taken"):
+            registry.register_method(name)
+
+
+def test_batch_seeds_of_the_existing_stages_never_change() -> None:
+    assert [batch_seed(0, 0, s) for s in ("genie-z", "genie-g", "swing", "zeroq", "sadag")] == [
+        4324601099084218337, 5228546342681945855, 5418397405620618563, 5599536276867603174, 4167532537530091649]
+    assert batch_seed(0, 0, "uniform") == batch_seed(0, 0, "uniform") != batch_seed(0, 1, "uniform")
+    assert batch_seed(0, 0, "uniform") not in {batch_seed(0, 0, s) for s in ("genie-z", "genie-g", "swing")}
+
+
+GEN = sadag.GenConfig(genie_iters=3, warmup_calib_iters=2, refine_iters=2)
+
+
+def test_sadag_continues_from_a_genie_set_and_a_warmup_model_exactly(tmp_path: Path) -> None:
+    calib = sadag.CalibConfig(iters=2)
+    fresh = sadag.run(tiny(tmp_path / "fresh", method="sadag", gen=GEN, calib=calib), export=False)
+    genie_set = sadag.generate_set(tiny(tmp_path / "genie", method="genie", gen=GEN, calib=calib))
+    gen = sadag.GenConfig(genie_iters=3, warmup_calib_iters=2, refine_iters=2, genie_set=str(genie_set))
+    from_set = sadag.run(tiny(tmp_path / "from_set", method="sadag", gen=gen, calib=calib), export=False)
+    gen.warmup_model = str(tmp_path / "fresh" / "warmup.safetensors")
+    from_both = sadag.run(tiny(tmp_path / "from_both", method="sadag", gen=gen, calib=calib), export=False)
+    reference = load_synthetic_set(tmp_path / "fresh" / "synthetic")[0]
+    for name, report in (("from_set", from_set), ("from_both", from_both)):
+        assert torch.equal(load_synthetic_set(tmp_path / name / "synthetic")[0], reference), name
+        assert "generate" not in report["seconds"] and "refine" in report["seconds"]
+    assert "warmup_calibrate" in fresh["seconds"] and "warmup_calibrate" not in from_both["seconds"]
+
+
+def test_a_genie_set_or_warmup_model_that_does_not_fit_is_refused(tmp_path: Path) -> None:
+    genie_set = sadag.generate_set(tiny(tmp_path / "genie", method="genie", gen=GEN))
+    noise_set = sadag.generate_set(tiny(tmp_path / "noise", method="noise"))
+    cases = [
+        (dict(genie_set=str(noise_set)), "holds no Genie-D batches"),
+        (dict(genie_set=str(genie_set), num_images=16), "has batches of [16, 16] images, this run asks for [16]"),
+        (dict(genie_set=str(genie_set), latent_dim=8), "latents of size 256, gen.latent_dim is 8"),
+    ]
+    for i, (fields, message) in enumerate(cases):
+        gen = sadag.GenConfig(genie_iters=3, warmup_calib_iters=2, refine_iters=2, **fields)
+        with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
+            sadag.run(tiny(tmp_path / f"r{i}", method="sadag", gen=gen), export=False)
+    q = sadag.run(tiny(tmp_path / "w2", method="noise", bits="2/4", calib=sadag.CalibConfig(iters=1)))
+    assert q["w_bits"] == 2
+    gen = sadag.GenConfig(genie_iters=3, genie_set=str(genie_set), warmup_model=str(tmp_path / "w2" /
+                                                                                   "quantized.safetensors"))
+    with pytest.raises(ConfigError, match="is 'conftest:tiny_bn_model' at W/A 2/4; this run needs "
+                                          "'conftest:tiny_bn_model' at 4/4"):
+        sadag.run(tiny(tmp_path / "wrong_bits", method="sadag", gen=gen), export=False)

@@ -1,0 +1,59 @@
+"""The paired protocol's statistics (benchmarks/protocol.py): t quantiles, intervals, pairing by seed."""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import protocol  # noqa: E402
+
+
+def _t_cdf(q: float, df: int, steps: int = 4000) -> float:
+    """P(T <= q) for Student's t by Simpson's rule on the density (no scipy)."""
+    log_c = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
+
+    def pdf(t: float) -> float:
+        return math.exp(log_c - (df + 1) / 2 * math.log1p(t * t / df))
+
+    h = q / steps
+    inner = sum((4 if i % 2 else 2) * pdf(i * h) for i in range(1, steps))
+    return 0.5 + h / 3 * (pdf(0.0) + inner + pdf(q))
+
+
+@pytest.mark.parametrize("df", [*range(1, 31), 31, 40, 60, 120, 1000])
+def test_t_quantiles_are_the_975_points(df: int) -> None:
+    assert _t_cdf(protocol.t_quantile_975(df), df) == pytest.approx(0.975, abs=2e-6 if df <= 30 else 2e-5)
+
+
+def test_summary_of_known_differences() -> None:
+    s = protocol.summarize([1.0, 2.0, 3.0, 4.0, 5.0])
+    sd = math.sqrt(2.5)
+    se = sd / math.sqrt(5)
+    assert (s["n"], s["mean"]) == (5, 3.0)
+    assert s["sd"] == pytest.approx(sd) and s["se"] == pytest.approx(se)
+    assert s["lo"] == pytest.approx(3.0 - 2.776445 * se, abs=1e-6)
+    assert s["hi"] == pytest.approx(3.0 + 2.776445 * se, abs=1e-6)
+    assert s["detectable"] == pytest.approx(2 * se)
+    one = protocol.summarize([0.4])
+    assert one["mean"] == 0.4 and one["lo"] is None and protocol.format_summary(one) == "+0.40 (n=1)"
+    assert protocol.format_summary(protocol.summarize([])) == "-"
+    with pytest.raises(ValueError, match="degrees of freedom"):
+        protocol.t_quantile_975(0)
+
+
+def test_differences_are_paired_by_seed_and_bits() -> None:
+    def row(method: str, seed: int, top1: float, bits: str = "4/4") -> dict:
+        return {"method": method, "seed": seed, "top1": top1, "bits": bits}
+
+    rows = [row("genie", 0, 80.0), row("genie", 1, 70.0), row("genie", 2, 75.0),
+            row("sadag", 1, 71.0), row("sadag", 0, 80.5), row("sadag", 3, 99.0),  # seed 3 has no genie partner
+            row("sadag", 0, 10.0, "2/4"), row("real", 2, 76.0)]
+    assert protocol.paired_differences(rows, "sadag", "4/4") == [0.5, 1.0]
+    assert protocol.paired_differences(rows, "real", "4/4") == [1.0]
+    assert protocol.paired_differences(rows, "sadag", "2/4") == []
+    table = protocol.tables(rows)
+    assert "| real (headroom) | +1.00 (n=1)" in table and "| sadag | +0.75 ± 0.35 (n=2)" in table

@@ -1,0 +1,64 @@
+"""A run's report.md and loss_curves.png: one line and one row of panels per stage that ran."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from sadag import RunConfig, run
+from sadag.models import DataSpec
+from sadag.reporting import read_curves, report_markdown, write_run_report
+from sadag.rundir import RunDir
+
+SPEC = DataSpec(mean=(0.5,) * 3, std=(0.25,) * 3, input_size=16, num_classes=10)
+REPORT = {"model": "m", "method": "genie", "w_bits": 4, "a_bits": 4, "seed": 0, "preset": "smoke", "num_calib": 8}
+
+
+@pytest.mark.slow
+def test_a_sadag_run_reports_every_stage(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    report = run(RunConfig(model="conftest:tiny_bn_model", method="sadag", preset="smoke", out=str(out),
+                           device="cpu"), export=False)
+    text = (out / "report.md").read_text()
+    for title in ("Genie-D", "Warm-up calibration", "SADAG refinement", "Calibration"):
+        assert f"**{title}" in text, title
+    assert "L_GM (gradient matching)" in text and "final reconstruction loss per unit" in text
+    assert f"{report['seconds']['refine']:.1f} s" in text  # the stage's own time on its line
+    assert "](loss_curves.png)" in text and "](calibration_grid.png)" in text
+    with Image.open(out / "loss_curves.png") as png:
+        # four rows of panels (Genie-D, warm-up, refinement, calibration), three columns (SADAG's losses)
+        assert png.size == (3 * 520, 4 * 360)
+    stages = read_curves(out / "metrics.jsonl")
+    calib = stages[-1]
+    assert calib.name == "calibrate" and len(calib.order) == len(calib.finals("rec_loss")) == 4  # TinyNet's units
+    genie = stages[0]
+    assert min(min(p) for p in genie.lines["loss"].values()) == 1  # each batch's axis starts at iteration 1
+
+
+def _write(rundir: RunDir, records: list[dict]) -> None:
+    rundir.metrics_file.write_text("\n".join(json.dumps(r) for r in records) + "\nnot json\n")
+
+
+def test_report_survives_missing_stages_and_odd_lines(tmp_path: Path) -> None:
+    rundir = RunDir(tmp_path / "r")
+    images = torch.rand(8, 3, 16, 16)
+    write_run_report(rundir, {**REPORT, "seconds": {"calibrate": 2.5}}, images, SPEC)  # no metrics at all
+    assert not rundir.path("loss_curves.png").exists() and "loss_curves" not in rundir.path("report.md").read_text()
+    _write(rundir, [
+        {"stage": "calibrate unit 1/2 (conv1)", "step": 10, "total": 20, "rec_loss": 0.5, "loss": 900.0},
+        {"stage": "calibrate unit 1/2 (conv1)", "step": 20, "total": 20, "rec_loss": 0.25, "loss": 0.3},
+        {"stage": "calibrate unit 2/2 (fc)", "step": 20, "total": 20, "rec_loss": 0.125, "loss": 0.2},
+        {"stage": "evaluate FP", "step": 1, "total": 1},  # no losses: not a curve
+        {"step": 3},  # no stage: skipped
+    ])
+    write_run_report(rundir, {**REPORT, "seconds": {"calibrate": 2.5}}, images, SPEC)
+    text = rundir.path("report.md").read_text()
+    assert "- **Calibration**: 2 units; final reconstruction loss per unit 0.125 .. 0.25 (last unit 0.125)" in text
+    assert text.count("- **") == 1 and "2.5 s." in text
+    with Image.open(rundir.path("loss_curves.png")) as png:
+        assert png.size == (2 * 520, 360)
+    assert "## Stages" not in report_markdown({**REPORT, "seconds": {}}, [])

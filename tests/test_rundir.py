@@ -1,0 +1,169 @@
+"""Run directories: never mixed (fingerprint), never clobbered (marker, lock), checkpoints are plain data."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import sadag
+from conftest import TINY
+from sadag.config import apply_preset, result_settings
+from sadag.rundir import LOCK, MARKER, RunDir, RunDirError, check_plain
+
+
+def tiny(out: Path, **kwargs) -> sadag.RunConfig:  # noqa: ANN003
+    settings = {"model": "conftest:tiny_bn_model", "method": "noise", "preset": "smoke",
+                "calib": sadag.CalibConfig(iters=2), **kwargs}
+    return sadag.RunConfig(out=str(out), **settings)
+
+
+def run(cfg: sadag.RunConfig, **kwargs) -> dict:  # noqa: ANN003
+    return sadag.run(cfg, export=False, **kwargs)
+
+
+def snapshot(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()
+            and p.name != LOCK}
+
+
+@pytest.fixture
+def finished(tmp_path: Path) -> Path:
+    out = tmp_path / "run"
+    run(tiny(out))
+    return out
+
+
+def test_a_run_carries_its_marker_and_fingerprint(finished: Path) -> None:
+    marker = json.loads((finished / MARKER).read_text())
+    assert marker["settings"] == result_settings(apply_preset(tiny(finished)))
+    assert marker["settings"]["calib.iters"] == 2 and "out" not in marker["settings"]
+    assert "threads" not in marker["settings"] and "eval_batch_size" not in marker["settings"]
+
+
+@pytest.mark.parametrize(("change", "named"), [
+    ({"seed": 1}, "seed: 0 in the run, 1 now"),
+    ({"bits": "2/4"}, "quant.w_bits: 4 in the run, 2 now"),
+    ({"method": "zeroq"}, "method: 'noise' in the run, 'zeroq' now"),
+    ({"gen": sadag.GenConfig(num_images=16)}, "gen.num_images: 32 in the run, 16 now"),
+    ({"model": "conftest:no_bn_model"}, "model: 'conftest:tiny_bn_model' in the run, 'conftest:no_bn_model' now"),
+])
+def test_resume_with_other_settings_is_refused_naming_them(finished: Path, change: dict, named: str) -> None:
+    before = snapshot(finished)
+    with pytest.raises(RunDirError, match="cannot resume") as err:
+        run(tiny(finished, **change), resume=True)
+    assert named in str(err.value)
+    assert snapshot(finished) == before  # config.yaml, report, state: nothing rewritten
+
+
+def test_resume_may_change_what_cannot_change_the_result(finished: Path) -> None:
+    report = json.loads((finished / "report.json").read_text())
+    again = run(tiny(finished, threads=1, eval_batch_size=7), resume=True)
+    assert {k: again[k] for k in ("num_calib", "method", "w_bits")} == {k: report[k] for k in ("num_calib", "method",
+                                                                                             "w_bits")}
+
+
+def test_resume_or_force_into_a_directory_that_is_not_a_run_is_refused(tmp_path: Path, cli,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "config.yaml").write_text("precious\n")
+    for flag in ("--resume", "--force"):
+        code, _, err = cli(["run", *TINY, "--method", "noise", "--out", mine, flag])
+        assert code == 2 and "is not a sadag run directory" in err, err
+    assert (mine / "config.yaml").read_text() == "precious\n" and sorted(os.listdir(mine)) == ["config.yaml"]
+    monkeypatch.chdir(mine)  # `--out . --force` in a working directory
+    code, _, err = cli(["run", *TINY, "--method", "noise", "--out", ".", "--force"])
+    assert code == 2 and "not a sadag run directory" in err and (mine / "config.yaml").is_file()
+
+
+def test_force_replaces_a_run(finished: Path) -> None:
+    (finished / "state" / "stale.pt").write_bytes(b"old")
+    run(tiny(finished, seed=3), force=True)
+    assert not (finished / "state" / "stale.pt").exists()
+    assert json.loads((finished / MARKER).read_text())["settings"]["seed"] == 3
+
+
+def test_a_second_process_is_refused_while_the_first_holds_the_run(finished: Path) -> None:
+    settings = result_settings(apply_preset(tiny(finished)))
+    with RunDir(finished, settings, resume=True):
+        with pytest.raises(RunDirError, match="in use by another sadag process"):
+            run(tiny(finished), resume=True)
+        with pytest.raises(RunDirError, match="in use by another sadag process"):
+            run(tiny(finished), force=True)
+        assert (finished / "report.json").is_file()  # --force did not wipe the live run
+    run(tiny(finished), resume=True)  # released
+
+
+def test_the_lock_holds_across_processes(finished: Path) -> None:
+    settings = result_settings(apply_preset(tiny(finished)))
+    code = ("import sys; from sadag.rundir import RunDir, RunDirError\n"
+            f"try: RunDir({str(finished)!r}, {settings!r}, resume=True)\n"
+            "except RunDirError as e: print(e); sys.exit(3)\n")
+    with RunDir(finished, settings, resume=True):
+        child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                               env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert child.returncode == 3 and "in use by another sadag process" in child.stdout, child.stderr
+
+
+class _Payload:
+    def __init__(self, canary: Path):
+        self.canary = canary
+
+    def __reduce__(self):  # noqa: ANN204
+        return (Path.touch, (self.canary,))
+
+
+@pytest.mark.parametrize("content", ["garbage", "truncated", "pickle"])
+def test_an_unreadable_checkpoint_names_the_file_and_the_remedy(finished: Path, content: str) -> None:
+    target = finished / "state" / "calib.pt"
+    canary = finished.parent / "pwned"
+    if content == "garbage":
+        target.write_bytes(b"\x00not a checkpoint" * 10)
+    elif content == "truncated":
+        target.write_bytes(target.read_bytes()[:100])
+    else:  # a pickle planted in a shared run directory: never executed on resume
+        torch.save({"next_unit": 0, "state_dict": _Payload(canary)}, target)
+    with pytest.raises(RunDirError) as err:
+        run(tiny(finished), resume=True)
+    assert str(target) in str(err.value) and "delete it and rerun the same command with --resume" in str(err.value)
+    assert not canary.exists()
+    target.unlink()  # the remedy works
+    assert run(tiny(finished), resume=True)["num_calib"] == 32
+
+
+def test_resume_removes_orphaned_temporary_files(finished: Path) -> None:
+    orphans = [finished / "state" / ".calib.pt.x1.tmp", finished / ".report.json.x2.tmp"]
+    for path in orphans:
+        path.write_bytes(b"half")
+    run(tiny(finished), resume=True)
+    assert not any(p.exists() for p in orphans)
+
+
+def test_checkpoints_and_sets_are_plain_data(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    run(sadag.RunConfig(model="conftest:tiny_bn_model", method="sadag", preset="smoke", out=str(out),
+                        calib=sadag.CalibConfig(iters=2), gen=sadag.GenConfig(genie_iters=2, refine_iters=1)))
+    files = sorted((out / "state").glob("*.pt")) + [out / "synthetic" / "images.pt"]
+    assert {p.name for p in files} >= {"genie_batch_0.pt", "genie_batch_1.pt", "warmup_calib.pt", "refined_0.pt",
+                                       "calib.pt", "seconds.pt", "images.pt"}
+    for path in files:
+        check_plain(torch.load(path, weights_only=True), str(path))
+    with pytest.raises(TypeError, match="store tensors and plain containers only"):
+        RunDir(tmp_path / "other", {}).save_state("x.pt", {"batch": Path("a")})
+
+
+def test_python_m_sadag_runs_the_cli() -> None:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    done = subprocess.run([sys.executable, "-m", "sadag", "models"], capture_output=True, text=True, timeout=120,
+                          env=env)
+    assert done.returncode == 0 and "resnet20_cifar10" in done.stdout, done.stderr
+    bad = subprocess.run([sys.executable, "-m", "sadag", "run", "--device", "tpu", "--out", "x"], capture_output=True,
+                         text=True, timeout=120, env=env)
+    assert bad.returncode == 2 and "device (--device): got 'tpu'" in bad.stderr
+

@@ -1,0 +1,224 @@
+"""The fast engines against the reference ones: batched Genie-D, fused BN loss, the reconstruction step."""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import replace
+
+import pytest
+import torch
+
+from conftest import TinyNet
+from sadag.config import CalibConfig, QuantConfig
+from sadag.generation import generate_genie, generate_zeroq
+from sadag.generation.bn_stats import bn_layers, bn_statistics_losses, capture_bn_inputs, input_prior_losses
+from sadag.generation.generator import GenieGenerator, grouped_forward
+from sadag.generation.genie import auto_parallel_batches, batch_groups
+from sadag.quantization.prepare import quantize
+from sadag.quantization.primitives import rectified_sigmoid
+from sadag.quantization.quantizers import ActQuantizer, WeightQuantizer
+from sadag.reconstruction.reconstruct import MinibatchSampler, _optimizers, reconstruct_
+from test_generation import SPEC, small_cfg, tiny_model
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
+@pytest.fixture
+def float64():
+    """Rounding noise below Adam's eps: the engines then agree to the last bit, iteration after iteration.
+
+    In float32 Adam's first steps turn rounding-level gradients (e.g. of the generator's conv biases, whose
+    exact gradient is 0 before a train-mode BN) into lr-sized moves: two runs of the per-batch loop differ
+    by 0.3 after 5 ResNet-20 iterations with only the thread count changed.
+    """
+    saved = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(saved)
+
+
+def _assert_same(a, b, atol: float = 0.0) -> None:  # noqa: ANN001
+    for x, y in zip(a, b, strict=True):
+        assert x.index == y.index
+        torch.testing.assert_close(x.images, y.images, atol=atol, rtol=0)
+        torch.testing.assert_close(x.z, y.z, atol=atol, rtol=0)
+        for k, v in x.generator_state.items():
+            torch.testing.assert_close(v, y.generator_state[k], atol=atol, rtol=0, msg=k)
+
+
+def test_batched_genie_matches_the_per_batch_loop(float64) -> None:
+    model = tiny_model(dtype=torch.float64)  # its stride-2 conv is swung: per-slice offsets are checked
+    cfg = small_cfg(num_images=10, batch_size=3, genie_iters=12, plateau_patience=2, g_decay_every=5)
+    loop = generate_genie(model, SPEC, replace(cfg, parallel_batches=1), seed=4)
+    batched = generate_genie(model, SPEC, replace(cfg, parallel_batches=3), seed=4)
+    _assert_same(loop, batched, atol=1e-12)
+    assert not torch.allclose(loop[0].images, loop[1].images)
+
+
+def test_batched_zeroq_matches_the_per_batch_loop(float64) -> None:
+    model = tiny_model(dtype=torch.float64)
+    cfg = small_cfg(num_images=7, batch_size=3, zeroq_iters=6, plateau_patience=1)
+    loop = generate_zeroq(model, SPEC, replace(cfg, parallel_batches=1), seed=2)
+    batched = generate_zeroq(model, SPEC, replace(cfg, parallel_batches=2), seed=2)
+    torch.testing.assert_close(loop, batched, atol=1e-12, rtol=0)
+
+
+def test_batched_genie_first_step_float32() -> None:
+    cfg = small_cfg(num_images=6, batch_size=3, genie_iters=1)
+    loop = generate_genie(tiny_model(), SPEC, replace(cfg, parallel_batches=1), seed=0)
+    batched = generate_genie(tiny_model(), SPEC, replace(cfg, parallel_batches=2), seed=0)
+    for a, b in zip(loop, batched, strict=True):
+        torch.testing.assert_close(a.images, b.images, atol=1e-5, rtol=1e-5)
+
+
+def test_batched_genie_resumes_after_a_kill_to_the_same_floats() -> None:
+    cfg = small_cfg(num_images=12, batch_size=3, genie_iters=4, parallel_batches=2)
+    full = generate_genie(tiny_model(), SPEC, cfg, seed=1)
+    saved: dict = {}
+
+    class Killed(Exception):
+        pass
+
+    def save(batch) -> None:  # noqa: ANN001
+        saved[batch.index] = batch
+        if len(saved) == 3:  # killed inside the second group: its first batch is checkpointed
+            raise Killed
+
+    with pytest.raises(Killed):
+        generate_genie(tiny_model(), SPEC, cfg, seed=1, on_batch=save)
+    finished: list[int] = []
+    resumed = generate_genie(tiny_model(), SPEC, cfg, seed=1, done=dict(saved),
+                             on_batch=lambda b: finished.append(b.index))
+    assert finished == [3]  # batch 2 is done: batch 3 runs alone (not bitwise, the rest is)
+    _assert_same([full[i] for i in (0, 1, 2)], [resumed[i] for i in (0, 1, 2)])
+    torch.testing.assert_close(full[3].images[:, :, 0], resumed[3].images[:, :, 0], atol=0.5, rtol=0)
+
+
+def test_genie_resumes_mid_group_exactly(tmp_path) -> None:
+    cfg = small_cfg(num_images=6, batch_size=3, genie_iters=7, plateau_patience=1, g_decay_every=2,
+                    parallel_batches=2)
+    full = generate_genie(tiny_model(), SPEC, cfg, seed=5)
+
+    class Killed(Exception):
+        pass
+
+    def save(state: dict) -> None:
+        torch.save(state, tmp_path / "state.pt")
+        if state["iteration"] == 4:
+            raise Killed
+
+    with pytest.raises(Killed):
+        generate_genie(tiny_model(), SPEC, cfg, seed=5, on_state=save, state_every=2)
+    state = torch.load(tmp_path / "state.pt", weights_only=True)  # plain tensors and values only
+    assert state["iteration"] == 4 and state["batches"] == [0, 1]
+    resumed = generate_genie(tiny_model(), SPEC, cfg, seed=5, resume_state=state)
+    _assert_same(full, resumed)
+
+
+def test_batch_groups_are_cut_from_all_batches() -> None:
+    assert batch_groups([4, 4, 4, 4, 2], 2, {}) == [[0, 1], [2, 3], [4]]
+    assert batch_groups([4, 4, 4, 4, 2], 3, {1: None}) == [[0, 2], [3], [4]]
+    assert batch_groups([4, 4, 2], 0 or 1, {}) == [[0], [1], [2]]
+    assert auto_parallel_batches(tiny_model(), SPEC, 4, 8) == 1  # CPU: one by one
+
+
+def test_grouped_generator_matches_each_generator(float64) -> None:
+    gens = [GenieGenerator(16, 8).train() for _ in range(3)]
+    twins = [GenieGenerator(16, 8).train() for _ in range(3)]
+    for g, t in zip(gens, twins, strict=True):
+        t.load_state_dict(g.state_dict())
+    z = torch.randn(3, 5, 8)
+    out = grouped_forward(gens, z)
+    ref = torch.cat([t(zz) for t, zz in zip(twins, z, strict=True)])
+    torch.testing.assert_close(out, ref, atol=1e-12, rtol=0)
+    for g, t in zip(gens, twins, strict=True):  # running statistics written back per generator
+        for (k, a), b in zip(g.state_dict().items(), t.state_dict().values(), strict=True):
+            torch.testing.assert_close(a, b, atol=1e-12, rtol=0, msg=k)
+
+
+def test_fused_bn_loss_matches_std_mean() -> None:
+    model = tiny_model()
+    x = torch.randn(8, 3, 16, 16) * 2 + 1
+    layers = bn_layers(model)
+    with torch.no_grad(), capture_bn_inputs(model) as captured:
+        model(x)
+        per_batch = bn_statistics_losses(captured, layers, 2)
+        for g in range(2):
+            ref = 0.0
+            for a, m in zip(captured, layers, strict=True):
+                s, mu = torch.std_mean(a[4 * g:4 * g + 4].double(), dim=(0, 2, 3))
+                target = (m.running_var.double() + 1e-6).sqrt()
+                ref += ((mu - m.running_mean).square().sum() + (s - target).square().sum()) / mu.numel()
+            torch.testing.assert_close(per_batch[g].double(), ref, rtol=1e-5, atol=1e-6)
+    prior = input_prior_losses(x, 2)
+    s, mu = torch.std_mean(x[:4], dim=(2, 3))
+    torch.testing.assert_close(prior[0], (mu.square().sum() + (s - 1).square().sum()) / 4)
+
+
+# --- reconstruction step ---------------------------------------------------------------------------
+
+def test_minibatches_are_permuted_epochs() -> None:
+    gen = torch.Generator().manual_seed(0)
+    sampler = MinibatchSampler(10, 3, "epochs", gen, torch.device("cpu"))
+    epoch = torch.cat([sampler.next() for _ in range(3)])  # 3 minibatches of 3, the 10th image dropped
+    assert epoch.unique().numel() == 9
+    with_replacement = MinibatchSampler(4, 4, "replacement", gen, torch.device("cpu"))
+    assert any(r.unique().numel() < 4 for r in (with_replacement.next() for _ in range(20)))
+
+
+def test_weight_step_size_lr_is_cosine_annealed_by_default() -> None:
+    w = WeightQuantizer(torch.randn(4, 3, 3, 3), 4)
+    a = ActQuantizer(4)
+    opts, scheds, _ = _optimizers([w], [a], CalibConfig(iters=10))
+    for _ in range(10):
+        for o in opts:
+            o.step()  # no gradients: only keeps the scheduler's order check quiet
+        for s in scheds:
+            s.step()
+    lrs = {id(g["params"][0]): g["lr"] for o in opts for g in o.param_groups}
+    assert lrs[id(w.scale)] < 1e-12 and lrs[id(a.scale)] < 1e-12 and lrs[id(w.alpha)] == 1e-3
+    opts, _, _ = _optimizers([w], [a], CalibConfig(iters=10, anneal_w_scale=False))
+    assert any(p is w.scale for g in opts[0].param_groups for p in g["params"])  # with V, not annealed
+
+
+@pytest.mark.slow
+def test_compiled_step_matches_eager_on_cpu(float64) -> None:
+    """The same math: equal to rounding in float64. Without QDrop's in-unit masks: inductor draws those from
+    its own stream (measured: 2e-3 apart after 12 iterations with drop_prob 0.5, fallback_random or not)."""
+    pytest.importorskip("torch._inductor")
+    if shutil.which("g++") is None and shutil.which("c++") is None:
+        pytest.skip("torch.compile needs a C++ compiler")
+    torch.manual_seed(0)
+    net = TinyNet(4)
+    x = torch.randn(16, 3, 16, 16)
+    cfg = CalibConfig(iters=12, batch_size=8, warmup=0.5, drop_prob=0.0)
+    seen: list[dict] = []
+    models = []
+    for engine in ("eager", "compiled"):
+        q = quantize(net, QuantConfig(w_bits=4, a_bits=4), x[:1])
+        models.append(reconstruct_(q, x, replace(cfg, engine=engine), seed=2,
+                                   progress=lambda s, i, n, m: seen.append(m)))
+    with torch.no_grad():
+        torch.testing.assert_close(models[1](x), models[0](x), atol=1e-9, rtol=1e-9)
+    assert any("compile_s" in m and m["compile_s"] > 0 for m in seen)
+
+
+@pytest.mark.parametrize("beta", [20.0, 7.3, 2.0])
+def test_fused_rounding_regularizer_matches_autograd(beta: float) -> None:
+    w = WeightQuantizer(torch.randn(8, 4, 3, 3, dtype=torch.float64), 4)
+    w.start_adaround(torch.randn(8, 4, 3, 3, dtype=torch.float64))
+    with torch.no_grad():
+        w.alpha[0, 0] = torch.tensor([30.0, -30.0, 0.0])  # clamped at 1 and at 0; h(0) = 0.5 exactly: u = 0
+    value = w.regularizer(beta)
+    ref = (1 - (2 * rectified_sigmoid(w.alpha) - 1).abs().pow(beta)).sum()
+    torch.testing.assert_close(value, ref, atol=1e-12, rtol=0)
+    got, = torch.autograd.grad(value, w.alpha)
+    want, = torch.autograd.grad(ref, w.alpha)
+    torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-12)
+    assert got.abs().max() > 0.1
