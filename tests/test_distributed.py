@@ -44,7 +44,7 @@ def _worker(rank: int, init_file: str, out: dict) -> None:
         # items owned by different ranks reach every rank, dtypes and shapes intact
         local = {i: {"x": torch.full((i + 1, 2), float(i)), "n": torch.tensor([i], dtype=torch.int64)}
                  for i in ranks.owned(range(3))}
-        shared = share_items(local, 3, ranks, cpu)
+        shared = share_items(local, range(3), ranks, cpu)
         out[f"share{rank}"] = [(tuple(v["x"].shape), float(v["x"].sum()), v["n"].dtype, int(v["n"])) for _, v in
                                sorted(shared.items())]
         # data-parallel gradients equal the whole-minibatch gradient

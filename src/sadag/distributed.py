@@ -22,9 +22,12 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .errors import ConfigError
+from .errors import ConfigError, SadagError
 
 _ENV = ("WORLD_SIZE", "RANK", "LOCAL_RANK")
+TIMEOUT_ENV = "SADAG_DIST_TIMEOUT_S"  # seconds a collective may wait for the slowest rank
+TEST_FAIL_ENV = "SADAG_TEST_FAIL_AT"  # tests only: "RANK:STAGE" makes that rank raise when it enters that stage
+_stages: list[str] = []  # the stages this process is in (innermost last); kept as is when one raises
 
 
 @dataclass(frozen=True)
@@ -88,10 +91,24 @@ def rank_device(ranks: Ranks, requested: str) -> torch.device:
     return torch.device("cpu")
 
 
-def init(requested_device: str, timeout_s: float = 1800.0) -> tuple[Ranks, torch.device | None]:
+def _timeout_s() -> float:
+    text = os.environ.get(TIMEOUT_ENV, "1800")
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if value <= 0:
+        raise ConfigError(f"{TIMEOUT_ENV}={text!r}: give the collective timeout in seconds (a positive number)")
+    return value
+
+
+def init(requested_device: str) -> tuple[Ranks, torch.device | None]:
     """Join torchrun's process group if launched by it (NCCL between GPUs, gloo on CPU).
 
-    Returns (SINGLE, None) for a plain process: the caller resolves the device as usual.
+    Returns (SINGLE, None) for a plain process: the caller resolves the device as usual. A rank that fails
+    exits, torchrun's agent then stops the others and gloo/NCCL peers see the closed connection, so failing
+    fast does not rely on the timeout (``SADAG_DIST_TIMEOUT_S``, default 30 min): it only bounds a rank that
+    hangs alive, and must exceed the longest wait of one rank for another (one Genie-D batch).
     """
     ranks = ranks_from_env()
     if not ranks.enabled:
@@ -101,8 +118,40 @@ def init(requested_device: str, timeout_s: float = 1800.0) -> tuple[Ranks, torch
         if device.type == "cuda":
             torch.cuda.set_device(device)
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+        dist.init_process_group(backend, timeout=timedelta(seconds=_timeout_s()))
     return ranks, device
+
+
+def enter_stage(name: str, ranks: Ranks) -> None:
+    """Record the stage for error messages; the test-only SADAG_TEST_FAIL_AT="RANK:STAGE" fails it here."""
+    _stages.append(name)
+    target = os.environ.get(TEST_FAIL_ENV)
+    if target and target == f"{ranks.rank}:{name}":
+        raise SadagError(f"{TEST_FAIL_ENV}={target}: failure injected for a test")
+
+
+def leave_stage() -> None:
+    if _stages:
+        _stages.pop()
+
+
+def stage_name() -> str:
+    return _stages[-1] if _stages else "setup"
+
+
+def is_comm_error(exc: BaseException) -> bool:
+    """Whether ``exc`` is a lost connection to another rank (that rank failed or was stopped)."""
+    text = str(exc)
+    return isinstance(exc, dist.DistError) or any(k in text for k in ("Connection closed by peer", "gloo", "NCCL"))
+
+
+def main_succeeded(ok: bool, ranks: Ranks, device: torch.device) -> bool:
+    """Rank 0's ``ok`` on every rank (e.g. whether it could open the run directory)."""
+    if not ranks.enabled:
+        return ok
+    flag = torch.tensor([int(ok)], dtype=torch.int64, device=device)
+    dist.broadcast(flag, 0)
+    return bool(flag.item())
 
 
 def barrier(ranks: Ranks) -> None:
@@ -143,12 +192,12 @@ def broadcast_tensors(tensors: dict[str, Tensor] | None, src: int, ranks: Ranks,
     return out
 
 
-def share_items(local: dict[int, dict[str, Tensor]], count: int, ranks: Ranks,
+def share_items(local: dict[int, dict[str, Tensor]], indices: Iterable[int], ranks: Ranks,
                 device: torch.device) -> dict[int, dict[str, Tensor]]:
-    """Every item 0..count-1 on every rank: item i is broadcast by the rank that owns it."""
+    """Every item of ``indices`` on every rank: item i is broadcast by the rank that owns it."""
     if not ranks.enabled:
         return local
-    return {i: broadcast_tensors(local.get(i), ranks.owner(i), ranks, device) for i in range(count)}
+    return {i: broadcast_tensors(local.get(i), ranks.owner(i), ranks, device) for i in indices}
 
 
 def all_reduce_gradients_(params: Sequence[Tensor], weight: float, ranks: Ranks) -> None:
