@@ -95,6 +95,7 @@ def _run_args(out: Path) -> list[str]:
 
 
 @needs_shared
+@pytest.mark.slow
 def test_kill_and_resume_matches_uninterrupted_run(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     ref = subprocess.run(_run_args(tmp_path / "ref"), env=env, capture_output=True, text=True, timeout=600)

@@ -102,6 +102,7 @@ def test_released_moves_outputs_more_than_isotropic_and_adversarial_lowers_cosin
 
 
 @needs_shared
+@pytest.mark.slow
 def test_released_direction_on_resnet20_real_weights() -> None:
     import sadag
 

@@ -11,6 +11,7 @@ from typing import Any, Literal, get_args, get_origin
 
 import torch
 
+from . import distributed
 from .config import (
     CalibConfig,
     GenConfig,
@@ -107,7 +108,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     cfg = config_from_args(args)
     report = run(cfg, resume=args.resume, force=args.force, progress=ProgressPrinter(), export=not args.no_export)
-    print(json.dumps(report, indent=2))
+    if distributed.ranks_from_env().is_main:  # under torchrun rank 0 speaks for all
+        print(json.dumps(report, indent=2))
     return 0
 
 
@@ -121,7 +123,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     from .pipeline import generate_set
 
     out = generate_set(config_from_args(args), resume=args.resume, force=args.force, progress=ProgressPrinter())
-    print(f"saved the synthetic calibration set to {out}/images.pt (preview: {out}/grid.png)")
+    if distributed.ranks_from_env().is_main:
+        print(f"saved the synthetic calibration set to {out}/images.pt (preview: {out}/grid.png)")
     return 0
 
 
@@ -277,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except SadagError as exc:
-        print(f"sadag: error: {exc}", file=sys.stderr)
+        print(f"sadag: error{_where()}: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("sadag: interrupted; finished work is checkpointed: rerun with --resume to continue", file=sys.stderr)
@@ -287,7 +290,22 @@ def main(argv: list[str] | None = None) -> int:
     except RuntimeError as exc:
         if "can't allocate memory" in str(exc) or "out of memory" in str(exc):
             return _out_of_memory(exc)
+        if _where() and distributed.is_comm_error(exc):
+            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            print(f"sadag: error{_where()}: lost contact with another rank ({first_line[:200]}); it probably failed: "
+                  "see its message. Finished work is checkpointed: rerun the same command with --resume",
+                  file=sys.stderr)
+            return 4
         raise
+
+
+def _where() -> str:
+    """" (rank R of N, stage S)" under torchrun, else ""."""
+    try:
+        ranks = distributed.ranks_from_env()
+    except SadagError:
+        return ""
+    return f" (rank {ranks.rank} of {ranks.world_size}, stage {distributed.stage_name()})" if ranks.enabled else ""
 
 
 def _out_of_memory(exc: BaseException) -> int:

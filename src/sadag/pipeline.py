@@ -19,9 +19,11 @@ import torch
 import yaml
 from torch import Tensor, nn
 
+from . import distributed
 from .config import RunConfig, apply_preset, bits_label, check_device, method_options, result_settings, to_dict
 from .data import ImageFolderDataset, make_loader
 from .data.calib import calibration_set
+from .distributed import SINGLE, Ranks
 from .errors import ConfigError, DataError, SadagError
 from .evaluation import evaluate
 from .generation import GenerationContext, get_method, near_duplicates, save_synthetic_set
@@ -48,20 +50,23 @@ def resolve_device(name: str) -> torch.device:
 
 
 class _Stages:
-    """Times stages and forwards progress to the metrics log and the user's callback."""
+    """Times stages and forwards progress to the metrics log and the user's callback (rank 0 only)."""
 
-    def __init__(self, rundir: RunDir, progress: Progress | None):
-        self.rundir, self.user_progress = rundir, progress
+    def __init__(self, rundir: RunDir, progress: Progress | None, ranks: Ranks = SINGLE):
+        self.rundir, self.ranks = rundir, ranks
+        self.user_progress = progress if ranks.is_main else None
         self.seconds: dict[str, float] = rundir.load_state("seconds.pt") or {}
 
     @contextmanager
     def stage(self, name: str):  # noqa: ANN201
         start = time.perf_counter()
+        distributed.enter_stage(name, self.ranks)
         try:
             yield
         finally:
             self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - start, 2)
             self.rundir.save_state("seconds.pt", dict(self.seconds))
+        distributed.leave_stage()  # not on an exception: the error message names the stage that failed
 
     def progress(self, stage: str, step: int, total: int, metrics: dict[str, float]) -> None:
         if metrics:
@@ -73,13 +78,19 @@ class _Stages:
 def _evaluate(model: nn.Module, cfg: RunConfig, spec: DataSpec, device: torch.device, stages: _Stages,
               stage: str) -> dict[str, float]:
     dataset = ImageFolderDataset(cfg.eval_data, spec, class_index=cfg.class_index, limit=cfg.eval_limit)
+    if stages.ranks.enabled:  # each rank a contiguous slice; evaluate all-reduces the counts
+        part = stages.ranks.slice(len(dataset))
+        dataset = torch.utils.data.Subset(dataset, range(part.start, part.stop))
     loader = make_loader(dataset, cfg.eval_batch_size)
-    return evaluate(model, loader, device, progress=stages.progress, stage=stage, total=len(loader))
+    return evaluate(model, loader, device, progress=stages.progress, stage=stage, total=len(loader),
+                    ranks=stages.ranks)
 
 
 def calibrate(model: nn.Module, spec: DataSpec, images: Tensor, cfg: RunConfig, rundir: RunDir | None,
-              iters: int | None = None, state_name: str = "calib.pt", progress: Progress | None = None) -> nn.Module:
-    """quantize + reconstruct_, checkpointing after every unit when a run directory is given."""
+              iters: int | None = None, state_name: str = "calib.pt", progress: Progress | None = None, *,
+              ranks: Ranks = SINGLE) -> nn.Module:
+    """quantize + reconstruct_, checkpointing after every unit when a run directory is given (data-parallel
+    over ``ranks``: every rank holds all images and takes its slice of each minibatch)."""
     example = torch.zeros(2, 3, spec.input_size, spec.input_size, device=images.device)
     qmodel = quantize(model, cfg.quant, example)
     calib_cfg = cfg.calib if iters is None else replace(cfg.calib, iters=iters)
@@ -88,6 +99,7 @@ def calibrate(model: nn.Module, spec: DataSpec, images: Tensor, cfg: RunConfig, 
     if saved is not None:
         qmodel.load_state_dict(saved["state_dict"])
         start = saved["next_unit"]
+    distributed.barrier(ranks)  # every rank has read the checkpoint before rank 0 may write the next one
 
     def checkpoint(k: int) -> None:
         if rundir is not None:
@@ -95,17 +107,20 @@ def calibrate(model: nn.Module, spec: DataSpec, images: Tensor, cfg: RunConfig, 
 
     label = "calibrate" if iters is None else "warm-up calibrate"
     reconstruct_(qmodel, images, calib_cfg, cfg.seed, start_unit=start, on_unit=checkpoint, progress=progress,
-                 label=label)
+                 label=label, ranks=ranks)
     return freeze_(qmodel)
 
 
 def _context(model: nn.Module, spec: DataSpec, cfg: RunConfig, rundir: RunDir | None, stages: _Stages | None,
              progress: Progress | None) -> GenerationContext:
-    ctx = GenerationContext(model, spec, cfg, options=method_options(cfg), progress=progress, store=rundir)
-    ctx.calibrate = lambda images, iters, name: calibrate(model, spec, images, cfg, rundir, iters, name, progress)
+    ranks = stages.ranks if stages is not None else SINGLE
+    ctx = GenerationContext(model, spec, cfg, options=method_options(cfg), progress=progress, store=rundir,
+                            ranks=ranks)
+    ctx.calibrate = lambda images, iters, name: calibrate(model, spec, images, cfg, rundir, iters, name, progress,
+                                                          ranks=ranks)
     if stages is not None:
         ctx.stage = stages.stage
-    if rundir is not None:
+    if rundir is not None and rundir.writable:
         ctx.publish = lambda name, qmodel: _export(qmodel, rundir.path(f"{name}.safetensors"), cfg, spec)
     return ctx
 
@@ -129,23 +144,40 @@ def synthesize(model: nn.Module, spec: DataSpec, cfg: RunConfig, progress: Progr
 
 
 def _prepare(cfg: RunConfig, resume: bool, force: bool) -> tuple[RunConfig, nn.Module, DataSpec, torch.device,
-                                                                  RunDir]:
-    """Resolve and check the config, load the model, then (nothing written before) open the run directory."""
+                                                                  RunDir, Ranks]:
+    """Resolve and check the config, join torchrun's process group if launched by it, load the model, then
+    (nothing written before) open the run directory: rank 0 writes it, the other ranks read it."""
     cfg = apply_preset(cfg)
     if not cfg.out:
         raise ConfigError("a run needs an output directory (--out RUN_DIR)")
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
-    device = resolve_device(cfg.device)
+    ranks, rank_device = distributed.init(check_device(cfg.device))
+    device = rank_device or resolve_device(cfg.device)
     model, spec = load_model(cfg.model, weights=cfg.weights, trust_checkpoint=cfg.trust_checkpoint)
-    rundir = RunDir(cfg.out, result_settings(cfg), resume=resume, force=force)
+    rundir = _open_rundir(cfg, resume, force, ranks, device)
+    return cfg, model.to(device).eval(), spec, device, rundir, ranks
+
+
+def _open_rundir(cfg: RunConfig, resume: bool, force: bool, ranks: Ranks, device: torch.device) -> RunDir:
+    if not ranks.is_main:
+        if not distributed.main_succeeded(False, ranks, device):
+            raise SadagError(f"rank 0 could not open the run directory {cfg.out} (its message says why)")
+        return RunDir(cfg.out, result_settings(cfg), read_only=True)
     try:
-        rundir.path("config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-        rundir.write_json("environment.json", {**environment(device), "seed": cfg.seed})
+        rundir = RunDir(cfg.out, result_settings(cfg), resume=resume, force=force)
+        try:
+            rundir.path("config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+            rundir.write_json("environment.json", {**environment(device), "seed": cfg.seed,
+                                                   "world_size": ranks.world_size})
+        except BaseException:
+            rundir.close()
+            raise
     except BaseException:
-        rundir.close()
+        distributed.main_succeeded(False, ranks, device)
         raise
-    return cfg, model.to(device).eval(), spec, device, rundir
+    distributed.main_succeeded(True, ranks, device)
+    return rundir
 
 
 def _calibration_images(model: nn.Module, spec: DataSpec, cfg: RunConfig, rundir: RunDir, stages: _Stages,
@@ -157,7 +189,8 @@ def _calibration_images(model: nn.Module, spec: DataSpec, cfg: RunConfig, rundir
             images, meta = calibration_set(cfg.calib_data, spec, num, cfg.seed, cfg.class_index)
         return images.to(device), str(meta.get("method", "saved"))
     images, artifacts = _synthesize(model, spec, cfg, rundir, stages, stages.progress)
-    save_synthetic_set(rundir.path("synthetic"), images.cpu(), spec, _set_meta(cfg), artifacts)
+    if rundir.writable:
+        save_synthetic_set(rundir.path("synthetic"), images.cpu(), spec, _set_meta(cfg), artifacts)
     return images, cfg.method
 
 
@@ -175,14 +208,14 @@ def _set_meta(cfg: RunConfig) -> dict[str, Any]:
 def run(cfg: RunConfig, *, resume: bool = False, force: bool = False, progress: Progress | None = None,
         export: bool = True) -> dict[str, Any]:
     """Calibrate a quantized model for ``cfg`` and return (and write) its report."""
-    cfg, model, spec, device, rundir = _prepare(cfg, resume, force)
+    cfg, model, spec, device, rundir, ranks = _prepare(cfg, resume, force)
     with rundir:
-        return _run(cfg, model, spec, device, rundir, progress, export)
+        return _run(cfg, model, spec, device, _Stages(rundir, progress, ranks), export)
 
 
-def _run(cfg: RunConfig, model: nn.Module, spec: DataSpec, device: torch.device, rundir: RunDir,
-         progress: Progress | None, export: bool) -> dict[str, Any]:
-    stages = _Stages(rundir, progress)
+def _run(cfg: RunConfig, model: nn.Module, spec: DataSpec, device: torch.device, stages: _Stages,
+         export: bool) -> dict[str, Any]:
+    rundir = stages.rundir
     report: dict[str, Any] = {"model": cfg.model, "method": cfg.method, "w_bits": cfg.quant.w_bits,
                               "a_bits": cfg.quant.a_bits, "seed": cfg.seed, "preset": cfg.preset}
     if cfg.eval_data:
@@ -197,20 +230,23 @@ def _run(cfg: RunConfig, model: nn.Module, spec: DataSpec, device: torch.device,
     report.update(method=method, num_calib=int(images.shape[0]),
                   calib_near_duplicates=_count_near_duplicates(images, "calibration images"))
     with stages.stage("calibrate"):
-        qmodel = calibrate(model, spec, images, cfg, rundir, progress=stages.progress)
+        qmodel = calibrate(model, spec, images, cfg, rundir, progress=stages.progress, ranks=stages.ranks)
     if cfg.eval_data:
         with stages.stage("quant_eval"):
             q = _evaluate(qmodel, cfg, spec, device, stages, "evaluate quantized")
         report.update(quant_top1=q["top1"], quant_top5=q["top5"])
-    if export:
+    if export and rundir.writable:
         with stages.stage("export"):
             _export(qmodel, rundir.path("quantized.safetensors"), cfg, spec)
     report["seconds"] = dict(stages.seconds)
     report["device"] = str(device)
-    rundir.write_json("report.json", report)
-    from .reporting import write_run_report
+    if stages.ranks.enabled:
+        report["world_size"] = stages.ranks.world_size
+    if rundir.writable:
+        rundir.write_json("report.json", report)
+        from .reporting import write_run_report
 
-    write_run_report(rundir, report, images.cpu(), spec)
+        write_run_report(rundir, report, images.cpu(), spec)
     return report
 
 
@@ -227,12 +263,13 @@ def generate_set(cfg: RunConfig, *, resume: bool = False, force: bool = False,
     set, as the start of SADAG: ``gen.genie_set``)."""
     if cfg.method == "real":
         raise ConfigError("generate makes synthetic images: choose a generation method, not real")
-    cfg, model, spec, _device, rundir = _prepare(cfg, resume, force)
+    cfg, model, spec, _device, rundir, ranks = _prepare(cfg, resume, force)
     with rundir:
-        stages = _Stages(rundir, progress)
+        stages = _Stages(rundir, progress, ranks)
         images, artifacts = _synthesize(model, spec, cfg, rundir, stages, stages.progress)
         meta = {**_set_meta(cfg), "seconds": stages.seconds, "near_duplicates": _count_near_duplicates(images, "set")}
-        save_synthetic_set(rundir.root, images.cpu(), spec, meta, artifacts)
+        if rundir.writable:
+            save_synthetic_set(rundir.root, images.cpu(), spec, meta, artifacts)
     return rundir.root
 
 

@@ -95,14 +95,21 @@ class RunDir:
     """Paths and checkpoint files of one run, held under an exclusive lock until :meth:`close`.
 
     ``settings``: the flat settings that can change the result (config.result_settings); they are written to
-    the marker of a new run and compared with it on ``resume``.
+    the marker of a new run and compared with it on ``resume``. ``read_only``: the view of ranks > 0 under
+    torchrun, opened after rank 0 opened (and checked) the run: checkpoints load, every write is skipped.
     """
 
     def __init__(self, root: str | os.PathLike, settings: Mapping[str, Any], *, resume: bool = False,
-                 force: bool = False):
+                 force: bool = False, read_only: bool = False):
         self.root = Path(root)
         self.settings = dict(settings)
         self._lock_file: Any = None
+        self.read_only = read_only
+        self.metrics_file = self.root / "metrics.jsonl"
+        if read_only:
+            if not (self.root / MARKER).is_file():
+                raise RunDirError(f"{self.root} is not a sadag run directory (no {MARKER}); rank 0 should have made it")
+            return
         is_run = self._check_existing(resume, force)
         try:
             self.root.mkdir(parents=True, exist_ok=True)
@@ -122,7 +129,6 @@ class RunDir:
         except BaseException:
             self.close()
             raise
-        self.metrics_file = self.root / "metrics.jsonl"
 
     def _check_existing(self, resume: bool, force: bool) -> bool:
         """Whether root is an existing sadag run; refuses what may not be touched."""
@@ -203,7 +209,13 @@ class RunDir:
     def state_path(self, name: str) -> Path:
         return self.root / STATE / name
 
+    @property
+    def writable(self) -> bool:
+        return not self.read_only
+
     def save_state(self, name: str, obj: Any) -> None:
+        if self.read_only:
+            return
         atomic_save(obj, self.state_path(name))
 
     def load_state(self, name: str) -> Any | None:
@@ -218,9 +230,13 @@ class RunDir:
                               "command with --resume (only that step is redone)") from exc
 
     def write_json(self, name: str, data: Any) -> None:
+        if self.read_only:
+            return
         atomic_write_text(self.root / name, json.dumps(data, indent=2, default=str) + "\n")
 
     def log_metrics(self, record: dict[str, Any]) -> None:
+        if self.read_only:
+            return
         with self.metrics_file.open("a") as f:
             f.write(json.dumps({"time": round(time.time(), 3), **record}) + "\n")
 

@@ -7,6 +7,8 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import Tensor, nn
 
+from ..distributed import SINGLE, Ranks, all_reduce_sum
+
 Progress = Callable[[str, int, int, dict[str, float]], None]
 
 
@@ -18,8 +20,12 @@ def evaluate(
     progress: Progress | None = None,
     stage: str = "evaluate",
     total: int | None = None,
+    ranks: Ranks = SINGLE,
 ) -> dict[str, float]:
-    """Return {"top1", "top5", "num_images"}; accuracies in percent. Counts stay on the device until the end."""
+    """Return {"top1", "top5", "num_images"}; accuracies in percent. Counts stay on the device until the end.
+
+    Under torchrun each rank passes its shard of the images; the counts are summed over the ranks.
+    """
     model.eval()
     correct1 = torch.zeros((), dtype=torch.long, device=device)
     correct5 = torch.zeros((), dtype=torch.long, device=device)
@@ -35,6 +41,8 @@ def evaluate(
         seen += labels.numel()
         if progress is not None:
             progress(stage, step, total, {})
+    counts = torch.stack([correct1, correct5, torch.tensor(seen, device=device)])
+    hits1, hits5, seen = (int(c) for c in all_reduce_sum(counts, ranks))
     if seen == 0:
         raise ValueError("no images to evaluate")
-    return {"top1": 100.0 * int(correct1) / seen, "top5": 100.0 * int(correct5) / seen, "num_images": seen}
+    return {"top1": 100.0 * hits1 / seen, "top5": 100.0 * hits5 / seen, "num_images": seen}

@@ -1,6 +1,10 @@
 """The built-in generation methods, registered by name: noise, zeroq, genie, sadag.
 
 Each one owns its checkpoint names (``ctx.save_state``) and its artifacts; nothing outside this module knows them.
+Under torchrun (``ctx.ranks``) Genie-D and ZeroQ split their batches over the ranks (batch b on rank
+b % world_size; each batch is seeded from (seed, b) alone, so the set is the one process's), then every batch
+is broadcast from its owner; noise is cheap and made whole on every rank; SADAG's refinement is sequential
+(docs/distributed.md).
 """
 
 from __future__ import annotations
@@ -12,10 +16,11 @@ import torch
 from torch import Tensor, nn
 
 from ..config import bits_label
+from ..distributed import barrier, broadcast_tensors, share_items
 from ..errors import ConfigError
 from ..methods import register_method
 from .context import GenerationContext
-from .genie import GenieBatch, batch_sizes, generate_genie
+from .genie import GenieBatch, auto_parallel_batches, batch_sizes, generate_genie
 from .io import load_synthetic_set
 from .noise import generate_noise
 from .sadag import refine_sadag
@@ -45,7 +50,27 @@ def noise(ctx: GenerationContext) -> Tensor:
 @register_method("zeroq", help="ZeroQ: pixels optimized to match the BatchNorm statistics")
 def zeroq(ctx: GenerationContext) -> Tensor:
     with ctx.stage("generate"):
-        return generate_zeroq(ctx.model, ctx.spec, ctx.gen, ctx.seed, progress=ctx.progress)
+        if not ctx.ranks.enabled:
+            return generate_zeroq(ctx.model, ctx.spec, ctx.gen, ctx.seed, progress=ctx.progress)
+        sizes = batch_sizes(ctx.gen.num_images, ctx.gen.batch_size)
+        mine = ctx.ranks.owned(range(len(sizes)))
+        local = {}
+        if mine:
+            made = generate_zeroq(ctx.model, ctx.spec, ctx.gen, ctx.seed, progress=ctx.progress, only=mine)
+            local = {b: {"images": x} for b, x in zip(mine, made.split([sizes[b] for b in mine]), strict=True)}
+        shared = share_items(local, range(len(sizes)), ctx.ranks, ctx.device)
+        return torch.cat([shared[b]["images"] for b in range(len(sizes))])
+
+
+def _batch_tensors(batch: GenieBatch) -> dict[str, Tensor]:
+    """A GenieBatch as one flat dict of tensors (what share_items sends)."""
+    state = {f"generator.{k}": v for k, v in batch.generator_state.items()}
+    return {"index": torch.tensor(batch.index), "z": batch.z, "images": batch.images, **state}
+
+
+def _batch_from_tensors(t: dict[str, Tensor]) -> GenieBatch:
+    state = {k.removeprefix("generator."): v for k, v in t.items() if k.startswith("generator.")}
+    return GenieBatch(int(t["index"]), state, t["z"], t["images"])
 
 
 def genie_batches(ctx: GenerationContext) -> list[GenieBatch]:
@@ -54,8 +79,29 @@ def genie_batches(ctx: GenerationContext) -> list[GenieBatch]:
     with ctx.stage("generate"):
         found = {k: ctx.load_state(f"genie_batch_{k}.pt") for k in range(count)}
         done = {k: batch_from_state(v) for k, v in found.items() if v is not None}
+        if ctx.ranks.enabled:
+            return _genie_sharded(ctx, done, count)
         return generate_genie(ctx.model, ctx.spec, ctx.gen, ctx.seed, done=done, progress=ctx.progress,
                               on_batch=lambda b: ctx.save_state(f"genie_batch_{b.index}.pt", batch_to_state(b)))
+
+
+def _genie_sharded(ctx: GenerationContext, done: dict[int, GenieBatch], count: int) -> list[GenieBatch]:
+    """Genie-D over torchrun's ranks, in rounds of world_size groups: each rank makes its batches of the round,
+    then every rank receives them all and rank 0 checkpoints them (a kill loses at most one round)."""
+    ranks, gen = ctx.ranks, ctx.gen
+    barrier(ranks)  # every rank has read the checkpoints before rank 0 writes new ones
+    parallel = gen.parallel_batches or auto_parallel_batches(ctx.model, ctx.spec, gen.batch_size, count)
+    finished, step = dict(done), ranks.world_size * parallel
+    for start in range(0, count, step):
+        todo = [b for b in range(start, min(start + step, count)) if b not in done]
+        mine = ranks.owned(todo)
+        made = generate_genie(ctx.model, ctx.spec, gen, ctx.seed, done=done, progress=ctx.progress,
+                              only=mine) if mine else []
+        shared = share_items({b.index: _batch_tensors(b) for b in made}, todo, ranks, ctx.device)
+        for b in todo:
+            finished[b] = _batch_from_tensors(shared[b])
+            ctx.save_state(f"genie_batch_{b}.pt", batch_to_state(finished[b]))
+    return [finished[b] for b in range(count)]
 
 
 @register_method("genie", help="Genie-D: a generator and latents per batch, trained to match BatchNorm statistics")
@@ -122,7 +168,14 @@ def sadag(ctx: GenerationContext) -> Tensor:
     q_warm = _warmup_model(ctx, warmup)
     with ctx.stage("refine"):  # SADAG stage C
         found = {b.index: ctx.load_state(f"refined_{b.index}.pt") for b in batches}
-        return refine_sadag(ctx.model, q_warm, batches, ctx.spec, ctx.gen, ctx.seed,
-                            done={k: v for k, v in found.items() if v is not None},
-                            on_batch=lambda k, images: ctx.save_state(f"refined_{k}.pt", images),
-                            progress=ctx.progress)
+        barrier(ctx.ranks)  # every rank has read the checkpoints before rank 0 writes new ones
+        # sequential (batch k's diversity term needs batches < k): every rank refines the same batches, so no
+        # rank waits for another in a collective, then all take rank 0's set (bit-equal where kernels differ)
+        images = refine_sadag(ctx.model, q_warm, batches, ctx.spec, ctx.gen, ctx.seed,
+                              done={k: v for k, v in found.items() if v is not None},
+                              on_batch=lambda k, images: ctx.save_state(f"refined_{k}.pt", images),
+                              progress=ctx.progress)
+        if not ctx.ranks.enabled:
+            return images
+        return broadcast_tensors({"images": images} if ctx.ranks.is_main else None, 0, ctx.ranks,
+                                 ctx.device)["images"]

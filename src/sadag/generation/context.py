@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 from torch import Tensor, nn
 
+from ..distributed import SINGLE, Ranks
 from ..models.spec import DataSpec
 from .common import Progress
 
@@ -40,6 +41,8 @@ class GenerationContext:
     quantizes and reconstructs a copy of the model at the run's bits (checkpointed under ``name``);
     ``publish(name, qmodel)`` saves a quantized model next to the set as ``name.safetensors``; whatever the
     method puts in ``artifacts`` (tensors and plain containers) is saved with the set, for later methods.
+    ``ranks``: the torchrun processes sharing the work (one by default); a method that shards its batches
+    gives every rank the whole set, and only rank 0's ``store`` writes.
     """
 
     model: nn.Module
@@ -52,6 +55,7 @@ class GenerationContext:
     calibrate: Callable[[Tensor, int, str], nn.Module] | None = None
     publish: Callable[[str, nn.Module], None] | None = None
     artifacts: dict[str, Any] = field(default_factory=dict)
+    ranks: Ranks = SINGLE
 
     @property
     def gen(self) -> GenConfig:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -204,14 +204,16 @@ def _report_group(monitor: StageMonitor, indices: Sequence[int], it: int, iters:
             on_log(b, it, gens[k], zs[k].detach(), images)
 
 
-def batch_groups(sizes: Sequence[int], parallel: int, done: dict[int, GenieBatch]) -> list[list[int]]:
+def batch_groups(sizes: Sequence[int], parallel: int, done: Collection[int],
+                 only: Sequence[int] | None = None) -> list[list[int]]:
     """The batches still to do, in groups of `parallel` consecutive batches of equal size.
 
-    Groups are cut from all batches, done or not, so a run resumed after a kill repeats the groups of
-    the original run (and its floats): a group finishes, and is checkpointed, together.
+    Groups are cut from all batches (or all of `only`: this rank's share), done or not, so a run resumed
+    after a kill repeats the groups of the original run (and its floats): a group finishes, and is
+    checkpointed, together.
     """
     out: list[list[int]] = []
-    for b in range(len(sizes)):
+    for b in range(len(sizes)) if only is None else only:
         if out and len(out[-1]) < parallel and sizes[out[-1][0]] == sizes[b]:
             out[-1].append(b)
         else:
@@ -233,6 +235,7 @@ def generate_genie(
     on_state: Callable[[dict], None] | None = None,
     state_every: int = 500,
     resume_state: dict | None = None,
+    only: Sequence[int] | None = None,
 ) -> list[GenieBatch]:
     """Genie-D (docs/method.md section 2) for every batch not already in `done`, in batch order.
 
@@ -243,7 +246,8 @@ def generate_genie(
     same math as one by one; a group finishes, and reaches `on_batch`, together. Within a group,
     `on_state` receives every `state_every` iterations a dict of tensors and plain values (group_state);
     passing the last one back as `resume_state` (with the batches finished before it in `done`)
-    continues that group exactly where it was.
+    continues that group exactly where it was. `only`: the batches to make and return (another process
+    makes the others; torchrun's ranks split them), all by default.
     """
     cfg.validate()
     bn_layers(model)  # fail early, with the actionable message, on a model without BN
@@ -259,7 +263,7 @@ def generate_genie(
         hooks = _Hooks(on_log, on_state, max(1, state_every), resume_state)
         parallel = cfg.parallel_batches or auto_parallel_batches(model, spec, cfg.batch_size, len(sizes))
         with capture_bn_inputs(net) as captured:
-            for group in batch_groups(sizes, parallel, done):
+            for group in batch_groups(sizes, parallel, done, only):
                 batches = _genie_group(net, layers, captured, offsets, spec, cfg, seed, group, sizes[group[0]],
                                        monitor, hooks)
                 for batch in batches:
@@ -267,7 +271,7 @@ def generate_genie(
                     finished[batch.index] = batch
                     if on_batch is not None:
                         on_batch(batch)
-    return [finished[b] for b in range(len(sizes))]
+    return [finished[b] for b in (range(len(sizes)) if only is None else only)]
 
 
 def _activation_floats(model: nn.Module, spec: DataSpec) -> int:

@@ -58,12 +58,14 @@ def zeroq_losses(inputs: Sequence[Tensor | None], layers: Sequence[nn.BatchNorm2
 
 
 def generate_zeroq(model: nn.Module, spec: DataSpec, cfg: GenConfig, seed: int,
-                   progress: Progress | None = None, log_every: int = LOG_EVERY) -> Tensor:
+                   progress: Progress | None = None, log_every: int = LOG_EVERY,
+                   only: Sequence[int] | None = None) -> Tensor:
     """ZeroQ distilled data, (N, 3, S, S) float32 on CPU in the model's normalized input space.
 
     Adam (lr cfg.zeroq_lr) with ZeroQ's ReduceLROnPlateau (patience cfg.plateau_patience, min lr
     cfg.min_lr_z; ZeroQ's 100 / 1e-4 are those fields' defaults), cfg.zeroq_iters per batch. Batches of
     equal size run cfg.parallel_batches at a time (0: as Genie-D decides) with per-batch optimizers.
+    `only`: the batches to make (torchrun's ranks split them), concatenated in that order; all by default.
     """
     cfg.validate()
     bn_layers(model)
@@ -74,7 +76,7 @@ def generate_zeroq(model: nn.Module, spec: DataSpec, cfg: GenConfig, seed: int,
     out = []
     with frozen_eval(model), torch.enable_grad(), capture_bn_inputs(model) as captured:
         layers = bn_layers(model)
-        for group in batch_groups(sizes, parallel, {}):
+        for group in batch_groups(sizes, parallel, (), only):
             out.extend(_zeroq_group(model, layers, captured, spec, cfg, seed, group, sizes[group[0]], device,
                                     monitor))
     return torch.cat(out)

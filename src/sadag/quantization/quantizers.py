@@ -120,6 +120,9 @@ class ActQuantizer(nn.Module):
         self.active = True  # False turns the quantizer into the identity (FP reference copies)
         self.observing = False
         self.p = p  # clip-search exponent (QuantConfig.clip_search_p)
+        # (this rank's rows, the whole minibatch's size) in data-parallel calibration: the drop mask is drawn for
+        # the whole minibatch from the ranks' identically seeded RNG, and this rank keeps its rows
+        self.rows: tuple[slice, int] | None = None
 
     @property
     def enabled(self) -> bool:
@@ -159,8 +162,16 @@ class ActQuantizer(nn.Module):
             self.observe_(x)
         if not self.ready:
             return x
-        keep = (torch.rand_like(x) < self.drop_prob).to(x.dtype) if self.drop_prob > 0 else None
+        keep = self._drop_mask(x) if self.drop_prob > 0 else None
         return fake_quantize_lsq(x, self.scale, self.zero_point, self.qmax, keep)
+
+    def _drop_mask(self, x: Tensor) -> Tensor:
+        if self.rows is None:
+            u = torch.rand_like(x)
+        else:
+            part, full = self.rows
+            u = torch.rand((full, *x.shape[1:]), dtype=x.dtype, device=x.device)[part]
+        return (u < self.drop_prob).to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}"

@@ -12,7 +12,8 @@ import torch
 from torch import Tensor, nn
 
 from ..config import CalibConfig
-from ..errors import NumericalError
+from ..distributed import SINGLE, Ranks, all_reduce_gradients_, all_reduce_sum
+from ..errors import ConfigError, NumericalError
 from ..progress import LOG_EVERY
 from ..quantization.modules import is_quant_layer
 from ..quantization.prepare import float_copy, freeze_
@@ -34,6 +35,7 @@ def reconstruct_(
     on_unit: Callable[[int], None] | None = None,
     progress: Progress | None = None,
     label: str = "calibrate",
+    ranks: Ranks = SINGLE,
 ) -> nn.Module:
     """Calibrate ``qmodel`` (from :func:`sadag.quantize`) in place on calibration images.
 
@@ -46,6 +48,8 @@ def reconstruct_(
         on_unit: called with the unit index after each unit is done (checkpoint there).
         progress: called as progress(stage, step, total, metrics) every few hundred iterations.
         label: the stage name shown in progress and logs (e.g. "warm-up calibrate" for SADAG's stage B).
+        ranks: torchrun's ranks: data-parallel, every rank holds all images and draws the same minibatches
+            and masks, computes its slice and the gradients are all-reduced (the updates of one process).
     """
     cfg.validate()
     fp_model = float_copy(qmodel)
@@ -58,7 +62,7 @@ def reconstruct_(
         fp_in, fp_out = capture_unit_io(fp_model, unit, images, cfg.batch_size)
         q_in, _ = capture_unit_io(qmodel, unit, images, cfg.batch_size, want_output=False)
         stage = f"{label} unit {k + 1}/{len(units)} ({unit})"
-        calibrate_unit_(modules[unit], fp_in, q_in, fp_out, cfg, seed * 10_007 + k, stage, progress)
+        calibrate_unit_(modules[unit], fp_in, q_in, fp_out, cfg, seed * 10_007 + k, stage, progress, ranks)
         if on_unit is not None:
             on_unit(k)
     return freeze_(qmodel)
@@ -150,6 +154,7 @@ def calibrate_unit_(
     seed: int,
     stage: str = "calibrate",
     progress: Progress | None = None,
+    ranks: Ranks = SINGLE,
 ) -> None:
     """AdaRound + learned step sizes on one unit, with QDrop's input mixing and quantizer dropping.
 
@@ -158,6 +163,9 @@ def calibrate_unit_(
     """
     layers, acts = _unit_parts(unit)
     n, bs = q_in.shape[0], min(cfg.batch_size, q_in.shape[0])
+    if bs < ranks.world_size:
+        raise ConfigError(f"a calibration minibatch of {bs} images cannot be split over {ranks.world_size} ranks: "
+                          "raise calib.batch_size (--calib-batch-size) or start fewer processes")
     _init_act_quantizers(unit, acts, q_in[:bs])
     for layer in layers:
         layer.weight_quantizer.start_adaround(layer.weight)
@@ -167,6 +175,7 @@ def calibrate_unit_(
         p.requires_grad_(True)
     for a in acts:
         a.drop_prob = cfg.drop_prob
+        a.rows = (ranks.slice(bs), bs) if ranks.enabled else None
     device = q_in.device
     engine = resolve_engine(cfg.engine, device)
     gen = torch.Generator(device=device).manual_seed(seed)
@@ -176,11 +185,12 @@ def calibrate_unit_(
         progress(stage, 0, cfg.iters, {})
     try:
         with _engine_context(engine, device):
-            _train(step, engine == "compiled", opts, scheds, sampler, (fp_in, q_in, fp_out), cfg, gen, stage,
-                   progress)
+            _train(step, engine == "compiled", (opts, scheds, trainable), sampler, (fp_in, q_in, fp_out), cfg, gen,
+                   stage, progress, ranks)
     finally:
         for a in acts:
             a.drop_prob = 0.0
+            a.rows = None
         for p in trainable:
             p.requires_grad_(False)
         for w in rounding:
@@ -201,10 +211,16 @@ def _engine_context(engine: str, device: torch.device) -> contextlib.AbstractCon
     return stack
 
 
-def _train(step, compiled: bool, opts: list, scheds: list, sampler: MinibatchSampler,  # noqa: ANN001
+def _train(step, compiled: bool, optim: tuple[list, list, list[Tensor]], sampler: MinibatchSampler,  # noqa: ANN001
            data: tuple[Tensor, Tensor, Tensor], cfg: CalibConfig, gen: torch.Generator, stage: str,
-           progress: Progress | None) -> None:
+           progress: Progress | None, ranks: Ranks) -> None:
+    """The unit's iterations. Data-parallel: the loss is a mean over the minibatch, so this rank's gradient
+    weighted by its share of the minibatch, summed over the ranks, is the whole minibatch's; the rounding
+    regulariser, added on every rank, is counted once in total (the shares sum to 1)."""
     fp_in, q_in, fp_out = data
+    opts, scheds, trainable = optim
+    part = ranks.slice(sampler.bs)
+    weight = (part.stop - part.start) / sampler.bs
     beta = BetaSchedule(cfg.iters, cfg.warmup, *cfg.beta)
     device = q_in.device
     running = torch.zeros((), device=device)
@@ -212,18 +228,20 @@ def _train(step, compiled: bool, opts: list, scheds: list, sampler: MinibatchSam
     compile_s = 0.0
     for t in range(cfg.iters):
         idx = sampler.next()
-        x = q_in[idx]
-        if cfg.drop_prob > 0:
-            keep = torch.rand(x.shape, generator=gen, device=device) < cfg.drop_prob
-            x = torch.where(keep, x, fp_in[idx])
+        rows = idx[part]
+        x = q_in[rows]
+        if cfg.drop_prob > 0:  # drawn for the whole minibatch on every rank, so every rank draws the same
+            keep = torch.rand((idx.shape[0], *x.shape[1:]), generator=gen, device=device)[part] < cfg.drop_prob
+            x = torch.where(keep, x, fp_in[rows])
         reg_on = cfg.round_weight > 0 and beta.regularizer_on(t)
         beta_t.fill_(beta(t))
         first_call = compiled and (t == 0 or (reg_on and not beta.regularizer_on(t - 1)))  # (re)compiles
         start = time.perf_counter()
-        rec, loss = step(x, fp_out[idx], beta_t, reg_on)
+        rec, loss = step(x, fp_out[rows], beta_t, reg_on)
         for opt in opts:
             opt.zero_grad(set_to_none=True)
         loss.backward()
+        all_reduce_gradients_(trainable, weight, ranks)
         if first_call:
             compile_s += time.perf_counter() - start
         for opt in opts:
@@ -233,8 +251,12 @@ def _train(step, compiled: bool, opts: list, scheds: list, sampler: MinibatchSam
         running += rec.detach()
         if (t + 1) % LOG_EVERY == 0 or t + 1 == cfg.iters:
             extra = {"compile_s": compile_s} if compiled else {}
-            extra["round_loss"] = (loss - rec).detach()  # the rounding regulariser's weighted term, this step
-            _report(stage, t + 1, cfg.iters, running / ((t % LOG_EVERY) + 1), loss.detach(), progress, extra)
+            mean_rec, loss_now, rec_now = running / ((t % LOG_EVERY) + 1), loss.detach(), rec.detach()
+            if ranks.enabled:  # the whole minibatch's values: every rank's, weighted by its share
+                mean_rec, loss_now, rec_now = all_reduce_sum(torch.stack([mean_rec, loss_now, rec_now]) * weight,
+                                                             ranks).unbind()
+            extra["round_loss"] = loss_now - rec_now  # the rounding regulariser's weighted term, this step
+            _report(stage, t + 1, cfg.iters, mean_rec, loss_now, progress, extra)
             running.zero_()
 
 

@@ -1,0 +1,76 @@
+"""torch.distributed helpers on 2 CPU ranks (gloo), spawned in-process."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from sadag.distributed import (
+    Ranks,
+    all_reduce_gradients_,
+    all_reduce_sum,
+    ranks_from_env,
+    share_items,
+)
+from sadag.errors import ConfigError
+
+
+def test_ranks_from_env() -> None:
+    assert not ranks_from_env({}).enabled
+    r = ranks_from_env({"WORLD_SIZE": "4", "RANK": "2", "LOCAL_RANK": "0"})
+    assert (r.rank, r.world_size, r.local_rank, r.is_main) == (2, 4, 0, False)
+    with pytest.raises(ConfigError, match="inconsistent"):
+        ranks_from_env({"WORLD_SIZE": "2", "RANK": "2", "LOCAL_RANK": "0"})
+    with pytest.raises(ConfigError, match="integers"):
+        ranks_from_env({"WORLD_SIZE": "two", "RANK": "0", "LOCAL_RANK": "0"})
+
+
+@pytest.mark.parametrize("n", [0, 1, 5, 32, 33])
+def test_slices_and_owners_partition(n: int) -> None:
+    for world in (1, 2, 3):
+        parts = [Ranks(r, world).slice(n) for r in range(world)]
+        assert [i for s in parts for i in range(n)[s]] == list(range(n))
+        owned = sorted(i for r in range(world) for i in Ranks(r, world).owned(range(n)))
+        assert owned == list(range(n))
+
+
+def _worker(rank: int, init_file: str, out: dict) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    torch.set_num_threads(1)
+    ranks, cpu = Ranks(rank, 2), torch.device("cpu")
+    try:
+        # items owned by different ranks reach every rank, dtypes and shapes intact
+        local = {i: {"x": torch.full((i + 1, 2), float(i)), "n": torch.tensor([i], dtype=torch.int64)}
+                 for i in ranks.owned(range(3))}
+        shared = share_items(local, range(3), ranks, cpu)
+        out[f"share{rank}"] = [(tuple(v["x"].shape), float(v["x"].sum()), v["n"].dtype, int(v["n"])) for _, v in
+                               sorted(shared.items())]
+        # data-parallel gradients equal the whole-minibatch gradient
+        torch.manual_seed(0)
+        layer = torch.nn.Linear(4, 3)
+        x, y = torch.randn(7, 4), torch.randn(7, 3)
+        part = ranks.slice(7)
+        loss = ((layer(x[part]) - y[part]) ** 2).mean() + layer.weight.abs().sum()
+        loss.backward()
+        all_reduce_gradients_(list(layer.parameters()), (part.stop - part.start) / 7, ranks)
+        out[f"grad{rank}"] = [p.grad.clone() for p in layer.parameters()]
+        out[f"sum{rank}"] = int(all_reduce_sum(torch.tensor(rank + 1), ranks))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_ranks_share_items_and_reduce_gradients(tmp_path) -> None:  # noqa: ANN001
+    out = mp.Manager().dict()
+    mp.spawn(_worker, args=(str(tmp_path / "init"), out), nprocs=2, join=True)
+    expected = [((1, 2), 0.0, torch.int64, 0), ((2, 2), 4.0, torch.int64, 1), ((3, 2), 12.0, torch.int64, 2)]
+    assert out["share0"] == out["share1"] == expected
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(4, 3)
+    x, y = torch.randn(7, 4), torch.randn(7, 3)
+    (((layer(x) - y) ** 2).mean() + layer.weight.abs().sum()).backward()
+    for rank in (0, 1):
+        for got, want in zip(out[f"grad{rank}"], layer.parameters(), strict=True):
+            torch.testing.assert_close(got, want.grad, rtol=1e-6, atol=1e-7)
+    assert out["sum0"] == out["sum1"] == 3
