@@ -219,10 +219,10 @@ def probe_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
     rows = []
     for bits in args.bits:
         for seed in args.seeds:
-            state = run_dir(Path(args.work), args.model, bits, "sadag", seed) / "state" / "warmup_calib.pt"
-            if not state.is_file():
+            sadag_dir = run_dir(Path(args.work), args.model, bits, "sadag", seed)
+            if not (sadag_dir / "warmup.safetensors").is_file():
                 continue
-            q = warmup_model(args.model, fp, state, spec, bits)
+            q = warmup_model(sadag_dir, fp)
             g_real = mean_gradient(*last_layer_terms(fp, q, real))
             genie_dir = run_dir(Path(args.work), args.model, bits, BASE, seed) / "synthetic"
             genie = load_synthetic_set(genie_dir)[0] if (genie_dir / "images.pt").is_file() else None

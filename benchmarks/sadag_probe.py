@@ -18,6 +18,7 @@ Prints a markdown table and writes benchmarks/results/sadag_probe_<model>_<budge
 from __future__ import annotations
 
 import argparse
+import copy
 from pathlib import Path
 from typing import Any
 
@@ -26,12 +27,11 @@ from torch import Tensor, nn
 
 import sadag
 from _common import CIFAR_TRAIN, EVAL, WORK, base_config, machine, write_results
-from sadag.config import apply_preset
 from sadag.data import load_calibration_data
+from sadag.export import load_quantized
 from sadag.generation import load_synthetic_set
 from sadag.generation.bn_stats import bn_layers, bn_statistics_loss, capture_bn_inputs
 from sadag.generation.sadag import capture_linear_input, gradient_cosine, last_linear
-from sadag.quantization.prepare import freeze_, quantize
 from zero_shot import METHODS, ONE_SEED, set_path
 
 
@@ -66,13 +66,10 @@ def bn_loss(fp: nn.Module, images: Tensor, batch: int = 128) -> float:
     return sum(losses) / len(losses)
 
 
-def warmup_model(model_name: str, fp: nn.Module, state: Path, spec: Any, bits: str = "4/4") -> nn.Module:
-    """The frozen stage-B quantized model saved at `state` (a run directory's state/warmup_calib.pt)."""
-    cfg = apply_preset(base_config(model_name, state.parent, method="sadag", bits=bits, preset="fast"))
-    q = quantize(fp, cfg.quant, torch.zeros(2, 3, spec.input_size, spec.input_size))
-    saved = torch.load(state, map_location="cpu", weights_only=False)
-    q.load_state_dict(saved["state_dict"])
-    return freeze_(q).eval()
+def warmup_model(run_dir: Path, fp: nn.Module) -> nn.Module:
+    """The frozen stage-B quantized model a SADAG run published (RUN_DIR/warmup.safetensors)."""
+    q, _meta = load_quantized(run_dir / "warmup.safetensors", model=copy.deepcopy(fp))
+    return q.eval()
 
 
 def probe_set(fp: nn.Module, q: nn.Module, images: Tensor, g_real: Tensor, genie: Tensor | None = None
@@ -88,11 +85,11 @@ def probe_set(fp: nn.Module, q: nn.Module, images: Tensor, g_real: Tensor, genie
 
 def probe_seed(model_name: str, seed: int, budget: str, work: Path, real: Tensor, train: Tensor,
                fp: nn.Module, spec: Any) -> list[dict[str, Any]]:
-    state = set_path(model_name, "sadag-random", seed, budget, work) / "state" / "warmup_calib.pt"
-    if not state.exists():
-        print(f"seed {seed}: no stage-B model at {state}; skipped")
+    run_dir = set_path(model_name, "sadag-random", seed, budget, work)
+    if not (run_dir / "warmup.safetensors").exists():
+        print(f"seed {seed}: no stage-B model in {run_dir}; skipped")
         return []
-    q = warmup_model(model_name, fp, state, spec)
+    q = warmup_model(run_dir, fp)
     g_real = mean_gradient(*last_layer_terms(fp, q, real))
     sets: dict[str, Tensor] = {"real train (reference)": train}
     for method in (m for m in METHODS if m != "real"):  # the reference above is the real set

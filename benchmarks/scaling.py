@@ -42,8 +42,10 @@ EVAL_IMAGES = 50_000  # ImageNet validation
 def _run(out: Path, ranks: int, threads: int, smoke: bool) -> dict[str, Any]:
     model = "resnet20_cifar10"
     eval_data, _ = EVAL[model]
+    # 2 Genie-D batches of 128 (one per rank), 200 reconstruction iterations per unit, 2,000 test images: minutes
     budget = (["--preset", "smoke", "--eval-limit", "64"] if smoke else
-              ["--preset", "fast", "--num-images", "256", "--eval-limit", "2000"])
+              ["--preset", "fast", "--num-images", "256", "--gen-iters", "100", "--calib-iters", "200",
+               "--eval-limit", "200"])
     args = ["-m", "sadag", "run", "--model", model, "--weights", str(WEIGHTS[model]), "--method", "genie",
             "--bits", "4/4", "--eval-data", str(eval_data), "--out", str(out), "--force", "--no-export",
             "--threads", str(threads), "--seed", "0", *budget]
