@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from conftest import TinyNet, tiny_bn_model
 from sadag.config import QuantConfig
-from sadag.export import ExportFormatError, load_quantized, save_quantized
+from sadag.export import ExportFormatError, export_model, load_quantized, save_quantized
 from sadag.quantization.prepare import quantize
 from sadag.quantization.quantizers import ActQuantizer
 
@@ -228,4 +228,7 @@ def test_export_to_unwritable_places_is_a_clear_error(tmp_path: Path) -> None:
     for target, match in targets.items():
         with pytest.raises(ExportFormatError, match=match):
             save_quantized(qmodel, target, model_name=FACTORY, spec=spec, quant_config=cfg)
+        onnx_target = target if target.is_dir() else target.with_suffix(".onnx")
+        with pytest.raises(ExportFormatError, match=match):  # every format, checked before any export work
+            export_model(qmodel, onnx_target, "onnx", spec=spec)
     assert (tmp_path / "a_file").read_text() == "x"

@@ -13,6 +13,10 @@ class ModelError(SadagError):
     """Unknown model name, or weights that do not fit the model."""
 
 
+class ExportFormatError(ModelError):
+    """An export that cannot be written, is not a sadag export, or whose tensors do not fit its metadata."""
+
+
 class DataError(SadagError):
     """Missing, empty or unreadable image data."""
 

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from ..errors import ConfigError
 from ..models import DataSpec
 from ..quantization.quantizers import ActQuantizer, WeightQuantizer
+from .registry import unwritable, writable_target
 from .safetensors_io import ExportFormatError, check_frozen, quantized_parts
 
 if TYPE_CHECKING:
@@ -269,12 +270,15 @@ def export_onnx(qmodel: nn.Module, path: str | Path, spec: DataSpec | None = Non
         raise ConfigError("export_onnx needs the model's DataSpec: pass spec=..., or load the model with "
                           "sadag.load_model, which attaches it")
     check_frozen(qmodel)
+    path = Path(path)
+    writable_target(path)
     model, weights, acts = _export_copy(qmodel)
     proto = _lower(onnx.load_from_string(_torch_export(model, spec, opset)), weights, acts, opset)
     onnx.checker.check_model(proto, full_check=True)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save_model(proto, str(path))
+    try:
+        onnx.save_model(proto, str(path))
+    except OSError as e:
+        raise unwritable(path, e) from e
     log.info("exported %d quantized weights and %d activation quantizers to %s (opset %d)",
              len(weights), len(acts), path, opset)
     return path

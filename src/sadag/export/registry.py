@@ -8,6 +8,7 @@ file suffix (so the format can be inferred from the output path). The built-in f
 from __future__ import annotations
 
 import inspect
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +16,7 @@ from typing import Any
 
 from torch import nn
 
-from ..errors import ConfigError
+from ..errors import ConfigError, ExportFormatError
 
 Writer = Callable[..., Path]
 
@@ -72,4 +73,26 @@ def export_model(qmodel: nn.Module, path: str | Path, fmt: str | None = None, **
     except TypeError as e:
         params = [p for p in inspect.signature(exporter.writer).parameters][2:]
         raise ConfigError(f"export format {exporter.name!r}: {e}; its options are: {', '.join(params)}") from e
-    return exporter.writer(qmodel, path, **options)
+    writable_target(path)
+    try:
+        return exporter.writer(qmodel, path, **options)
+    except OSError as e:
+        raise unwritable(path, e) from e
+
+
+def writable_target(path: Path) -> None:
+    """Refuse, before any work, an output path that is a directory, lies under a file or is not writable."""
+    if path.is_dir():
+        raise ExportFormatError(f"cannot export to {path}: it is a directory; give a file path such as "
+                                f"{path / ('model' + (path.suffix or '.onnx'))}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path.parent):
+            pass
+    except OSError as e:
+        raise unwritable(path, e) from e
+
+
+def unwritable(path: Path, error: BaseException) -> ExportFormatError:
+    return ExportFormatError(f"cannot write the export to {path} ({error}): choose a path in a writable directory "
+                             "(no part of it may be an existing file)")

@@ -24,22 +24,19 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from ..config import QuantConfig
-from ..errors import ConfigError, ModelError
+from ..errors import ConfigError, ExportFormatError, ModelError
 from ..models import DataSpec, get_model_info, load_model
 from ..models.registry import is_import_path
 from ..quantization.modules import is_quant_layer
 from ..quantization.prepare import quantize
 from ..quantization.quantizers import ActQuantizer, WeightQuantizer
+from .registry import unwritable, writable_target
 
 FORMAT = "sadag-quantized"
 FORMAT_VERSION = 1
 META_KEY = "sadag"
 MAX_INPUT_SIZE = 2048  # a larger image side in a file's spec is damage, not a model: refuse before allocating
 MAX_CLASSES = 1_000_000
-
-
-class ExportFormatError(ModelError):
-    """An export that cannot be written, is not a sadag export, or whose tensors do not fit its metadata."""
 
 
 def sadag_version() -> str:
@@ -141,15 +138,11 @@ def save_quantized(qmodel: nn.Module, path: str | Path, *, model_name: str, spec
 
 def _write(path: Path, tensors: dict[str, Tensor], text: str) -> Path:
     """safetensors writes a temporary file and renames it, so a failed write leaves no partial export."""
-    if path.is_dir():
-        raise ExportFormatError(f"cannot export to {path}: it is a directory; give a file path such as "
-                                f"{path / 'quantized.safetensors'}")
+    writable_target(path)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
         save_file(tensors, str(path), metadata={META_KEY: text})
     except (OSError, SafetensorError) as e:
-        raise ExportFormatError(f"cannot write the export to {path} ({e}): choose a path in a writable "
-                                f"directory (no part of it may be an existing file)") from e
+        raise unwritable(path, e) from e
     return path
 
 
