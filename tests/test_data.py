@@ -226,3 +226,18 @@ def test_class_folders_that_do_not_fit_the_model_are_refused(tmp_path: Path, fol
     assert len(ImageFolderDataset(tmp_path / "imgs", SPEC32, labelled=False)) == folders
     assert sample_calibration_images(tmp_path / "imgs", SPEC32, folders, seed=0).shape[0] == folders
     assert load_calibration_data(tmp_path / "imgs", SPEC32).shape[0] == folders
+
+
+def test_cifar_pickle_with_code_is_refused_and_never_runs(tmp_path: Path) -> None:
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):  # noqa: ANN204
+            return (exec, (f"open({str(marker)!r}, 'w').write('x')",))
+
+    (tmp_path / "cifar-10-batches-py").mkdir()
+    with open(tmp_path / "cifar-10-batches-py" / "test_batch", "wb") as f:
+        pickle.dump({b"data": Payload(), b"labels": [0]}, f)
+    with pytest.raises(DataError, match="refused to load builtins.exec"):
+        CifarDataset(tmp_path, SPEC32)
+    assert not marker.exists()

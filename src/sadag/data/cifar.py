@@ -75,13 +75,30 @@ def _fetch(url: str, dest: Path) -> None:
     tmp.replace(dest)
 
 
+# The only classes a CIFAR batch pickle needs: numpy arrays (how numpy pickles them) and their dtypes.
+_CIFAR_GLOBALS = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+                  ("numpy", "ndarray"), ("numpy", "dtype")}
+
+
+class _ArraysOnly(pickle.Unpickler):
+    """Unpickles dicts, lists, strings, numbers and numpy arrays; any other class is refused, not imported."""
+
+    def find_class(self, module: str, name: str):  # noqa: ANN201
+        if (module, name) not in _CIFAR_GLOBALS:
+            raise pickle.UnpicklingError(f"refused to load {module}.{name}: a CIFAR batch holds only arrays and "
+                                         "lists, and unpickling other objects can run code")
+        return super().find_class(module, name)
+
+
 def read_cifar_batch(path: Path, label_key: str) -> tuple[np.ndarray, np.ndarray]:
-    """One pickle -> (uint8 images N x 32 x 32 x 3, int64 labels)."""
+    """One pickle -> (uint8 images N x 32 x 32 x 3, int64 labels), read without running code from the file."""
     try:
         with open(path, "rb") as f:
-            d = pickle.load(f, encoding="latin1")
+            d = _ArraysOnly(f, encoding="latin1").load()
     except (OSError, pickle.UnpicklingError, EOFError) as e:
         raise DataError(f"cannot read CIFAR batch {path}: {e}") from e
+    if not isinstance(d, dict):
+        raise DataError(f"{path} is not a CIFAR batch: it holds a {type(d).__name__}, not a dict")
     d = {k.decode() if isinstance(k, bytes) else k: v for k, v in d.items()}
     if "data" not in d or label_key not in d:
         raise DataError(f"{path} is not a CIFAR batch: expected keys 'data' and {label_key!r}, got {list(d)}")
