@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 import torch
 from torch import Tensor, nn
 
 from ..distributed import SINGLE, Ranks, all_reduce_sum
-
-Progress = Callable[[str, int, int, dict[str, float]], None]
+from ..progress import Progress
 
 
 @torch.no_grad()

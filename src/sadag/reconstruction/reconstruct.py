@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from ..config import CalibConfig
 from ..distributed import SINGLE, Ranks, all_reduce_gradients_, all_reduce_sum
 from ..errors import ConfigError, NumericalError
-from ..progress import LOG_EVERY
+from ..progress import LOG_EVERY, Progress
 from ..quantization.modules import is_quant_layer
 from ..quantization.prepare import float_copy, freeze_
 from ..quantization.quantizers import ActQuantizer
@@ -22,7 +22,6 @@ from .cache import capture_unit_io
 from .losses import BetaSchedule, reconstruction_loss
 
 log = logging.getLogger(__name__)
-Progress = Callable[[str, int, int, dict[str, float]], None]
 
 
 def reconstruct_(
