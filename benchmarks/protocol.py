@@ -134,12 +134,19 @@ def lowpass_d0(args: argparse.Namespace, input_size: int) -> float:
     return 80.0 if input_size >= 224 else 20.0
 
 
+def needs_genie_set(method: str) -> bool:
+    """Every method but genie and real starts from the genie run's set of the same (bits, seed): paired exactly."""
+    return method not in (BASE, "real")
+
+
 def run_config(args: argparse.Namespace, bits: str, method: str, seed: int, input_size: int) -> sadag.RunConfig:
     kind, gen_extra = METHODS[method]
     b = budget(args)
     gen = {**b["gen"], **gen_extra}
     if method == "genie-lowpass":
         gen["lowpass"] = lowpass_d0(args, input_size)
+    if needs_genie_set(method):
+        gen["genie_set"] = str(run_dir(Path(args.work), args.model, bits, BASE, seed) / "synthetic")
     extra: dict[str, Any] = {}
     if kind == "real":
         extra = {"calib_data": str(args.real_data), "num_calib": args.num_images}
@@ -174,23 +181,50 @@ def one_run(args: argparse.Namespace, bits: str, method: str, seed: int, input_s
 
 
 def plan(args: argparse.Namespace) -> list[tuple[str, str, int]]:
-    """Every (bits, method, seed); genie first so a paired difference exists as early as possible."""
-    methods = sorted(args.methods, key=lambda m: m != BASE)
-    return [(b, m, s) for s in args.seeds for m in methods for b in args.bits]
+    """Every (bits, method, seed): seed by seed, genie first, real last, so that paired differences exist as
+    early as possible and the headroom runs (which pair with nothing but genie) fill the remaining time."""
+    methods = sorted(args.methods, key=lambda m: (m != BASE, m == "real"))
+    zero_shot = [(b, m, s) for s in args.seeds for m in methods if m != "real" for b in args.bits]
+    return zero_shot + [(b, "real", s) for s in args.seeds for b in args.bits if "real" in methods]
+
+
+def ready(job: tuple[str, str, int], done: set[tuple[str, str, int]], args: argparse.Namespace) -> bool:
+    bits, method, seed = job
+    if not needs_genie_set(method):
+        return True
+    genie = (bits, BASE, seed)
+    return genie in done or (run_dir(Path(args.work), args.model, *genie) / "report.json").is_file()
 
 
 def run_all(args: argparse.Namespace, input_size: int) -> list[dict[str, Any]]:
-    todo = plan(args)
+    """The plan on --jobs processes, each job started when its genie set exists (the first ready one in order)."""
+    todo, done, rows = plan(args), set(), []
     if args.jobs <= 1:
-        return [one_run(args, *job, input_size) for job in todo]
-    rows = []
+        for job in todo:
+            if not ready(job, done, args):
+                _missing_genie(job)
+            rows.append(one_run(args, *job, input_size))
+            done.add(job)
+        return rows
     # spawn: no forked CUDA state; each process loads the model once per run (runs are minutes, that is cheap)
     with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn")) as pool:
-        futures = {pool.submit(one_run, args, *job, input_size): job for job in todo}
-        for f in as_completed(futures):
-            rows.append(f.result())
+        running: dict[Any, tuple[str, str, int]] = {}
+        while todo or running:
+            while len(running) < args.jobs and (job := next((j for j in todo if ready(j, done, args)), None)):
+                todo.remove(job)
+                running[pool.submit(one_run, args, *job, input_size)] = job
+            if not running:
+                _missing_genie(todo[0])
+            finished = next(as_completed(running))
+            done.add(running.pop(finished))
+            rows.append(finished.result())
             print(json.dumps({k: rows[-1][k] for k in ("bits", "method", "seed", "top1")}), flush=True)
     return rows
+
+
+def _missing_genie(job: tuple[str, str, int]) -> None:
+    raise SystemExit(f"{job[1]} at {job[0]}, seed {job[2]} starts from the genie run of that seed: add genie to "
+                     "--methods or run it first")
 
 
 def finished_rows(args: argparse.Namespace) -> list[dict[str, Any]]:

@@ -107,3 +107,16 @@ def test_a_genie_set_or_warmup_model_that_does_not_fit_is_refused(tmp_path: Path
     with pytest.raises(ConfigError, match="is 'conftest:tiny_bn_model' at W/A 2/4; this run needs "
                                           "'conftest:tiny_bn_model' at 4/4"):
         sadag.run(tiny(tmp_path / "wrong_bits", method="sadag", gen=gen), export=False)
+
+
+def test_genie_from_a_saved_set_reuses_it_and_only_adds_the_lowpass(tmp_path: Path) -> None:
+    from sadag.generation.lowpass import apply_lowpass
+
+    genie_set = sadag.generate_set(tiny(tmp_path / "genie", method="genie", gen=GEN))
+    gen = sadag.GenConfig(genie_iters=3, genie_set=str(genie_set), lowpass=4.0)
+    filtered = sadag.generate_set(tiny(tmp_path / "lowpass", method="genie", gen=gen))
+    spec = sadag.load_model("conftest:tiny_bn_model")[1]
+    original = load_synthetic_set(genie_set)[0]
+    again = load_synthetic_set(filtered)[0]
+    assert not torch.equal(again, original)
+    assert torch.allclose(again, apply_lowpass(original, spec, 4.0), atol=1e-6)

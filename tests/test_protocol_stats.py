@@ -57,3 +57,25 @@ def test_differences_are_paired_by_seed_and_bits() -> None:
     assert protocol.paired_differences(rows, "sadag", "2/4") == []
     table = protocol.tables(rows)
     assert "| real (headroom) | +1.00 (n=1)" in table and "| sadag | +0.75 ± 0.35 (n=2)" in table
+
+
+def test_the_plan_runs_genie_first_real_last_and_waits_for_the_genie_set(tmp_path: Path) -> None:
+    import argparse
+
+    args = argparse.Namespace(methods=["real", "sadag", "genie-lowpass", "genie"], seeds=[0, 1], bits=["2/2"],
+                              work=str(tmp_path), model="resnet20_cifar10")
+    order = [(m, s) for _, m, s in protocol.plan(args)]
+    assert order == [("genie", 0), ("sadag", 0), ("genie-lowpass", 0), ("genie", 1), ("sadag", 1),
+                     ("genie-lowpass", 1), ("real", 0), ("real", 1)]
+    assert protocol.ready(("2/2", "real", 1), set(), args) and protocol.ready(("2/2", "genie", 1), set(), args)
+    assert not protocol.ready(("2/2", "sadag", 1), set(), args)
+    assert protocol.ready(("2/2", "sadag", 1), {("2/2", "genie", 1)}, args)
+    finished = protocol.run_dir(tmp_path, "resnet20_cifar10", "2/2", "genie", 0)  # from an earlier invocation
+    finished.mkdir(parents=True)
+    (finished / "report.json").write_text("{}")
+    assert protocol.ready(("2/2", "genie-lowpass", 0), set(), args)
+    config = protocol.run_config(argparse.Namespace(**vars(args), num_images=256, gen_batch=128, genie_iters=300,
+                                                    refine_iters=200, warmup_iters=500, calib_iters=2000,
+                                                    engine="eager", lowpass=None, real_data=None, device="cpu",
+                                                    eval_limit=None), "2/2", "sadag", 0, 32)
+    assert config.gen.genie_set == str(finished / "synthetic") and config.gen.neighbor == "released"

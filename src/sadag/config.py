@@ -169,8 +169,9 @@ class GenConfig:
                              help="SynQ's Gaussian low-pass D0 (frequency index) applied to the finished synthetic "
                                   "set; 0 = off")
     genie_set: str | None = setting(None, flag="--genie-set",
-                                    help="SADAG: start from the Genie-D batches of a set saved by `sadag generate "
-                                         "--method genie` (skips Genie-D)")
+                                    help="genie, SADAG: start from the Genie-D batches of a set saved by `sadag "
+                                         "generate --method genie` (skips Genie-D; genie then only applies "
+                                         "--lowpass)")
     warmup_model: str | None = setting(None, flag="--warmup-model",
                                        help="SADAG: use this quantized.safetensors (same model, target bits) as the "
                                             "warm-up model (skips stage B)")

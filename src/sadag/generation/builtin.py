@@ -106,7 +106,8 @@ def _genie_sharded(ctx: GenerationContext, done: dict[int, GenieBatch], count: i
 
 @register_method("genie", help="Genie-D: a generator and latents per batch, trained to match BatchNorm statistics")
 def genie(ctx: GenerationContext) -> Tensor:
-    batches = genie_batches(ctx)
+    # a saved set is reused as is: what a run adds to it (--lowpass) is then the only difference, paired exactly
+    batches = genie_set_batches(ctx) if ctx.gen.genie_set else genie_batches(ctx)
     ctx.artifacts[GENIE_BATCHES] = [batch_to_state(b, images=False) for b in batches]
     return torch.cat([b.images for b in batches])
 
