@@ -10,6 +10,9 @@ bits (what `sadag run` does). Methods (the same seed gives the same Genie-D batc
   sadag-div-only  SADAG with lambda_gm = 0
   sadag-gm-only   SADAG with lambda_div = 0
   genie-lowpass   Genie-D, then SynQ's Gaussian low-pass filter (gen.lowpass = D0)
+  genie-setbn     Genie-D with BatchNorm statistics matched over the whole set (gen.bn_scope = set, DGH)
+
+Every method but genie, genie-setbn and real starts from the genie run's set of the same (bits, seed).
 
 Usage: python benchmarks/protocol.py --model resnet20_cifar10 --bits 4/4 2/4 --seeds 0 1 2 3 4 [--jobs 4]
        python benchmarks/protocol.py --model resnet20_cifar10 --collect [--probe]
@@ -42,9 +45,12 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "sadag-div-only": ("sadag", {"neighbor": "released", "lambda_gm": 0.0}),
     "sadag-gm-only": ("sadag", {"neighbor": "released", "lambda_div": 0.0}),
     "genie-lowpass": ("genie", {}),  # gen.lowpass is added from --lowpass
+    "genie-setbn": ("genie", {"bn_scope": "set"}),
 }
+FROM_GENIE_SET = ("sadag", "sadag-div-only", "sadag-gm-only", "genie-lowpass")
 BASE = "genie"
-GEN_KEYS = ("genie_iters", "warmup_calib_iters", "refine_iters", "neighbor", "lambda_gm", "lambda_div", "lowpass")
+GEN_KEYS = ("genie_iters", "warmup_calib_iters", "refine_iters", "neighbor", "lambda_gm", "lambda_div", "lowpass",
+            "bn_scope")
 # Two-sided 95% Student t quantiles t_{0.975, df}, df = 1..30 (tests/test_protocol_stats.py checks them
 # against a numerical integral of the t density).
 T975 = (12.706205, 4.302653, 3.182446, 2.776445, 2.570582, 2.446912, 2.364624, 2.306004, 2.262157, 2.228139,
@@ -135,8 +141,8 @@ def lowpass_d0(args: argparse.Namespace, input_size: int) -> float:
 
 
 def needs_genie_set(method: str) -> bool:
-    """Every method but genie and real starts from the genie run's set of the same (bits, seed): paired exactly."""
-    return method not in (BASE, "real")
+    """Whether the method starts from the genie run's set of the same (bits, seed): paired exactly."""
+    return method in FROM_GENIE_SET
 
 
 def run_config(args: argparse.Namespace, bits: str, method: str, seed: int, input_size: int) -> sadag.RunConfig:
@@ -161,7 +167,7 @@ def row_of(directory: Path, bits: str, method: str, seed: int) -> dict[str, Any]
     cfg = yaml.safe_load((directory / "config.yaml").read_text())
     return {"model": report["model"], "bits": bits, "method": method, "seed": seed, "top1": report["quant_top1"],
             "num_images": report["num_calib"], "calib_iters": cfg["calib"]["iters"], "fp_top1": report.get("fp_top1"),
-            "gen": {k: cfg["gen"][k] for k in GEN_KEYS}, "seconds": report.get("seconds", {}),
+            "gen": {k: cfg["gen"].get(k) for k in GEN_KEYS}, "seconds": report.get("seconds", {}),
             "device": report.get("device")}
 
 

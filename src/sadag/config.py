@@ -27,6 +27,7 @@ import yaml
 from .errors import ConfigError
 
 Neighbor = Literal["released", "random", "adversarial"]  # generation/sadag.py: how a neighbor direction is drawn
+BNScope = Literal["batch", "set"]  # generation/genie.py: over which images Genie-D matches BatchNorm statistics
 SECTIONS = ("quant", "calib", "gen")
 DEVICE_FORMS = "auto, cpu, cuda, cuda:N (N a GPU index), mps"
 _DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
@@ -150,6 +151,9 @@ class GenConfig:
     parallel_batches: int = setting(0, flag="--parallel-batches", min=0,
                                     help="Genie-D/ZeroQ batches optimized in one pass; 0 = auto (CPU: 1, GPU: all "
                                          "that fit in a quarter of its memory)")
+    bn_scope: BNScope = setting("batch", flag="--bn-scope",
+                                help="Genie-D: match BatchNorm statistics per batch (Genie) or over the whole set "
+                                     "(DGH, WACV 2025: every batch in one pass, one process)")
     # SADAG stages B and C
     warmup_calib_iters: int = setting(4000, flag="--warmup-calib-iters", min=0,
                                       help="SADAG stage B: reconstruction iterations per unit of the warm-up model")

@@ -79,6 +79,9 @@ def genie_batches(ctx: GenerationContext) -> list[GenieBatch]:
     with ctx.stage("generate"):
         found = {k: ctx.load_state(f"genie_batch_{k}.pt") for k in range(count)}
         done = {k: batch_from_state(v) for k, v in found.items() if v is not None}
+        if ctx.ranks.enabled and ctx.gen.bn_scope == "set":  # refused on every rank alike: none waits
+            raise ConfigError("gen.bn_scope 'set' matches statistics over the whole set in one process: run it "
+                              "without torchrun (make the set once with `sadag generate` and pass --genie-set)")
         if ctx.ranks.enabled:
             return _genie_sharded(ctx, done, count)
         return generate_genie(ctx.model, ctx.spec, ctx.gen, ctx.seed, done=done, progress=ctx.progress,

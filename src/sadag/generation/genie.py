@@ -162,6 +162,9 @@ def _genie_group(net: nn.Module, layers: list[nn.BatchNorm2d], captured: list, o
 
     The loss is the sum of the batches' losses, so each batch's gradients, optimizer steps, plateau
     lr and swing offsets (its own generator, from its own seed) are those of the batch run alone.
+    With cfg.bn_scope "set" (DGH) the BN loss is one, of the moments over all the group's images (the
+    whole set); it counts `count` times in the objective so that each batch's share of its gradient keeps
+    the weight of a per-batch loss against its input prior, and each batch's plateau sees it plus its prior.
     """
     gens, zs, opts, plateaus = _new_group(spec, cfg, seed, indices, size, model_device(net))
     offsets[:] = [cpu_generator(batch_seed(seed, b, "swing")) for b in indices]
@@ -174,8 +177,14 @@ def _genie_group(net: nn.Module, layers: list[nn.BatchNorm2d], captured: list, o
             opt_g.zero_grad(set_to_none=True)
         x = gens[0](zs[0]) if count == 1 else grouped_forward(gens, torch.stack(zs))
         net(x)
-        losses = bn_statistics_losses(captured, layers, count) + input_prior_losses(x, count)
-        losses.sum().backward()
+        prior = input_prior_losses(x, count)
+        if cfg.bn_scope == "set":
+            shared = bn_statistics_losses(captured, layers, 1)
+            losses = shared + prior
+            (shared.sum() * count + prior.sum()).backward()
+        else:
+            losses = bn_statistics_losses(captured, layers, count) + prior
+            losses.sum().backward()
         for (opt_z, opt_g), plateau, loss in zip(opts, plateaus, losses, strict=True):
             opt_z.step()
             opt_g.step()
@@ -261,7 +270,7 @@ def generate_genie(
         net = swing_model(model, offsets) if cfg.swing else model
         layers = bn_layers(net)
         hooks = _Hooks(on_log, on_state, max(1, state_every), resume_state)
-        parallel = cfg.parallel_batches or auto_parallel_batches(model, spec, cfg.batch_size, len(sizes))
+        parallel = _parallel(model, spec, cfg, sizes, only)
         with capture_bn_inputs(net) as captured:
             for group in batch_groups(sizes, parallel, done, only):
                 batches = _genie_group(net, layers, captured, offsets, spec, cfg, seed, group, sizes[group[0]],
@@ -272,6 +281,22 @@ def generate_genie(
                     if on_batch is not None:
                         on_batch(batch)
     return [finished[b] for b in (range(len(sizes)) if only is None else only)]
+
+
+def _parallel(model: nn.Module, spec: DataSpec, cfg: GenConfig, sizes: Sequence[int],
+              only: Sequence[int] | None) -> int:
+    if cfg.bn_scope != "set":
+        return cfg.parallel_batches or auto_parallel_batches(model, spec, cfg.batch_size, len(sizes))
+    if len(set(sizes)) > 1:
+        raise ConfigError(f"gen.bn_scope 'set' optimizes every batch in one pass, which needs batches of one size: "
+                          f"gen.num_images {cfg.num_images} is not a multiple of gen.batch_size {cfg.batch_size}")
+    if only is not None and len(only) < len(sizes):
+        raise ConfigError("gen.bn_scope 'set' matches statistics over the whole set: it cannot make a subset of the "
+                          "batches (`only`)")
+    if cfg.parallel_batches not in (0, len(sizes)):
+        raise ConfigError(f"gen.bn_scope 'set' optimizes all {len(sizes)} batches in one pass; gen.parallel_batches "
+                          f"{cfg.parallel_batches} would split them: leave it 0")
+    return len(sizes)
 
 
 def _activation_floats(model: nn.Module, spec: DataSpec) -> int:
