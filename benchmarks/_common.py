@@ -12,7 +12,9 @@ from typing import Any
 import torch
 
 import sadag
+from sadag.config import apply_preset, result_settings
 from sadag.progress import ProgressPrinter
+from sadag.rundir import RunDir
 
 SHARED = Path(os.environ.get("SADAG_SHARED", Path(__file__).resolve().parents[2] / "shared"))
 WEIGHTS = {
@@ -44,10 +46,12 @@ def sections(budget: dict[str, dict[str, Any]]) -> dict[str, Any]:
 
 
 def run_row(cfg: sadag.RunConfig) -> dict[str, Any]:
-    """Run (or resume, or reuse a finished) configuration and return its report."""
+    """Run (or resume, or reuse a finished) configuration and return its report. A finished run is reused
+    only when its recorded settings are this configuration's (RunDir refuses otherwise, naming them)."""
     report_file = Path(cfg.out) / "report.json"
     if report_file.exists():
-        return json.loads(report_file.read_text())
+        with RunDir(cfg.out, result_settings(apply_preset(cfg)), resume=True):
+            return json.loads(report_file.read_text())
     start = time.perf_counter()
     report = sadag.run(cfg, resume=True, export=False, progress=log_progress())
     report["wall_seconds"] = round(time.perf_counter() - start, 1)

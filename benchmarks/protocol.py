@@ -27,7 +27,7 @@ import json
 import math
 import os
 import statistics
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
@@ -195,15 +195,17 @@ def plan(args: argparse.Namespace) -> list[tuple[str, str, int]]:
 
 
 def ready(job: tuple[str, str, int], done: set[tuple[str, str, int]], args: argparse.Namespace) -> bool:
+    """Whether the job can start: its genie run's set is written (atomically, before that run calibrates)."""
     bits, method, seed = job
     if not needs_genie_set(method):
         return True
     genie = (bits, BASE, seed)
-    return genie in done or (run_dir(Path(args.work), args.model, *genie) / "report.json").is_file()
+    return genie in done or (run_dir(Path(args.work), args.model, *genie) / "synthetic" / "images.pt").is_file()
 
 
 def run_all(args: argparse.Namespace, input_size: int) -> list[dict[str, Any]]:
-    """The plan on --jobs processes, each job started when its genie set exists (the first ready one in order)."""
+    """The plan on --jobs processes; the first ready job in order takes each free process (a job waiting for a
+    genie set is passed over until that set is written)."""
     todo, done, rows = plan(args), set(), []
     if args.jobs <= 1:
         for job in todo:
@@ -221,10 +223,11 @@ def run_all(args: argparse.Namespace, input_size: int) -> list[dict[str, Any]]:
                 running[pool.submit(one_run, args, *job, input_size)] = job
             if not running:
                 _missing_genie(todo[0])
-            finished = next(as_completed(running))
-            done.add(running.pop(finished))
-            rows.append(finished.result())
-            print(json.dumps({k: rows[-1][k] for k in ("bits", "method", "seed", "top1")}), flush=True)
+            finished, _ = wait(running, timeout=15, return_when=FIRST_COMPLETED)
+            for f in finished:
+                done.add(running.pop(f))
+                rows.append(f.result())
+                print(json.dumps({k: rows[-1][k] for k in ("bits", "method", "seed", "top1")}), flush=True)
     return rows
 
 

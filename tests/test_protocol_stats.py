@@ -70,9 +70,10 @@ def test_the_plan_runs_genie_first_real_last_and_waits_for_the_genie_set(tmp_pat
     assert all(protocol.ready(("2/2", m, 1), set(), args) for m in ("real", "genie", "genie-setbn"))
     assert not protocol.ready(("2/2", "sadag", 1), set(), args)
     assert protocol.ready(("2/2", "sadag", 1), {("2/2", "genie", 1)}, args)
-    finished = protocol.run_dir(tmp_path, "resnet20_cifar10", "2/2", "genie", 0)  # from an earlier invocation
-    finished.mkdir(parents=True)
-    (finished / "report.json").write_text("{}")
+    finished = protocol.run_dir(tmp_path, "resnet20_cifar10", "2/2", "genie", 0)  # its set is written
+    (finished / "synthetic").mkdir(parents=True)
+    assert not protocol.ready(("2/2", "genie-lowpass", 0), set(), args)
+    (finished / "synthetic" / "images.pt").write_bytes(b"")
     assert protocol.ready(("2/2", "genie-lowpass", 0), set(), args)
     config = protocol.run_config(argparse.Namespace(**vars(args), num_images=256, gen_batch=128, genie_iters=300,
                                                     refine_iters=200, warmup_iters=500, calib_iters=2000,

@@ -68,6 +68,15 @@ def test_resume_may_change_what_cannot_change_the_result(finished: Path) -> None
                                                                                              "w_bits")}
 
 
+def test_a_run_made_before_a_setting_existed_resumes_at_its_default_only(finished: Path) -> None:
+    marker = json.loads((finished / MARKER).read_text())
+    del marker["settings"]["gen.bn_scope"]  # as written by a version without gen.bn_scope
+    (finished / MARKER).write_text(json.dumps(marker))
+    run(tiny(finished), resume=True)
+    with pytest.raises(RunDirError, match="gen.bn_scope: 'batch' in the run, 'set' now"):
+        run(tiny(finished, gen=sadag.GenConfig(bn_scope="set")), resume=True)
+
+
 def test_resume_or_force_into_a_directory_that_is_not_a_run_is_refused(tmp_path: Path, cli,
                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     mine = tmp_path / "mine"

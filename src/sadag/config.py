@@ -574,6 +574,14 @@ def result_settings(cfg: RunConfig) -> dict[str, Any]:
     return json.loads(json.dumps(flat, sort_keys=True))
 
 
+def result_defaults() -> dict[str, Any]:
+    """result_settings' keys of the sections at their defaults: what a run made before a setting existed used
+    (a new setting's default keeps the old behaviour), so resuming such a run is safe at that value."""
+    flat = {f"{name}.{g.name}": getattr(section(), g.name) for name, section in _SECTION_TYPES.items()
+            for g in fields(section) if g.metadata.get("result", True)}
+    return json.loads(json.dumps(flat, sort_keys=True))
+
+
 def fingerprint(settings: Mapping[str, Any]) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
 

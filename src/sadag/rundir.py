@@ -86,6 +86,11 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def _differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    """The settings that differ; one the run never recorded (made before it existed) counts as its default."""
+    from .config import result_defaults
+
+    defaults = result_defaults()
+    old = {**{k: v for k, v in defaults.items() if k in new}, **old}
     keys = sorted(set(old) | set(new))
     return [f"{k}: {old.get(k, '(unset)')!r} in the run, {new.get(k, '(unset)')!r} now" for k in keys
             if old.get(k, "(unset)") != new.get(k, "(unset)")]
