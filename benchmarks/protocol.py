@@ -11,6 +11,7 @@ bits (what `sadag run` does). Methods (the same seed gives the same Genie-D batc
   sadag-gm-only   SADAG with lambda_div = 0
   genie-lowpass   Genie-D, then SynQ's Gaussian low-pass filter (gen.lowpass = D0)
   genie-setbn     Genie-D with BatchNorm statistics matched over the whole set (gen.bn_scope = set, DGH)
+  genie-bf16      Genie-D with the FP model under bf16 autocast (gen.precision = bf16; a speed setting)
 
 Every method but genie, genie-setbn and real starts from the genie run's set of the same (bits, seed).
 
@@ -46,11 +47,12 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "sadag-gm-only": ("sadag", {"neighbor": "released", "lambda_div": 0.0}),
     "genie-lowpass": ("genie", {}),  # gen.lowpass is added from --lowpass
     "genie-setbn": ("genie", {"bn_scope": "set"}),
+    "genie-bf16": ("genie", {"precision": "bf16"}),  # issue 12: is bf16 Genie-D as good a set?
 }
 FROM_GENIE_SET = ("sadag", "sadag-div-only", "sadag-gm-only", "genie-lowpass")
 BASE = "genie"
 GEN_KEYS = ("genie_iters", "warmup_calib_iters", "refine_iters", "neighbor", "lambda_gm", "lambda_div", "lowpass",
-            "bn_scope")
+            "bn_scope", "precision")
 # Two-sided 95% Student t quantiles t_{0.975, df}, df = 1..30 (tests/test_protocol_stats.py checks them
 # against a numerical integral of the t density).
 T975 = (12.706205, 4.302653, 3.182446, 2.776445, 2.570582, 2.446912, 2.364624, 2.306004, 2.262157, 2.228139,

@@ -4,7 +4,9 @@ Reference: Genie-D one batch at a time (gen.parallel_batches=1), reconstruction 
 Fast: Genie-D batches in one pass (all the run's batches), reconstruction with calib.engine=auto.
 Each cost is the difference of two runs (k1 and k2 iterations) over k2 - k1: setup and compilation cancel.
 The FLOP floor is a step's FLOPs (torch's flop counter) over the device's measured convolution rate.
-Usage: python benchmarks/throughput.py [--quick] [--device cpu|cuda] [--threads 2]
+With --lower-precision (CUDA): also the fast engines with Genie-D under bf16 autocast (gen.precision=bf16) and
+reconstruction with TF32 (calib.tf32), as the keys genie_d_bf16_speedup and recon_tf32_speedup (over fast).
+Usage: python benchmarks/throughput.py [--quick] [--device cpu|cuda] [--threads 2] [--lower-precision]
 Writes benchmarks/results/throughput_{cpu,cuda}.json (top level: genie_d_speedup, recon_speedup,
 max_abs_image_diff); do not publish timings taken on a shared machine.
 """
@@ -73,8 +75,8 @@ def genie_rows(model, spec, args, device) -> dict:  # noqa: ANN001
     base = GenConfig(num_images=images, batch_size=args.batch)
     engines = {"reference": 1, "fast": args.batches}
     out: dict = {}
-    for name, parallel in engines.items():
-        cfg = replace(base, parallel_batches=parallel)
+    for name, parallel in {**engines, **({"fast_bf16": args.batches} if args.lower_precision else {})}.items():
+        cfg = replace(base, parallel_batches=parallel, precision="bf16" if name == "fast_bf16" else "fp32")
         sec = per_step(lambda k, c=cfg: generate_genie(model, spec, replace(c, genie_iters=k), 0), args.k1, args.k2,
                        device)
         out[name] = {"seconds_per_step_of_all_batches": sec, "image_steps_per_s": images / sec}
@@ -91,11 +93,12 @@ def genie_rows(model, spec, args, device) -> dict:  # noqa: ANN001
 def unit_row(block, data: tuple, args, device) -> dict:  # noqa: ANN001
     """Iterations per second of one unit for both engines (on copies of the block) and its FLOPs per iteration."""
     row: dict = {}
-    for name, engine in (("reference", "eager"), ("fast", "auto")):
+    engines = [("reference", "eager", False), ("fast", "auto", False)]
+    for name, engine, tf32 in engines + ([("fast_tf32", "auto", True)] if args.lower_precision else []):
         seen: list[dict] = []
 
-        def run(k: int, e: str = engine, log: list = seen) -> None:
-            calibrate_unit_(copy.deepcopy(block), *data, CalibConfig(iters=k, engine=e, warmup=0.0), 0,
+        def run(k: int, e: str = engine, t: bool = tf32, log: list = seen) -> None:
+            calibrate_unit_(copy.deepcopy(block), *data, CalibConfig(iters=k, engine=e, warmup=0.0, tf32=t), 0,
                             progress=lambda _s, _i, _n, metrics: log.append(metrics))
 
         sec = per_step(run, args.r1, args.r2, device)
@@ -126,7 +129,11 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="2 batches and few iterations: under 5 minutes on 2 cores")
     p.add_argument("--units", type=int, help="time only the first N reconstruction units (default: all); the "
                                              "speedup is then over those units")
+    p.add_argument("--lower-precision", action="store_true",
+                   help="CUDA: also Genie-D under bf16 autocast and reconstruction with TF32")
     args = p.parse_args()
+    if args.lower_precision and args.device != "cuda":
+        p.error("--lower-precision measures TF32, a CUDA setting: use it with --device cuda")
     q = args.quick
     args.batches, args.batch = (2, 128) if q else (8, 128)
     args.k1, args.k2 = (1, 3) if q else (5, 25)
@@ -149,7 +156,13 @@ def main() -> None:
     ref_it = sum(1 / u["reference"]["iters_per_s"] for u in recon["units"])
     fast_it = sum(1 / u["fast"]["iters_per_s"] for u in recon["units"])
     recon_flops = sum(u["flops_per_iter"] for u in recon["units"])
+    lower = {}
+    if args.lower_precision:
+        tf32_it = sum(1 / u["fast_tf32"]["iters_per_s"] for u in recon["units"])
+        lower = {"genie_d_bf16_speedup": genie["fast"]["seconds_per_step_of_all_batches"]
+                 / genie["fast_bf16"]["seconds_per_step_of_all_batches"], "recon_tf32_speedup": fast_it / tf32_it}
     result = {
+        **lower,
         "genie_d_speedup": genie["reference"]["seconds_per_step_of_all_batches"]
         / genie["fast"]["seconds_per_step_of_all_batches"],
         "recon_speedup": ref_it / fast_it,

@@ -216,3 +216,42 @@ def test_fused_rounding_regularizer_matches_autograd(beta: float) -> None:
     want, = torch.autograd.grad(ref, w.alpha)
     torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-12)
     assert got.abs().max() > 0.1
+
+
+def test_genie_under_bf16_autocast_runs_in_bf16_and_its_loss_stays_close() -> None:
+    cfg = small_cfg(num_images=4, batch_size=4, genie_iters=3, swing=False)  # images of the 3rd forward: 2 steps
+    fp32 = generate_genie(tiny_model(), SPEC, cfg, seed=0)[0].images
+    bf16 = generate_genie(tiny_model(), SPEC, replace(cfg, precision="bf16"), seed=0)[0].images
+    assert bf16.dtype == torch.float32 and not torch.equal(bf16, fp32)  # the model ran in bf16
+    model, x = tiny_model(), torch.randn(8, 3, SPEC.input_size, SPEC.input_size)
+    losses = {}
+    for enabled in (False, True):
+        with capture_bn_inputs(model) as captured, torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled):
+            model(x)
+            assert captured[0].dtype == (torch.bfloat16 if enabled else torch.float32)
+            losses[enabled] = bn_statistics_losses(captured, bn_layers(model))
+    assert losses[True].dtype == torch.float32
+    torch.testing.assert_close(losses[True], losses[False], rtol=0.02, atol=0)
+
+
+def test_tf32_is_a_cuda_setting_refused_elsewhere_before_any_work(tmp_path) -> None:
+    import sadag
+    from sadag.errors import ConfigError
+
+    cfg = sadag.RunConfig(model="conftest:tiny_bn_model", preset="smoke", method="noise", out=str(tmp_path / "r"),
+                          device="cpu", calib=CalibConfig(tf32=True))
+    with pytest.raises(ConfigError, match=r"calib.tf32 \(--tf32\) selects TF32 on CUDA GPUs; this run is on cpu"):
+        sadag.run(cfg)
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA only")
+def test_tf32_mode_sets_and_restores_the_flags() -> None:
+    from sadag.reconstruction.reconstruct import tf32_mode
+
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    with tf32_mode(True, torch.device("cuda")):
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+    with tf32_mode(False, torch.device("cuda")):
+        assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+    assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == saved

@@ -27,6 +27,7 @@ import yaml
 from .errors import ConfigError
 
 Neighbor = Literal["released", "random", "adversarial"]  # generation/sadag.py: how a neighbor direction is drawn
+Precision = Literal["fp32", "bf16"]  # generation/genie.py: the FP model's arithmetic in Genie-D
 BNScope = Literal["batch", "set"]  # generation/genie.py: over which images Genie-D matches BatchNorm statistics
 SECTIONS = ("quant", "calib", "gen")
 DEVICE_FORMS = "auto, cpu, cuda, cuda:N (N a GPU index), mps"
@@ -126,6 +127,9 @@ class CalibConfig:
     engine: Literal["auto", "eager", "compiled"] = setting("auto", flag="--engine",
                                                            help="reconstruction step: eager, compiled (torch.compile; "
                                                                 "CUDA graphs on GPU) or auto (compiled on CUDA only)")
+    tf32: bool = setting(False, flag="--tf32",
+                         help="CUDA only: TF32 convolutions and matmuls in the reconstruction steps (off: strict fp32 "
+                              "there, whatever torch's global flags say)")
 
     def validate(self) -> None:
         validate_section(self)
@@ -151,6 +155,9 @@ class GenConfig:
     parallel_batches: int = setting(0, flag="--parallel-batches", min=0,
                                     help="Genie-D/ZeroQ batches optimized in one pass; 0 = auto (CPU: 1, GPU: all "
                                          "that fit in a quarter of its memory)")
+    precision: Precision = setting("fp32", flag="--gen-precision",
+                                   help="Genie-D: the FP model's forward and backward in fp32 or under bf16 autocast "
+                                        "(the generator, losses and optimizer stay fp32)")
     bn_scope: BNScope = setting("batch", flag="--bn-scope",
                                 help="Genie-D: match BatchNorm statistics per batch (Genie) or over the whole set "
                                      "(DGH, WACV 2025: every batch in one pass, one process)")

@@ -32,7 +32,7 @@ from .generation.lowpass import apply_lowpass
 from .models import DataSpec, load_model
 from .progress import Progress
 from .quantization.prepare import freeze_, quantize
-from .reconstruction.reconstruct import reconstruct_
+from .reconstruction.reconstruct import check_tf32, reconstruct_
 from .rundir import RunDir, environment
 
 log = logging.getLogger(__name__)
@@ -154,6 +154,7 @@ def _prepare(cfg: RunConfig, resume: bool, force: bool) -> tuple[RunConfig, nn.M
         torch.set_num_threads(cfg.threads)
     ranks, rank_device = distributed.init(check_device(cfg.device))
     device = rank_device or resolve_device(cfg.device)
+    check_tf32(cfg.calib, device)
     model, spec = load_model(cfg.model, weights=cfg.weights, trust_checkpoint=cfg.trust_checkpoint)
     rundir = _open_rundir(cfg, resume, force, ranks, device)
     return cfg, model.to(device).eval(), spec, device, rundir, ranks

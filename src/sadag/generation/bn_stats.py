@@ -59,6 +59,7 @@ def _shifted_moments(x: Tensor, center: Tensor, groups: int) -> tuple[Tensor, Te
     on CPU, and centring on the target mean keeps the variance free of cancellation (error ~1e-7).
     """
     g = groups
+    x = x.float()  # bf16 activations under autocast: the moments in fp32
     y = (x - center.view(1, -1, *([1] * (x.dim() - 2)))).view(g, x.shape[0] // g, x.shape[1], -1)
     n = y.shape[1] * y.shape[3]
     s1 = y.sum(dim=(1, 3))

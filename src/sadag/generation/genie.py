@@ -176,7 +176,8 @@ def _genie_group(net: nn.Module, layers: list[nn.BatchNorm2d], captured: list, o
             opt_z.zero_grad(set_to_none=True)
             opt_g.zero_grad(set_to_none=True)
         x = gens[0](zs[0]) if count == 1 else grouped_forward(gens, torch.stack(zs))
-        net(x)
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+            net(x)
         prior = input_prior_losses(x, count)
         if cfg.bn_scope == "set":
             shared = bn_statistics_losses(captured, layers, 1)

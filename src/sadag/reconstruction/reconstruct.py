@@ -6,7 +6,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -51,6 +51,7 @@ def reconstruct_(
             and masks, computes its slice and the gradients are all-reduced (the updates of one process).
     """
     cfg.validate()
+    check_tf32(cfg, images.device)
     fp_model = float_copy(qmodel)
     units = qmodel.sadag_plan.units
     modules = dict(qmodel.named_modules())
@@ -183,7 +184,7 @@ def calibrate_unit_(
     if progress is not None:
         progress(stage, 0, cfg.iters, {})
     try:
-        with _engine_context(engine, device):
+        with _engine_context(engine, device), tf32_mode(cfg.tf32, device):
             _train(step, engine == "compiled", (opts, scheds, trainable), sampler, (fp_in, q_in, fp_out), cfg, gen,
                    stage, progress, ranks)
     finally:
@@ -194,6 +195,26 @@ def calibrate_unit_(
             p.requires_grad_(False)
         for w in rounding:
             w.mode = "hard"
+
+
+def check_tf32(cfg: CalibConfig, device: torch.device) -> None:
+    """calib.tf32 is a CUDA setting: refused elsewhere rather than silently ignored."""
+    if cfg.tf32 and device.type != "cuda":
+        raise ConfigError(f"calib.tf32 (--tf32) selects TF32 on CUDA GPUs; this run is on {device.type}: drop it")
+
+
+@contextlib.contextmanager
+def tf32_mode(enabled: bool, device: torch.device) -> Iterator[None]:
+    """TF32 convolutions and matmuls on or off on CUDA, torch's global flags restored on exit."""
+    if device.type != "cuda":
+        yield
+        return
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 def _engine_context(engine: str, device: torch.device) -> contextlib.AbstractContextManager:
