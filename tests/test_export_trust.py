@@ -232,3 +232,16 @@ def test_export_to_unwritable_places_is_a_clear_error(tmp_path: Path) -> None:
         with pytest.raises(ExportFormatError, match=match):  # every format, checked before any export work
             export_model(qmodel, onnx_target, "onnx", spec=spec)
     assert (tmp_path / "a_file").read_text() == "x"
+
+
+def test_a_model_with_non_finite_scales_is_never_written(tmp_path: Path) -> None:
+    from sadag.errors import NumericalError
+
+    qmodel, cfg = _calibrated(4, 4)
+    act = next(m for m in qmodel.modules() if isinstance(m, ActQuantizer) and m.bits is not None and m.ready)
+    with torch.no_grad():
+        act.scale.fill_(float("nan"))
+    with pytest.raises(NumericalError, match=r"cannot export: a\..* hold NaN or infinite values"):
+        save_quantized(qmodel, tmp_path / "q.safetensors", model_name=FACTORY, spec=tiny_bn_model()[1],
+                       quant_config=cfg)
+    assert not any(tmp_path.iterdir())

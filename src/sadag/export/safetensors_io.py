@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from ..config import QuantConfig
-from ..errors import ConfigError, ExportFormatError, ModelError
+from ..errors import ConfigError, ExportFormatError, ModelError, NumericalError
 from ..models import DataSpec, get_model_info, load_model
 from ..models.registry import is_import_path
 from ..quantization.modules import is_quant_layer
@@ -133,6 +133,10 @@ def save_quantized(qmodel: nn.Module, path: str | Path, *, model_name: str, spec
     except TypeError as e:
         raise ConfigError(f"extra metadata must be JSON-serialisable: {e}") from e
     tensors = {k: v.detach().cpu().clone().contiguous() for k, v in tensors.items()}  # no shared storage
+    bad = [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:  # the loader would refuse the file: never write one
+        raise NumericalError(f"cannot export: {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''} hold NaN or "
+                             "infinite values (a diverged calibration); nothing was written")
     return _write(Path(path), tensors, text)
 
 
