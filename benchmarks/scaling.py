@@ -108,10 +108,15 @@ def _project_cli(args: argparse.Namespace) -> None:
     print(f"PROJECTION for {args.model} ({units} units) from the per-step costs given, not a measurement; hours of "
           f"the paper preset, method {args.method}:")
     base = project(costs, units, 1, args.method)["total"]
+    rows = []
     for gpus in (1, 2, 4, 8):
         p = project(costs, units, gpus, args.method)
+        rows.append({"gpus": gpus, "seconds": p, "speedup": base / p["total"]})
         stages = ", ".join(f"{k} {v / 3600:.2f}" for k, v in p.items() if k != "total")
         print(f"{gpus} GPU(s): {p['total'] / 3600:6.2f} h (speedup {base / p['total']:.2f}; {stages})")
+    meta = {"kind": "PROJECTION, not a measurement", "model": args.model, "units": units, "method": args.method,
+            "step_costs_s": vars(costs), "source": args.source}
+    print(f"written to {write_results(f'scaling_projection_{args.model}_{args.method}', rows, meta)}")
 
 
 def main() -> None:
@@ -129,6 +134,7 @@ def main() -> None:
                         ("--allreduce", "s per gradient all-reduce between GPUs"),
                         ("--eval-image", "s per evaluated image")):
         j.add_argument(flag, type=float, required=flag in ("--genie-step", "--calib-step"), default=0.0, help=help_)
+    j.add_argument("--source", default="", help="where the step costs come from (stored with the projection)")
     args = p.parse_args()
     if args.command == "measure":
         measure(args.smoke)
