@@ -271,6 +271,10 @@ def probe_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
             g_real = mean_gradient(*last_layer_terms(fp, q, real))
             genie_dir = run_dir(Path(args.work), args.model, bits, BASE, seed) / "synthetic"
             genie = load_synthetic_set(genie_dir)[0] if (genie_dir / "images.pt").is_file() else None
+            if args.real_data:  # the real run's images (same sample as method real): what a set could reach
+                train = load_calibration_data(args.real_data, spec, args.num_images, seed=seed)
+                rows.append({"bits": bits, "seed": seed, "set": "real", **probe_set(fp, q, train, g_real)})
+                print(json.dumps(rows[-1]), flush=True)
             for method in METHODS:
                 directory = run_dir(Path(args.work), args.model, bits, method, seed) / "synthetic"
                 if (directory / "images.pt").is_file():
