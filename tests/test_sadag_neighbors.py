@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from conftest import R20_WEIGHTS, TinyNet, needs_shared, randomize_bn_
 from sadag.config import GenConfig, Neighbor
 from sadag.generation import bn_layers, capture_bn_inputs, generate_genie, gradient_matching_loss, refine_sadag
+from sadag.generation import sadag as sadag_module
 from sadag.generation.common import frozen_eval
 from sadag.generation.genie import load_batch_generator
 from sadag.generation.sadag import _PAIRS, _Nets, capture_linear_input, last_linear
@@ -134,3 +135,21 @@ def test_refinement_with_output_space_neighbors_runs_deterministically(mode: str
     b = refine_sadag(fp, q, batches, SPEC, cfg, seed=0)
     assert torch.isfinite(a).all() and torch.equal(a, b)
     assert not torch.equal(a, batches[0].images)
+
+
+def test_diversity_only_skips_the_neighbor_and_matches_the_full_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    """lambda_gm = 0 forms no neighbor (half a step's cost) and refines to the images a step with the
+    neighbor's zero-weighted L_GM gives."""
+    fp, q = _tiny_pair()
+    cfg = replace(CFG, num_images=8, batch_size=4, genie_iters=3, refine_iters=4, lambda_gm=0.0)
+    batches = generate_genie(fp, SPEC, cfg, seed=0)
+    calls: list[str] = []
+    real_pair = sadag_module._PAIRS["released"]
+    monkeypatch.setitem(sadag_module._PAIRS, "released", lambda *a: calls.append("pair") or real_pair(*a))
+    fast = refine_sadag(fp, q, batches, SPEC, cfg, seed=0)
+    assert calls == []
+    monkeypatch.setattr(sadag_module, "_pair_for", lambda c: sadag_module._PAIRS[c.neighbor])
+    full = refine_sadag(fp, q, batches, SPEC, cfg, seed=0)
+    assert len(calls) == cfg.refine_iters * len(batches)
+    assert not torch.equal(fast[:4], batches[0].images)  # the refinement moved the images
+    torch.testing.assert_close(fast, full, rtol=0, atol=1e-5)

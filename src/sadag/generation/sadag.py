@@ -204,6 +204,18 @@ def _adversarial_pair(nets: _Nets, gen: nn.Module, z: Tensor, rho: float, noise:
 _PAIRS = {"released": _released_pair, "random": _random_pair, "adversarial": _adversarial_pair}
 
 
+def _no_neighbor(nets: _Nets, gen: nn.Module, z: Tensor, rho: float, noise: torch.Generator):
+    """lambda_gm = 0 (the diversity-only ablation): L_GM has no weight, so no neighbor is formed; the loss and
+    its gradient are those of any pair, at about half the cost of a refinement step."""
+    x = gen(z)
+    e, h, bn = nets.forward(x, bn_images=x)
+    return x, bn, e, h, None, None
+
+
+def _pair_for(cfg: GenConfig) -> Callable:
+    return _PAIRS[cfg.neighbor] if cfg.lambda_gm != 0 else _no_neighbor
+
+
 @dataclass
 class _Pool:
     e: Tensor | None = None
@@ -225,16 +237,21 @@ def _refine_batch(nets: _Nets, batch: GenieBatch, pool: _Pool, spec: DataSpec, c
     opt_g = torch.optim.Adam(gen.parameters(), lr=cfg.refine_lr_g)
     noise = torch.Generator(device=device)
     noise.manual_seed(batch_seed(seed, batch.index, "sadag"))
-    pair = _PAIRS[cfg.neighbor]
+    pair = _pair_for(cfg)
     iters, b = cfg.refine_iters, batch.index
     x = e = h = None
     for it in range(iters):
         opt_z.zero_grad(set_to_none=True)
         opt_g.zero_grad(set_to_none=True)
         x, bn, e, h, e_n, h_n = pair(nets, gen, z, cfg.rho, noise)
-        gm = gradient_matching_loss(e, h, e_n, h_n)
         div = diversity_loss(e, h, pool.e, pool.h, cfg.zeta)
-        loss = bn + cfg.lambda_gm * gm + cfg.lambda_div * div
+        if e_n is None:  # no neighbor, no L_GM
+            terms = {"bn": bn, "div": div}
+            loss = bn + cfg.lambda_div * div
+        else:
+            gm = gradient_matching_loss(e, h, e_n, h_n)
+            terms = {"bn": bn, "gm": gm, "div": div}
+            loss = bn + cfg.lambda_gm * gm + cfg.lambda_div * div
         loss.backward()
         opt_z.step()
         opt_g.step()
@@ -242,8 +259,7 @@ def _refine_batch(nets: _Nets, batch: GenieBatch, pool: _Pool, spec: DataSpec, c
         opt_g.param_groups[0]["lr"] = cfg.refine_lr_g * cfg.refine_g_decay ** (it + 1)
         monitor.observe(loss)
         if monitor.due(it, iters):
-            monitor.report(b, it, b * iters + it + 1,
-                           {"loss": loss, "bn": bn, "gm": gm, "div": div, "lr_z": plateau.lr})
+            monitor.report(b, it, b * iters + it + 1, {"loss": loss, **terms, "lr_z": plateau.lr})
     monitor.check(b, max(iters - 1, 0))
     if x is None or e is None or h is None:  # zero iterations: the warm-up images unchanged
         x = batch.images.to(device)
