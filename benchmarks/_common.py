@@ -13,6 +13,7 @@ import torch
 
 import sadag
 from sadag.config import apply_preset, result_settings
+from sadag.pipeline import resolve_device
 from sadag.progress import ProgressPrinter
 from sadag.rundir import RunDir
 
@@ -50,7 +51,8 @@ def run_row(cfg: sadag.RunConfig) -> dict[str, Any]:
     only when its recorded settings are this configuration's (RunDir refuses otherwise, naming them)."""
     report_file = Path(cfg.out) / "report.json"
     if report_file.exists():
-        with RunDir(cfg.out, result_settings(apply_preset(cfg)), resume=True):
+        device_kind = resolve_device(cfg.device).type
+        with RunDir(cfg.out, result_settings(apply_preset(cfg), device_kind), resume=True):
             return json.loads(report_file.read_text())
     start = time.perf_counter()
     report = sadag.run(cfg, resume=True, export=False, progress=log_progress())

@@ -41,7 +41,8 @@ def finished(tmp_path: Path) -> Path:
 
 def test_a_run_carries_its_marker_and_fingerprint(finished: Path) -> None:
     marker = json.loads((finished / MARKER).read_text())
-    assert marker["settings"] == result_settings(apply_preset(tiny(finished)))
+    assert marker["settings"] == result_settings(apply_preset(tiny(finished)), "cpu")
+    assert marker["settings"]["device"] == "cpu"  # what "auto" resolved to, not what was typed
     assert marker["settings"]["calib.iters"] == 2 and "out" not in marker["settings"]
     assert "threads" not in marker["settings"] and "eval_batch_size" not in marker["settings"]
 
@@ -77,6 +78,18 @@ def test_a_run_made_before_a_setting_existed_resumes_at_its_default_only(finishe
         run(tiny(finished, gen=sadag.GenConfig(bn_scope="set")), resume=True)
 
 
+def test_the_device_is_recorded_resolved(finished: Path) -> None:
+    run(tiny(finished, device="cpu"), resume=True)  # made with "auto" on a CPU machine: the same run
+    marker = json.loads((finished / MARKER).read_text())
+    marker["settings"]["device"] = "auto"  # as written before the resolved device was recorded ...
+    (finished / MARKER).write_text(json.dumps(marker))
+    run(tiny(finished, device="cpu"), resume=True)  # ... read through environment.json's device
+    env = json.loads((finished / "environment.json").read_text())
+    (finished / "environment.json").write_text(json.dumps({**env, "device": "cuda:0"}))
+    with pytest.raises(RunDirError, match="device: 'cuda' in the run, 'cpu' now"):
+        run(tiny(finished), resume=True)
+
+
 def test_resume_or_force_into_a_directory_that_is_not_a_run_is_refused(tmp_path: Path, cli,
                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     mine = tmp_path / "mine"
@@ -99,7 +112,7 @@ def test_force_replaces_a_run(finished: Path) -> None:
 
 
 def test_a_second_process_is_refused_while_the_first_holds_the_run(finished: Path) -> None:
-    settings = result_settings(apply_preset(tiny(finished)))
+    settings = result_settings(apply_preset(tiny(finished)), "cpu")
     with RunDir(finished, settings, resume=True):
         with pytest.raises(RunDirError, match="in use by another sadag process"):
             run(tiny(finished), resume=True)
@@ -110,7 +123,7 @@ def test_a_second_process_is_refused_while_the_first_holds_the_run(finished: Pat
 
 
 def test_the_lock_holds_across_processes(finished: Path) -> None:
-    settings = result_settings(apply_preset(tiny(finished)))
+    settings = result_settings(apply_preset(tiny(finished)), "cpu")
     code = ("import sys; from sadag.rundir import RunDir, RunDirError\n"
             f"try: RunDir({str(finished)!r}, {settings!r}, resume=True)\n"
             "except RunDirError as e: print(e); sys.exit(3)\n")

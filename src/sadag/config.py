@@ -569,8 +569,13 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return out
 
 
-def result_settings(cfg: RunConfig) -> dict[str, Any]:
-    """The resolved settings that can change a run's result, flat ("calib.iters": 2000), JSON-normalized."""
+def result_settings(cfg: RunConfig, device_kind: str | None = None) -> dict[str, Any]:
+    """The resolved settings that can change a run's result, flat ("calib.iters": 2000), JSON-normalized.
+
+    device_kind: the device type the run resolved ``device`` to (cpu, cuda, mps), recorded instead of what was
+    typed, so that ``--device auto`` and ``--device cpu`` on a CPU machine are the same run, and ``auto`` on a
+    GPU machine is not the same as on a CPU machine.
+    """
     flat: dict[str, Any] = {}
     for f in fields(cfg):
         if f.name in _SECTION_TYPES:
@@ -578,6 +583,8 @@ def result_settings(cfg: RunConfig) -> dict[str, Any]:
                          for g in fields(getattr(cfg, f.name)) if g.metadata.get("result", True)})
         elif f.metadata.get("result", True):
             flat[f.name] = getattr(cfg, f.name)
+    if device_kind is not None:
+        flat["device"] = device_kind
     return json.loads(json.dumps(flat, sort_keys=True))
 
 

@@ -164,9 +164,9 @@ def _open_rundir(cfg: RunConfig, resume: bool, force: bool, ranks: Ranks, device
     if not ranks.is_main:
         if not distributed.main_succeeded(False, ranks, device):
             raise SadagError(f"rank 0 could not open the run directory {cfg.out} (its message says why)")
-        return RunDir(cfg.out, result_settings(cfg), read_only=True)
+        return RunDir(cfg.out, result_settings(cfg, device.type), read_only=True)
     try:
-        rundir = RunDir(cfg.out, result_settings(cfg), resume=resume, force=force)
+        rundir = RunDir(cfg.out, result_settings(cfg, device.type), resume=resume, force=force)
         try:
             rundir.path("config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
             rundir.write_json("environment.json", {**environment(device), "seed": cfg.seed,

@@ -187,11 +187,23 @@ class RunDir:
         except (ValueError, KeyError, TypeError) as exc:
             raise RunDirError(f"{path} is unreadable ({exc}); this run cannot be resumed safely: start a new --out "
                               "or replace it with --force") from exc
+        if "device" in old:
+            old = {**old, "device": self._recorded_device_kind(old["device"])}
         diff = _differences(old, self.settings)
         if diff:
             raise RunDirError(f"cannot resume {self.root}: it was made with other settings ({'; '.join(diff)}). "
                               "Resume with the run's settings (its config.yaml: --config), or start a new --out, "
                               "or replace it with --force")
+
+    def _recorded_device_kind(self, value: Any) -> Any:
+        """The device type a run used. Runs made before the marker recorded it hold what was typed ("auto",
+        "cuda:1"); for "auto", the device that environment.json says the run resolved it to."""
+        if value == "auto":
+            try:
+                value = json.loads((self.root / "environment.json").read_text())["device"]
+            except (OSError, ValueError, KeyError, TypeError):
+                return value  # unknown: differs from every resolved device, so the resume is refused
+        return value.split(":")[0] if isinstance(value, str) else value
 
     def _remove_orphans(self) -> None:
         """Temporary files of writes that an interrupted process never finished."""
