@@ -35,7 +35,7 @@ def test_python_explicit_sections_beat_the_preset() -> None:
 
 def test_python_explicit_value_equal_to_the_default_still_wins() -> None:
     cfg = apply_preset(RunConfig(preset="fast", calib=CalibConfig(iters=20_000), gen=GenConfig(num_images=1024)))
-    assert cfg.calib.iters == 20_000 and cfg.gen.num_images == 1024 and cfg.gen.genie_iters == 1000
+    assert cfg.calib.iters == 20_000 and cfg.gen.num_images == 1024 and cfg.gen.genie_iters == 300
 
 
 def test_python_assignment_is_explicit_and_beats_a_loaded_file(tmp_path: Path) -> None:
@@ -52,12 +52,12 @@ def test_yaml_sections_beat_the_preset(tmp_path: Path) -> None:
     path = write(tmp_path, "preset: fast\nquant: {w_bits: 2}\ncalib: {iters: 20000}\ngen: {num_images: 1024}\n")
     for cfg in (apply_preset(load_config(path)), from_cli("--config", str(path))):
         assert (cfg.quant.w_bits, cfg.calib.iters, cfg.gen.num_images) == (2, 20_000, 1024)
-        assert cfg.gen.genie_iters == 1000  # the preset's
+        assert cfg.gen.genie_iters == 300  # the preset's
 
 
 def test_cli_flags_beat_the_preset_per_section() -> None:
     cfg = from_cli("--preset", "fast", "--bits", "2/4", "--calib-iters", "20000", "--num-images", "1024")
-    assert (cfg.quant.w_bits, cfg.calib.iters, cfg.gen.num_images, cfg.gen.genie_iters) == (2, 20_000, 1024, 1000)
+    assert (cfg.quant.w_bits, cfg.calib.iters, cfg.gen.num_images, cfg.gen.genie_iters) == (2, 20_000, 1024, 300)
 
 
 def test_cli_flags_beat_the_file_per_section(tmp_path: Path) -> None:

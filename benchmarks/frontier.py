@@ -1,0 +1,75 @@
+"""The budget frontier: top-1 against time for the costly knobs of a run (issue 12, item 5).
+
+Each point is a budget (Genie-D steps per batch, SADAG warm-up iterations per unit and refinement steps per
+batch, reconstruction iterations per unit, images) run end to end with `sadag run`; the seconds are the run's
+stage times, so they are comparable only between runs made alone on the same idle machine (--threads 2 here).
+Usage: python benchmarks/frontier.py [--points fast fast-1.0 ...] [--bits 4/4 2/4] [--seeds 0] [--method sadag]
+Prints a markdown table and writes benchmarks/results/frontier_<model>.json (one row per run).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from _common import WORK, base_config, machine, run_row, sections, write_results
+
+# gen/calib settings over the `fast` preset; "fast" is the preset itself, "fast-old" the preset before 2026-11-30
+POINTS: dict[str, dict[str, dict[str, Any]]] = {
+    "fast-old": {"gen": {"genie_iters": 1000, "warmup_calib_iters": 500, "refine_iters": 200}},
+    "fast": {},
+    "fast-calib1000": {"calib": {"iters": 1000}},
+    "fast-genie100": {"gen": {"genie_iters": 100}},
+    "fast-128img": {"gen": {"num_images": 128}},
+}
+STAGES = ("generate", "warmup_calibrate", "refine", "calibrate")
+
+
+def point_config(model: str, point: str, bits: str, seed: int, method: str, work: Path):  # noqa: ANN201
+    from sadag.config import PRESETS
+
+    base = PRESETS["fast"]
+    budget = {name: {**base.get(name, {}), **POINTS[point].get(name, {})} for name in ("gen", "calib")}
+    out = work / "frontier" / model / f"{method}_{point}_w{bits.replace('/', 'a')}_s{seed}"
+    return base_config(model, out, method=method, bits=bits, preset="fast", seed=seed, **sections(budget))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="resnet20_cifar10")
+    p.add_argument("--points", nargs="+", default=["fast", "fast-old"], choices=list(POINTS))
+    p.add_argument("--bits", nargs="+", default=["4/4"])
+    p.add_argument("--seeds", nargs="+", type=int, default=[0])
+    p.add_argument("--method", default="sadag", choices=["sadag", "genie"])
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--work", default=str(WORK), help="run directories (resumable; a finished run is reused)")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    rows = []
+    print("| point | bits | seed | top-1 | " + " | ".join(f"{s} s" for s in STAGES) + " | total s |")
+    print("|---|---|---|---|" + "---|" * (len(STAGES) + 1))
+    for point in args.points:
+        for bits in args.bits:
+            for seed in args.seeds:
+                cfg = point_config(args.model, point, bits, seed, args.method, Path(args.work))
+                report = run_row(cfg)
+                sec = report["seconds"]
+                row = {"model": args.model, "method": args.method, "point": point, "bits": bits, "seed": seed,
+                       "top1": report["quant_top1"], "num_images": cfg.gen.num_images,
+                       "genie_iters": cfg.gen.genie_iters, "warmup_calib_iters": cfg.gen.warmup_calib_iters,
+                       "refine_iters": cfg.gen.refine_iters, "calib_iters": cfg.calib.iters,
+                       "seconds": sec, "total_s": round(sum(sec.values()), 1)}
+                rows.append(row)
+                cells = " | ".join(f"{sec.get(s, 0):.0f}" for s in STAGES)
+                print(f"| {point} | W{bits.replace('/', 'A')} | {seed} | {row['top1']:.2f} | {cells} | "
+                      f"{row['total_s']:.0f} |", flush=True)
+    path = write_results(f"frontier_{args.model}", rows, {"machine": machine(), "method": args.method,
+                                                         "note": "seconds comparable only between runs made alone"})
+    print(f"machine: {machine()}; results in {path}")
+
+
+if __name__ == "__main__":
+    main()
