@@ -1,0 +1,25 @@
+"""The budget frontier's points (benchmarks/frontier.py): each is the fast preset with only its own knobs moved."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from sadag.config import PRESETS, apply_preset
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import frontier  # noqa: E402
+
+
+@pytest.mark.parametrize("point", list(frontier.POINTS))
+def test_a_point_is_the_fast_preset_with_its_own_knobs_moved(point: str, tmp_path: Path) -> None:
+    cfg = apply_preset(frontier.point_config("resnet20_cifar10", point, "2/4", 3, "sadag", tmp_path))
+    assert (cfg.quant.w_bits, cfg.quant.a_bits, cfg.seed, cfg.method) == (2, 4, 3, "sadag")
+    moved = {f"{section}.{k}": v for section, values in frontier.POINTS[point].items() for k, v in values.items()}
+    for section, values in PRESETS["fast"].items():
+        for key, value in values.items():
+            expected = moved.get(f"{section}.{key}", value)
+            assert getattr(getattr(cfg, section), key) == expected, f"{point}: {section}.{key}"
+    assert Path(cfg.out).parent == tmp_path / "frontier" / "resnet20_cifar10"
