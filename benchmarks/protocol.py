@@ -17,8 +17,9 @@ Every method but genie, genie-setbn and real starts from the genie run's set of 
 
 Usage: python benchmarks/protocol.py --model resnet20_cifar10 --bits 4/4 2/4 --seeds 0 1 2 3 4 [--jobs 4]
        python benchmarks/protocol.py --model resnet20_cifar10 --collect [--probe]
-Writes benchmarks/results/protocol_<model>.json (rows: model, bits, method, seed, top1, num_images,
-calib_iters, ...) and prints the headroom table and the paired differences with 95% t-intervals.
+Both print the headroom table and the paired differences with 95% t-intervals of the requested runs; only
+--collect writes benchmarks/results/protocol_<model>.json (rows: model, bits, method, seed, top1, num_images,
+calib_iters, ...), so that a run of one more seed does not replace the file's other seeds.
 """
 
 from __future__ import annotations
@@ -328,6 +329,9 @@ def main() -> None:
         run_all(args, input_size)
     rows = finished_rows(args)
     print(tables(rows))
+    if not args.collect:
+        print("(the results file is written by --collect, over the seeds and methods it is given)")
+        return
     meta = {"budget": budget(args), "lowpass_d0": lowpass_d0(args, input_size), "seeds": args.seeds,
             "bits": args.bits, "deterministic": args.deterministic,
             "paired": {f"{m} {b}": summarize(paired_differences(rows, m, b)) for m in METHODS if m != BASE
