@@ -206,7 +206,7 @@ _PAIRS = {"released": _released_pair, "random": _random_pair, "adversarial": _ad
 
 def _no_neighbor(nets: _Nets, gen: nn.Module, z: Tensor, rho: float, noise: torch.Generator):
     """lambda_gm = 0 (the diversity-only ablation): L_GM has no weight, so no neighbor is formed; the loss and
-    its gradient are those of any pair, at about half the cost of a refinement step."""
+    its gradient are those of any pair, at about a third of the cost of a released-neighbor step."""
     x = gen(z)
     e, h, bn = nets.forward(x, bn_images=x)
     return x, bn, e, h, None, None
