@@ -78,8 +78,14 @@ def mean_spread(values: list[float]) -> str:
     return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f} (n={len(values)})"
 
 
-def write_results(name: str, rows: list[dict[str, Any]], meta: dict[str, Any]) -> Path:
+def write_results(name: str, rows: list[dict[str, Any]], meta: dict[str, Any],
+                  key: tuple[str, ...] | None = None) -> Path:
+    """Write benchmarks/results/<name>.json. With `key` (the fields naming a run), the file's earlier rows are
+    kept and a row of the same run is replaced, so that running one more seed or bit width keeps the others."""
     path = RESULTS / f"{name}.json"
     path.parent.mkdir(exist_ok=True)
+    if key is not None and path.is_file():
+        new = {tuple(r.get(k) for k in key) for r in rows}
+        rows = [r for r in json.loads(path.read_text())["rows"] if tuple(r.get(k) for k in key) not in new] + rows
     path.write_text(json.dumps({"meta": {**meta, "machine": machine()}, "rows": rows}, indent=2) + "\n")
     return path

@@ -10,13 +10,12 @@ Prints a markdown table and adds its rows to benchmarks/results/frontier_<model>
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from _common import RESULTS, WORK, base_config, machine, run_row, sections, write_results
+from _common import WORK, base_config, machine, run_row, sections, write_results
 
 # gen/calib settings over the `fast` preset; "fast" is the preset itself, "fast-old" the preset before 2026-11-30
 POINTS: dict[str, dict[str, dict[str, Any]]] = {
@@ -36,16 +35,6 @@ def point_config(model: str, point: str, bits: str, seed: int, method: str, work
     budget = {name: {**base.get(name, {}), **POINTS[point].get(name, {})} for name in ("gen", "calib")}
     out = work / "frontier" / model / f"{method}_{point}_w{bits.replace('/', 'a')}_s{seed}"
     return base_config(model, out, method=method, bits=bits, preset="fast", seed=seed, **sections(budget))
-
-
-def merged(model: str, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The results file's earlier rows with this invocation's added (a row of the same run replaced), so that
-    running one more point or seed keeps the others."""
-    path = RESULTS / f"frontier_{model}.json"
-    key = ("method", "point", "bits", "seed")
-    new = {tuple(r[k] for k in key) for r in rows}
-    old = json.loads(path.read_text())["rows"] if path.is_file() else []
-    return [r for r in old if tuple(r[k] for k in key) not in new] + rows
 
 
 def main() -> None:
@@ -77,8 +66,9 @@ def main() -> None:
                 cells = " | ".join(f"{sec.get(s, 0):.0f}" for s in STAGES)
                 print(f"| {point} | W{bits.replace('/', 'A')} | {seed} | {row['top1']:.2f} | {cells} | "
                       f"{row['total_s']:.0f} |", flush=True)
-    path = write_results(f"frontier_{args.model}", merged(args.model, rows),
-                         {"machine": machine(), "note": "seconds comparable only between runs made alone"})
+    path = write_results(f"frontier_{args.model}", rows,
+                         {"machine": machine(), "note": "seconds comparable only between runs made alone"},
+                         key=("method", "point", "bits", "seed"))
     print(f"machine: {machine()}; results in {path}")
 
 

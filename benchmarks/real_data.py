@@ -44,7 +44,8 @@ def main() -> None:
         r = rows[-1]
         print(f"| {args.model} | W{r['w_bits']}A{r['a_bits']} | {r['num_calib']} | {r['fp_top1']:.2f} | "
               f"{r['quant_top1']:.2f} | {r['quant_top5']:.2f} | {r['seconds'].get('calibrate', 0):.0f} |", flush=True)
-    path = write_results(f"real_{args.model}_{args.budget}", rows, {"budget": args.budget, "seed": args.seed})
+    path = write_results(f"real_{args.model}_{args.budget}", rows, {"budget": args.budget},
+                         key=("model", "w_bits", "a_bits", "seed", "num_calib"))
     print(f"machine: {machine()}; results in {path}")
 
 

@@ -147,7 +147,8 @@ def main() -> None:
     print(paired_table(rows))
     ablation = "_ablation" if set(args.methods) - {*MAIN_METHODS, "real"} else ""
     path = write_results(f"zero_shot_{args.model}_{args.budget}{ablation}{longer}", rows,
-                         {"budget": BUDGETS[args.budget], "calib": calib, "seeds": args.seeds, "bits": args.bits})
+                         {"budget": BUDGETS[args.budget], "calib": calib},
+                         key=("method", "seed", "w_bits", "a_bits"))
     print(f"machine: {machine()}; results in {path}")
 
 
