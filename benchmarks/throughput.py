@@ -1,7 +1,9 @@
 """Throughput of the reference engines against the fast ones, in one run, same seeds.
 
-Reference: Genie-D one batch at a time (gen.parallel_batches=1), reconstruction eager (calib.engine=eager).
-Fast: Genie-D batches in one pass (all the run's batches), reconstruction with calib.engine=auto.
+Reference: Genie-D and SADAG's refinement one batch at a time with the generator in the plain NCHW layout
+(gen.parallel_batches=1), reconstruction eager (calib.engine=eager).
+Fast: what the library does by default: gen.parallel_batches=0 (CPU: one batch at a time, the generator's
+activations channels_last; GPU: all the run's batches in one pass), reconstruction with calib.engine=auto.
 Each cost is the difference of two runs (k1 and k2 iterations) over k2 - k1: setup and compilation cancel.
 The FLOP floor is a step's FLOPs (torch's flop counter) over the device's measured convolution rate.
 With --lower-precision (CUDA): also the fast engines with Genie-D under bf16 autocast (gen.precision=bf16) and
@@ -14,6 +16,7 @@ max_abs_image_diff); do not publish timings taken on a shared machine.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import time
@@ -26,7 +29,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import sadag
 from _common import RESULTS, WEIGHTS, machine
 from sadag.config import CalibConfig, GenConfig
-from sadag.generation import generate_genie, refine_sadag
+from sadag.generation import generate_genie, generator, refine_sadag
 from sadag.quantization.prepare import float_copy
 from sadag.reconstruction.cache import capture_unit_io
 from sadag.reconstruction.reconstruct import calibrate_unit_, reconstruct_
@@ -70,24 +73,58 @@ def max_diff(a: list, b: list) -> float:
     return max((x.images - y.images).abs().max().item() for x, y in zip(a, b, strict=True))
 
 
+@contextlib.contextmanager
+def layout(plain: bool):  # noqa: ANN201
+    """The generator's activations in the plain NCHW layout (the reference) or the library's (channels_last on
+    CPU)."""
+    saved = generator.CHANNELS_LAST_ON_CPU
+    generator.CHANNELS_LAST_ON_CPU = not plain
+    try:
+        yield
+    finally:
+        generator.CHANNELS_LAST_ON_CPU = saved
+
+
+# engine -> (gen.parallel_batches, plain layout): the reference is the per-batch loop in NCHW; the fast engine
+# is the library's default (auto: one batch at a time in channels_last on CPU, all batches in one pass on GPU)
+GENIE_ENGINES = {"reference": (1, True), "fast": (0, False)}
+
+
 def genie_rows(model, spec, args, device) -> dict:  # noqa: ANN001
     images = args.batches * args.batch
     base = GenConfig(num_images=images, batch_size=args.batch)
-    engines = {"reference": 1, "fast": args.batches}
     out: dict = {}
-    for name, parallel in {**engines, **({"fast_bf16": args.batches} if args.lower_precision else {})}.items():
-        cfg = replace(base, parallel_batches=parallel, precision="bf16" if name == "fast_bf16" else "fp32")
-        sec = per_step(lambda k, c=cfg: generate_genie(model, spec, replace(c, genie_iters=k), 0), args.k1, args.k2,
-                       device)
+
+    def make(k: int, parallel: int, plain: bool, precision: str = "fp32") -> list:
+        with layout(plain):
+            return generate_genie(model, spec, replace(base, genie_iters=k, parallel_batches=parallel,
+                                                       precision=precision), 0)
+
+    engines = {**GENIE_ENGINES, **({"fast_bf16": GENIE_ENGINES["fast"]} if args.lower_precision else {})}
+    for name, (parallel, plain) in engines.items():
+        precision = "bf16" if name == "fast_bf16" else "fp32"
+        sec = per_step(lambda k, p=parallel, lay=plain, pr=precision: make(k, p, lay, pr), args.k1, args.k2, device)
         out[name] = {"seconds_per_step_of_all_batches": sec, "image_steps_per_s": images / sec}
-    first = [generate_genie(model, spec, replace(base, genie_iters=1, parallel_batches=p), 0) for p in engines.values()]
-    last = [generate_genie(model, spec, replace(base, genie_iters=args.k2, parallel_batches=p), 0)
-            for p in engines.values()]
+    first = [make(1, *GENIE_ENGINES[e]) for e in ("reference", "fast")]
+    last = [make(args.k2, *GENIE_ENGINES[e]) for e in ("reference", "fast")]
     out["max_abs_image_diff_first_step"] = max_diff(*first)
     out["max_abs_image_diff"] = max_diff(*last)
     step_flops = flops(lambda: generate_genie(model, spec, replace(base, num_images=args.batch, genie_iters=1), 0))
     out["flops_per_batch_step"] = step_flops
     return out
+
+
+def refine_rows(model, qmodel, batches: list, spec, args, device) -> dict:  # noqa: ANN001
+    """SADAG refinement steps per second (one batch, random neighbor) in both layouts."""
+    cfg = GenConfig(num_images=args.batch, batch_size=args.batch, neighbor="random")
+    out = {}
+    for name, (_, plain) in GENIE_ENGINES.items():
+        def run(k: int, lay: bool = plain) -> None:
+            with layout(lay):
+                refine_sadag(model, qmodel, batches, spec, replace(cfg, refine_iters=k), 0)
+
+        out[name] = {"steps_per_s": 1 / per_step(run, args.k1, args.k2, device)}
+    return {**out, "batch": args.batch}
 
 
 def unit_row(block, data: tuple, args, device) -> dict:  # noqa: ANN001
@@ -149,9 +186,7 @@ def main() -> None:
     calib = batches[0].images.to(device)
     example = calib[:1]
     qmodel = reconstruct_(sadag.quantize(model, sadag.QuantConfig(4, 4), example), calib, CalibConfig(iters=0))
-    refine_cfg = GenConfig(num_images=args.batch, batch_size=args.batch, neighbor="random")
-    refine_sec = per_step(lambda k: refine_sadag(model, qmodel, batches, spec, replace(refine_cfg, refine_iters=k), 0),
-                          args.k1, args.k2, device)
+    refine = refine_rows(model, qmodel, batches[:1], spec, args, device)
     recon = recon_rows(sadag.quantize(model, sadag.QuantConfig(4, 4), example), calib, args, device)
     ref_it = sum(1 / u["reference"]["iters_per_s"] for u in recon["units"])
     fast_it = sum(1 / u["fast"]["iters_per_s"] for u in recon["units"])
@@ -169,7 +204,8 @@ def main() -> None:
         "max_abs_image_diff": genie["max_abs_image_diff"],
         "max_abs_image_diff_first_step": genie["max_abs_image_diff_first_step"],
         "genie_d": genie,
-        "sadag_refine": {"steps_per_s": 1 / refine_sec, "batch": args.batch},
+        "refine_speedup": refine["fast"]["steps_per_s"] / refine["reference"]["steps_per_s"],
+        "sadag_refine": refine,
         "reconstruction": recon,
         "flop_floor": {
             "conv_flops_per_s": rate,
@@ -188,7 +224,7 @@ def main() -> None:
     print(f"Genie-D {result['genie_d_speedup']:.2f}x ({genie['fast']['image_steps_per_s']:.0f} image-steps/s; floor "
           f"{result['flop_floor']['genie_d_step_of_all_batches_s']:.3f} s/step), reconstruction "
           f"{result['recon_speedup']:.2f}x ({1 / fast_it:.1f} iterations/s over all units; floor "
-          f"{recon_flops / rate * 1e3:.2f} ms), SADAG {1 / refine_sec:.2f} steps/s, max image diff "
+          f"{recon_flops / rate * 1e3:.2f} ms), SADAG refinement {result['refine_speedup']:.2f}x, max image diff "
           f"{result['max_abs_image_diff']:.3g} (first step {result['max_abs_image_diff_first_step']:.3g})")
     print(f"wrote {path}; machine: {machine()}")
 

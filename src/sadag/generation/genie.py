@@ -77,7 +77,9 @@ def load_batch_generator(batch: GenieBatch, spec: DataSpec, cfg: GenConfig,
 
 def to_batch(index: int, gen: nn.Module, z: Tensor, images: Tensor) -> GenieBatch:
     state = {k: v.detach().cpu().clone() for k, v in gen.state_dict().items()}
-    return GenieBatch(index, state, z.detach().cpu().clone(), images.detach().float().cpu().clone())
+    # images leave in the standard layout, whatever the generator's (channels_last on CPU)
+    images = images.detach().float().cpu().clone(memory_format=torch.contiguous_format)
+    return GenieBatch(index, state, z.detach().cpu().clone(), images)
 
 
 def _check_done(done: dict[int, GenieBatch], sizes: Sequence[int]) -> None:
