@@ -8,7 +8,7 @@ Each cost is the difference of two runs (k1 and k2 iterations) over k2 - k1: set
 The FLOP floor is a step's FLOPs (torch's flop counter) over the device's measured convolution rate.
 With --lower-precision (CUDA): also the fast engines with Genie-D under bf16 autocast (gen.precision=bf16) and
 reconstruction with TF32 (calib.tf32), as the keys genie_d_bf16_speedup and recon_tf32_speedup (over fast).
-Usage: python benchmarks/throughput.py [--quick] [--device cpu|cuda] [--threads 2] [--lower-precision]
+Usage: python benchmarks/throughput.py [--quick] [--repeats 3] [--device cpu|cuda] [--threads 2] [--lower-precision]
 Writes benchmarks/results/throughput_{cpu,cuda}.json (top level: genie_d_speedup, recon_speedup,
 max_abs_image_diff); do not publish timings taken on a shared machine.
 """
@@ -19,6 +19,7 @@ import argparse
 import contextlib
 import copy
 import json
+import statistics
 import time
 from dataclasses import replace
 
@@ -51,6 +52,16 @@ def timed(fn, device: torch.device) -> float:  # noqa: ANN001
 def per_step(fn, k1: int, k2: int, device: torch.device) -> float:  # noqa: ANN001
     fn(k1)  # untimed: first-call costs (allocator, thread pool, compilation) must not land in one of the two
     return (timed(lambda: fn(k2), device) - timed(lambda: fn(k1), device)) / (k2 - k1)
+
+
+def interleaved(fns: dict, k1: int, k2: int, device: torch.device, repeats: int) -> dict[str, float]:  # noqa: ANN001
+    """per_step of each engine, the engines alternated `repeats` times: the median of each, so that a slow
+    spell of a shared machine does not land on one engine only."""
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            samples[name].append(per_step(fn, k1, k2, device))
+    return {name: statistics.median(values) for name, values in samples.items()}
 
 
 def conv_rate(device: torch.device) -> float:
@@ -101,9 +112,9 @@ def genie_rows(model, spec, args, device) -> dict:  # noqa: ANN001
                                                        precision=precision), 0)
 
     engines = {**GENIE_ENGINES, **({"fast_bf16": GENIE_ENGINES["fast"]} if args.lower_precision else {})}
-    for name, (parallel, plain) in engines.items():
-        precision = "bf16" if name == "fast_bf16" else "fp32"
-        sec = per_step(lambda k, p=parallel, lay=plain, pr=precision: make(k, p, lay, pr), args.k1, args.k2, device)
+    fns = {name: (lambda k, p=parallel, lay=plain, pr="bf16" if name == "fast_bf16" else "fp32": make(k, p, lay, pr))
+           for name, (parallel, plain) in engines.items()}
+    for name, sec in interleaved(fns, args.k1, args.k2, device, args.repeats).items():
         out[name] = {"seconds_per_step_of_all_batches": sec, "image_steps_per_s": images / sec}
     first = [make(1, *GENIE_ENGINES[e]) for e in ("reference", "fast")]
     last = [make(args.k2, *GENIE_ENGINES[e]) for e in ("reference", "fast")]
@@ -117,13 +128,13 @@ def genie_rows(model, spec, args, device) -> dict:  # noqa: ANN001
 def refine_rows(model, qmodel, batches: list, spec, args, device) -> dict:  # noqa: ANN001
     """SADAG refinement steps per second (one batch, random neighbor) in both layouts."""
     cfg = GenConfig(num_images=args.batch, batch_size=args.batch, neighbor="random")
-    out = {}
-    for name, (_, plain) in GENIE_ENGINES.items():
-        def run(k: int, lay: bool = plain) -> None:
-            with layout(lay):
-                refine_sadag(model, qmodel, batches, spec, replace(cfg, refine_iters=k), 0)
+    def run(k: int, plain: bool) -> None:
+        with layout(plain):
+            refine_sadag(model, qmodel, batches, spec, replace(cfg, refine_iters=k), 0)
 
-        out[name] = {"steps_per_s": 1 / per_step(run, args.k1, args.k2, device)}
+    fns = {name: (lambda k, lay=plain: run(k, lay)) for name, (_, plain) in GENIE_ENGINES.items()}
+    out = {name: {"steps_per_s": 1 / sec} for name, sec in interleaved(fns, args.k1, args.k2, device,
+                                                                          args.repeats).items()}
     return {**out, "batch": args.batch}
 
 
@@ -164,6 +175,8 @@ def main() -> None:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--quick", action="store_true", help="2 batches and few iterations: under 5 minutes on 2 cores")
+    p.add_argument("--repeats", type=int, default=3, help="Genie-D and refinement engines alternated this many "
+                                                           "times, the median of each kept")
     p.add_argument("--units", type=int, help="time only the first N reconstruction units (default: all); the "
                                              "speedup is then over those units")
     p.add_argument("--lower-precision", action="store_true",
@@ -213,7 +226,8 @@ def main() -> None:
             "recon_iteration_all_units_s": recon_flops / rate,
         },
         "meta": {"model": args.model, "quick": q, "batches": args.batches, "batch": args.batch, "k": [args.k1, args.k2],
-                 "recon_iters": [args.r1, args.r2], "recon_units_timed": len(recon["units"]), "machine": machine(),
+                 "repeats": args.repeats, "recon_iters": [args.r1, args.r2],
+                 "recon_units_timed": len(recon["units"]), "machine": machine(),
                  "note": "float32 engines differ by rounding, which Adam's first steps amplify: the first-step "
                          "diff checks the math, the k2 diff is what a user sees (thread count changes alone give "
                          "the same order)"},
