@@ -128,6 +128,7 @@ def genie_rows(model, spec, args, device) -> dict:  # noqa: ANN001
 def refine_rows(model, qmodel, batches: list, spec, args, device) -> dict:  # noqa: ANN001
     """SADAG refinement steps per second (one batch, random neighbor) in both layouts."""
     cfg = GenConfig(num_images=args.batch, batch_size=args.batch, neighbor="random")
+
     def run(k: int, plain: bool) -> None:
         with layout(plain):
             refine_sadag(model, qmodel, batches, spec, replace(cfg, refine_iters=k), 0)
