@@ -153,3 +153,10 @@ def test_diversity_only_skips_the_neighbor_and_matches_the_full_step(monkeypatch
     assert len(calls) == cfg.refine_iters * len(batches)
     assert not torch.equal(fast[:4], batches[0].images)  # the refinement moved the images
     torch.testing.assert_close(fast, full, rtol=0, atol=1e-5)
+
+
+def test_refined_images_leave_in_the_standard_layout() -> None:
+    fp, q = _tiny_pair()
+    cfg = replace(CFG, num_images=4, batch_size=4, genie_iters=2, refine_iters=2)
+    images = refine_sadag(fp, q, generate_genie(fp, SPEC, cfg, seed=0), SPEC, cfg, seed=0)
+    assert images.is_contiguous()

@@ -75,11 +75,15 @@ def load_batch_generator(batch: GenieBatch, spec: DataSpec, cfg: GenConfig,
     return gen.to(device).train(), z
 
 
+def finished_images(images: Tensor) -> Tensor:
+    """A CPU float copy in the standard layout, whatever the generator's (channels_last on CPU), so that what
+    consumes a set (calibration, saving) sees the same tensors as before that layout."""
+    return images.detach().float().cpu().clone(memory_format=torch.contiguous_format)
+
+
 def to_batch(index: int, gen: nn.Module, z: Tensor, images: Tensor) -> GenieBatch:
     state = {k: v.detach().cpu().clone() for k, v in gen.state_dict().items()}
-    # images leave in the standard layout, whatever the generator's (channels_last on CPU)
-    images = images.detach().float().cpu().clone(memory_format=torch.contiguous_format)
-    return GenieBatch(index, state, z.detach().cpu().clone(), images)
+    return GenieBatch(index, state, z.detach().cpu().clone(), finished_images(images))
 
 
 def _check_done(done: dict[int, GenieBatch], sizes: Sequence[int]) -> None:

@@ -25,7 +25,7 @@ from .common import (
     model_device,
     tensor_lr_adam,
 )
-from .genie import GenieBatch, load_batch_generator
+from .genie import GenieBatch, finished_images, load_batch_generator
 
 log = logging.getLogger(__name__)
 
@@ -265,7 +265,7 @@ def _refine_batch(nets: _Nets, batch: GenieBatch, pool: _Pool, spec: DataSpec, c
         x = batch.images.to(device)
         e, h = _outputs(nets, x, cfg.batch_size)
     pool.add(e, h)
-    return x.detach().float().cpu()
+    return finished_images(x)
 
 
 @torch.no_grad()
