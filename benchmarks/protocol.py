@@ -143,9 +143,18 @@ def lowpass_d0(args: argparse.Namespace, input_size: int) -> float:
     return 80.0 if input_size >= 224 else 20.0
 
 
-def needs_genie_set(method: str) -> bool:
-    """Whether the method starts from the genie run's set of the same (bits, seed): paired exactly."""
-    return method in FROM_GENIE_SET
+def genie_source(args: argparse.Namespace, bits: str, method: str) -> str | None:
+    """The bits of the genie run (same seed) whose set this run starts from, or None if it makes its own.
+
+    The methods of FROM_GENIE_SET start from the genie set of their own bits: paired exactly. With --genie-from
+    B, genie at other bits reuses genie's set at B: Genie-D never sees the bits, so the set is the one it would
+    make (bit for bit at the same thread count), and the calibrations at every bits share one Genie-D stage.
+    """
+    if method in FROM_GENIE_SET:
+        return bits
+    if method == BASE and args.genie_from not in (None, bits):
+        return args.genie_from
+    return None
 
 
 def run_config(args: argparse.Namespace, bits: str, method: str, seed: int, input_size: int) -> sadag.RunConfig:
@@ -154,8 +163,8 @@ def run_config(args: argparse.Namespace, bits: str, method: str, seed: int, inpu
     gen = {**b["gen"], **gen_extra}
     if method == "genie-lowpass":
         gen["lowpass"] = lowpass_d0(args, input_size)
-    if needs_genie_set(method):
-        gen["genie_set"] = str(run_dir(Path(args.work), args.model, bits, BASE, seed) / "synthetic")
+    if (source := genie_source(args, bits, method)) is not None:
+        gen["genie_set"] = str(run_dir(Path(args.work), args.model, source, BASE, seed) / "synthetic")
     extra: dict[str, Any] = {}
     if kind == "real":
         extra = {"calib_data": str(args.real_data), "num_calib": args.num_images}
@@ -200,9 +209,9 @@ def plan(args: argparse.Namespace) -> list[tuple[str, str, int]]:
 def ready(job: tuple[str, str, int], done: set[tuple[str, str, int]], args: argparse.Namespace) -> bool:
     """Whether the job can start: its genie run's set is written (atomically, before that run calibrates)."""
     bits, method, seed = job
-    if not needs_genie_set(method):
+    if (source := genie_source(args, bits, method)) is None:
         return True
-    genie = (bits, BASE, seed)
+    genie = (source, BASE, seed)
     return genie in done or (run_dir(Path(args.work), args.model, *genie) / "synthetic" / "images.pt").is_file()
 
 
@@ -213,7 +222,7 @@ def run_all(args: argparse.Namespace, input_size: int) -> list[dict[str, Any]]:
     if args.jobs <= 1:
         for job in todo:
             if not ready(job, done, args):
-                _missing_genie(job)
+                _missing_genie(job, args)
             rows.append(one_run(args, *job, input_size))
             done.add(job)
         return rows
@@ -225,7 +234,7 @@ def run_all(args: argparse.Namespace, input_size: int) -> list[dict[str, Any]]:
                 todo.remove(job)
                 running[pool.submit(one_run, args, *job, input_size)] = job
             if not running:
-                _missing_genie(todo[0])
+                _missing_genie(todo[0], args)
             finished, _ = wait(running, timeout=15, return_when=FIRST_COMPLETED)
             for f in finished:
                 done.add(running.pop(f))
@@ -234,9 +243,11 @@ def run_all(args: argparse.Namespace, input_size: int) -> list[dict[str, Any]]:
     return rows
 
 
-def _missing_genie(job: tuple[str, str, int]) -> None:
-    raise SystemExit(f"{job[1]} at {job[0]}, seed {job[2]} starts from the genie run of that seed: add genie to "
-                     "--methods or run it first")
+def _missing_genie(job: tuple[str, str, int], args: argparse.Namespace) -> None:
+    bits, method, seed = job
+    source = genie_source(args, bits, method)
+    raise SystemExit(f"{method} at {bits}, seed {seed} starts from the genie run at {source} of that seed: add "
+                     f"genie{'' if source == bits else ' and ' + source} to --methods/--bits or run it first")
 
 
 def finished_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -296,6 +307,9 @@ def main() -> None:
     p.add_argument("--gen-batch", type=int, default=128, help="Genie-D / SADAG batch (each has its own generator)")
     p.add_argument("--calib-iters", type=int, default=2000, help="reconstruction iterations per unit")
     p.add_argument("--genie-iters", type=int, default=1000)
+    p.add_argument("--genie-from", metavar="BITS",
+                   help="genie at other bits reuses the genie set of this bits' run of the same seed (Genie-D does "
+                   "not depend on the bits)")
     p.add_argument("--refine-iters", type=int, default=200, help="SADAG stage C iterations per batch")
     p.add_argument("--warmup-iters", type=int, default=500, help="SADAG stage B iterations per unit")
     p.add_argument("--lowpass", type=float, help="D0 of genie-lowpass (default 80 at 224 px, 20 below)")

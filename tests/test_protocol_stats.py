@@ -63,7 +63,7 @@ def test_the_plan_runs_genie_first_real_last_and_waits_for_the_genie_set(tmp_pat
     import argparse
 
     args = argparse.Namespace(methods=["real", "sadag", "genie-lowpass", "genie"], seeds=[0, 1], bits=["2/2"],
-                              work=str(tmp_path), model="resnet20_cifar10")
+                              work=str(tmp_path), model="resnet20_cifar10", genie_from=None)
     order = [(m, s) for _, m, s in protocol.plan(args)]
     assert order == [("genie", 0), ("sadag", 0), ("genie-lowpass", 0), ("genie", 1), ("sadag", 1),
                      ("genie-lowpass", 1), ("real", 0), ("real", 1)]
@@ -80,3 +80,22 @@ def test_the_plan_runs_genie_first_real_last_and_waits_for_the_genie_set(tmp_pat
                                                     engine="eager", lowpass=None, real_data=None, device="cpu",
                                                     eval_limit=None), "2/2", "sadag", 0, 32)
     assert config.gen.genie_set == str(finished / "synthetic") and config.gen.neighbor == "released"
+
+
+def test_genie_at_other_bits_can_reuse_one_genie_set(tmp_path: Path) -> None:
+    import argparse
+
+    args = argparse.Namespace(work=str(tmp_path), model="resnet20_cifar10", genie_from="2/2", num_images=256,
+                              gen_batch=128, genie_iters=300, refine_iters=200, warmup_iters=500, calib_iters=2000,
+                              engine="eager", lowpass=None, real_data=None, device="cpu", eval_limit=None)
+    source = protocol.run_dir(tmp_path, "resnet20_cifar10", "2/2", "genie", 3) / "synthetic"
+    assert protocol.genie_source(args, "4/4", "genie") == "2/2"
+    assert protocol.genie_source(args, "2/2", "genie") is None  # the source run makes its own set
+    assert protocol.genie_source(args, "4/4", "genie-lowpass") == "4/4"  # paired with its own bits' genie run
+    assert protocol.genie_source(args, "4/4", "real") is None
+    assert not protocol.ready(("4/4", "genie", 3), set(), args)
+    assert protocol.ready(("4/4", "genie", 3), {("2/2", "genie", 3)}, args)
+    with pytest.raises(SystemExit, match="genie run at 2/2 of that seed: add genie and 2/2"):
+        protocol._missing_genie(("4/4", "genie", 3), args)
+    assert protocol.run_config(args, "4/4", "genie", 3, 32).gen.genie_set == str(source)
+    assert protocol.run_config(args, "2/2", "genie", 3, 32).gen.genie_set is None
