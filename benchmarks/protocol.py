@@ -180,6 +180,8 @@ def row_of(directory: Path, bits: str, method: str, seed: int) -> dict[str, Any]
     return {"model": report["model"], "bits": bits, "method": method, "seed": seed, "top1": report["quant_top1"],
             "num_images": report["num_calib"], "calib_iters": cfg["calib"]["iters"], "fp_top1": report.get("fp_top1"),
             "gen": {k: cfg["gen"].get(k) for k in GEN_KEYS}, "seconds": report.get("seconds", {}),
+            # the run whose Genie-D set this one started from (its directory's name), if any
+            "genie_set_of": Path(cfg["gen"]["genie_set"]).parent.name if cfg["gen"].get("genie_set") else None,
             "device": report.get("device")}
 
 

@@ -99,3 +99,19 @@ def test_genie_at_other_bits_can_reuse_one_genie_set(tmp_path: Path) -> None:
         protocol._missing_genie(("4/4", "genie", 3), args)
     assert protocol.run_config(args, "4/4", "genie", 3, 32).gen.genie_set == str(source)
     assert protocol.run_config(args, "2/2", "genie", 3, 32).gen.genie_set is None
+
+
+def test_a_row_names_the_run_whose_genie_set_it_started_from(tmp_path: Path) -> None:
+    import json
+
+    import yaml
+
+    run = tmp_path / "w4a4_genie_s3"
+    run.mkdir()
+    (run / "report.json").write_text(json.dumps({"model": "resnet20_cifar10", "quant_top1": 79.9, "num_calib": 256}))
+    source = tmp_path / "w2a2_genie_s3" / "synthetic"
+    (run / "config.yaml").write_text(yaml.safe_dump({"calib": {"iters": 2000}, "gen": {"genie_set": str(source)}}))
+    row = protocol.row_of(run, "4/4", "genie", 3)
+    assert (row["top1"], row["calib_iters"], row["genie_set_of"]) == (79.9, 2000, "w2a2_genie_s3")
+    (run / "config.yaml").write_text(yaml.safe_dump({"calib": {"iters": 2000}, "gen": {"genie_set": None}}))
+    assert protocol.row_of(run, "4/4", "genie", 3)["genie_set_of"] is None
