@@ -16,6 +16,7 @@ bits (what `sadag run` does). Methods (the same seed gives the same Genie-D batc
 Every method but genie, genie-setbn and real starts from the genie run's set of the same (bits, seed).
 
 Usage: python benchmarks/protocol.py --model resnet20_cifar10 --bits 4/4 2/4 --seeds 0 1 2 3 4 [--jobs 4]
+       python benchmarks/protocol.py ... --bits 4/4 3/3 --genie-from 2/2   (genie reuses the W2A2 runs' sets)
        python benchmarks/protocol.py --model resnet20_cifar10 --collect [--probe]
 Both print the headroom table and the paired differences with 95% t-intervals of the requested runs; only
 --collect writes benchmarks/results/protocol_<model>.json (rows: model, bits, method, seed, top1, num_images,
