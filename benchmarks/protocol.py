@@ -12,6 +12,8 @@ bits (what `sadag run` does). Methods (the same seed gives the same Genie-D batc
   genie-lowpass   Genie-D, then SynQ's Gaussian low-pass filter (gen.lowpass = D0)
   genie-setbn     Genie-D with BatchNorm statistics matched over the whole set (gen.bn_scope = set, DGH)
   genie-bf16      Genie-D with the FP model under bf16 autocast (gen.precision = bf16; a speed setting)
+  genie-wide      the genie set calibrated with twice the minibatch and half the iterations (the same images
+                  per unit): what N = 2 ranks compute when each takes a whole minibatch (issue 13's wide split)
 
 Every method but genie, genie-setbn and real starts from the genie run's set of the same (bits, seed).
 
@@ -50,8 +52,10 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "genie-lowpass": ("genie", {}),  # gen.lowpass is added from --lowpass
     "genie-setbn": ("genie", {"bn_scope": "set"}),
     "genie-bf16": ("genie", {"precision": "bf16"}),  # issue 12: is bf16 Genie-D as good a set?
+    "genie-wide": ("genie", {}),  # a calibration variant, see WIDE
 }
-FROM_GENIE_SET = ("sadag", "sadag-div-only", "sadag-gm-only", "genie-lowpass")
+FROM_GENIE_SET = ("sadag", "sadag-div-only", "sadag-gm-only", "genie-lowpass", "genie-wide")
+WIDE = 2  # genie-wide: minibatch x WIDE, iterations / WIDE
 BASE = "genie"
 GEN_KEYS = ("genie_iters", "warmup_calib_iters", "refine_iters", "neighbor", "lambda_gm", "lambda_div", "lowpass",
             "bn_scope", "precision")
@@ -166,12 +170,15 @@ def run_config(args: argparse.Namespace, bits: str, method: str, seed: int, inpu
         gen["lowpass"] = lowpass_d0(args, input_size)
     if (source := genie_source(args, bits, method)) is not None:
         gen["genie_set"] = str(run_dir(Path(args.work), args.model, source, BASE, seed) / "synthetic")
+    calib = dict(b["calib"])
+    if method == "genie-wide":
+        calib.update(batch_size=calib["batch_size"] * WIDE, iters=calib["iters"] // WIDE)
     extra: dict[str, Any] = {}
     if kind == "real":
         extra = {"calib_data": str(args.real_data), "num_calib": args.num_images}
     out = run_dir(Path(args.work), args.model, bits, method, seed)
     return base_config(args.model, out, method=kind, bits=bits, preset="paper", seed=seed, device=args.device,
-                       eval_limit=args.eval_limit, **sections({"gen": gen, "calib": b["calib"]}), **extra)
+                       eval_limit=args.eval_limit, **sections({"gen": gen, "calib": calib}), **extra)
 
 
 def row_of(directory: Path, bits: str, method: str, seed: int) -> dict[str, Any]:
@@ -179,7 +186,8 @@ def row_of(directory: Path, bits: str, method: str, seed: int) -> dict[str, Any]
     report = json.loads((directory / "report.json").read_text())
     cfg = yaml.safe_load((directory / "config.yaml").read_text())
     return {"model": report["model"], "bits": bits, "method": method, "seed": seed, "top1": report["quant_top1"],
-            "num_images": report["num_calib"], "calib_iters": cfg["calib"]["iters"], "fp_top1": report.get("fp_top1"),
+            "num_images": report["num_calib"], "calib_iters": cfg["calib"]["iters"],
+            "calib_batch_size": cfg["calib"].get("batch_size"), "fp_top1": report.get("fp_top1"),
             "gen": {k: cfg["gen"].get(k) for k in GEN_KEYS}, "seconds": report.get("seconds", {}),
             # the run whose Genie-D set this one started from (its directory's name), if any
             "genie_set_of": Path(cfg["gen"]["genie_set"]).parent.name if cfg["gen"].get("genie_set") else None,

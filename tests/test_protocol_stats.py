@@ -115,3 +115,17 @@ def test_a_row_names_the_run_whose_genie_set_it_started_from(tmp_path: Path) -> 
     assert (row["top1"], row["calib_iters"], row["genie_set_of"]) == (79.9, 2000, "w2a2_genie_s3")
     (run / "config.yaml").write_text(yaml.safe_dump({"calib": {"iters": 2000}, "gen": {"genie_set": None}}))
     assert protocol.row_of(run, "4/4", "genie", 3)["genie_set_of"] is None
+
+
+def test_the_wide_variant_calibrates_the_genie_set_with_the_same_images_per_unit(tmp_path: Path) -> None:
+    import argparse
+
+    args = argparse.Namespace(work=str(tmp_path), model="resnet20_cifar10", genie_from="2/2", num_images=256,
+                              gen_batch=128, genie_iters=300, refine_iters=200, warmup_iters=500, calib_iters=2000,
+                              engine="eager", lowpass=None, real_data=None, device="cpu", eval_limit=None)
+    wide, plain = (protocol.run_config(args, "4/4", m, 1, 32) for m in ("genie-wide", "genie"))
+    assert (wide.calib.batch_size, wide.calib.iters) == (64, 1000)
+    assert (plain.calib.batch_size, plain.calib.iters) == (32, 2000)
+    assert wide.calib.batch_size * wide.calib.iters == plain.calib.batch_size * plain.calib.iters
+    # paired with the genie run of its own bits, never a set made for it
+    assert wide.gen.genie_set == str(protocol.run_dir(tmp_path, "resnet20_cifar10", "4/4", "genie", 1) / "synthetic")
