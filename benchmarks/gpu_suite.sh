@@ -12,6 +12,9 @@
 # end to end with the fast engines (gen.parallel_batches and calib.engine at their auto defaults: all batches in
 # one pass, compiled reconstruction steps) until the deadline; OUT_DIR gets throughput_cuda.json, the run's
 # report (or, cut short, its metrics.jsonl: the fraction done per stage) and paper_r20.json with the seconds.
+# PLAN "scale" (issue 13, about 5 minutes): benchmarks/scaling.py measure --device cuda --ranks 4 under MPS (1
+# process against 4 torchrun ranks sharing the GPU, SADAG_SHARE_GPU=1, exact and wide split); OUT_DIR gets
+# scaling_cuda.json and the log.
 # PLAN "lease" (default) runs steps 1-4 below; "rest" (for what is left of a lease after "lease") skips
 # steps 1-2 and runs ResNet-20 seed 0 at the peer budget (genie, sadag-random; W4A4, W2A4) and
 # EfficientNet-Lite0 at the `tiny` budget (genie, sadag-random; W4A4, W2A4). "sadag" is sized from what
@@ -39,6 +42,12 @@ mps_on() {  # many small processes share the GPU: MPS runs their kernels side by
   then echo "MPS on"; else echo quit | nvidia-cuda-mps-control 2>/dev/null; echo "MPS off"; fi
 }
 mps_off() { echo quit | nvidia-cuda-mps-control 2>/dev/null; sleep 2; }
+if [ "$plan" = scale ]; then
+  mkdir -p "$out"; mps_on
+  timeout -k 5 "$deadline" "$py" benchmarks/scaling.py measure --device cuda --ranks 4 2>&1 | tee "$out/scaling.log"
+  mps_off; cp benchmarks/results/scaling_cuda.json "$out"/ 2>/dev/null
+  exit 0
+fi
 if [ "$plan" = throughput ] || [ "$plan" = lease3 ]; then
   deadline=${2:-560}; mkdir -p "$out"
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
@@ -84,7 +93,7 @@ case $plan in
   sadag) smoke=r20 effnet= r56=0 r20_seeds="0 1 2" r20_bits="4/4 2/4" split=1 r20_methods="genie sadag-random" ;;
   final) smoke=r20 effnet=tiny effnet_bits="4/4 3/3" r56=0 r20_seeds="0 1 2" r20_bits="4/4 2/4" split=1
          r20_methods="genie sadag-random" collapse="base lr_z_0.01 lr_g_0.001" ;;
-  *) echo "unknown plan '$plan': throughput, lease, rest, sadag or final"; exit 2 ;;
+  *) echo "unknown plan '$plan': scale, lease3, throughput, lease, rest, sadag or final"; exit 2 ;;
 esac
 effnet_bits=${effnet_bits:-4/4 2/4}; collapse=${collapse:-}
 work=/tmp/sadag_gpu_suite; logs=$out/logs; stop=$out/STOP

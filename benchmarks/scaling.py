@@ -1,10 +1,10 @@
 """Scale-out on torch.distributed: measured CPU speedups and a projection of the paper budget on N GPUs.
 
-measure: one `sadag run` (Genie-D, reconstruction, FP and quantized evaluation) four ways on this machine:
-1 process with 1 thread, 1 process with 2 threads, `torchrun --nproc-per-node 2` with 1 thread per rank, and
-the same 2 ranks with the wide split (minibatch 64 = a whole 32 per rank, half the iterations); each stage's
-seconds come from the run's report. Speedup of 2 ranks against the other two; efficiency =
-(1-thread time) / (2 x 2-rank time).
+measure: one `sadag run` (Genie-D, reconstruction, FP and quantized evaluation) several ways on this machine:
+on the CPU, 1 process with 1 thread, 1 process with 2 threads, `torchrun --nproc-per-node 2` with 1 thread per
+rank, and the same 2 ranks with the wide split (minibatch 64 = a whole 32 per rank, half the iterations);
+with --device cuda --ranks N, 1 process against N ranks sharing one GPU (SADAG_SHARE_GPU=1, gloo), exact and
+wide split. Each stage's seconds come from the run's report; speedups against the 1-process runs.
 
 project: a PROJECTION, not a measurement. From per-step costs measured on one GPU (flags; e.g. from
 benchmarks/step_cost.py and throughput.py), the time of the `paper` preset on 1, 2, 4 and 8 GPUs for
@@ -15,7 +15,7 @@ slice-dependent part divided by N, plus its fixed part and one gradient all-redu
 1/N of the iterations (`--calib-batch-size N x 32 --calib-iters 20000/N`: the same images per unit; its
 accuracy against the exact split is measured by `protocol.py --methods genie genie-wide` at N = 2).
 
-Usage: python benchmarks/scaling.py measure [--smoke]
+Usage: python benchmarks/scaling.py measure [--smoke] [--device cuda --ranks 4]
        python benchmarks/scaling.py project --model efficientnet_lite0 --genie-step S --calib-step S ...
        (once per model, each with the costs measured on it)
 """
@@ -43,46 +43,66 @@ UNITS = {"efficientnet_lite0": 19, "resnet18_sized": 10}
 EVAL_IMAGES = 50_000  # ImageNet validation
 
 
-def _run(out: Path, ranks: int, threads: int, smoke: bool, wide: bool = False) -> dict[str, Any]:
+@dataclass(frozen=True)
+class Way:
+    """One way to run the measured job: processes, threads each, and the data-parallel split."""
+
+    ranks: int
+    threads: int
+    wide: bool = False
+
+    @property
+    def name(self) -> str:
+        return f"{self.ranks}x{self.threads}" + ("_wide" if self.wide else "")
+
+
+def _run(out: Path, way: Way, smoke: bool, device: str, batches: int) -> dict[str, Any]:
     model = "resnet20_cifar10"
     eval_data, _ = EVAL[model]
-    # 2 Genie-D batches of 128 (one per rank), 200 reconstruction iterations per unit, 2,000 test images: minutes
+    # `batches` Genie-D batches of 128 (one per rank), 200 reconstruction iterations per unit, 2,000 test images
     budget = (["--preset", "smoke", "--eval-limit", "64"] if smoke else
-              ["--preset", "fast", "--num-images", "256", "--gen-iters", "100", "--eval-limit", "200"])
+              ["--preset", "fast", "--num-images", str(128 * batches), "--gen-iters", "100", "--eval-limit", "200"])
     calib_iters, calib_batch = (20, 16) if smoke else (200, 32)  # the presets' minibatch
-    if wide:  # a whole minibatch per rank, the same images per unit
-        calib_iters, calib_batch = calib_iters // ranks, calib_batch * ranks
+    if way.wide:  # a whole minibatch per rank, the same images per unit
+        calib_iters, calib_batch = calib_iters // way.ranks, calib_batch * way.ranks
     budget += ["--calib-iters", str(calib_iters), "--calib-batch-size", str(calib_batch)]
     args = ["-m", "sadag", "run", "--model", model, "--weights", str(WEIGHTS[model]), "--method", "genie",
             "--bits", "4/4", "--eval-data", str(eval_data), "--out", str(out), "--force", "--no-export",
-            "--threads", str(threads), "--seed", "0", *budget]
-    launch = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks)] if ranks > 1 else []
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+            "--threads", str(way.threads), "--seed", "0", "--device", device, *budget]
+    launch = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(way.ranks)]
+    launch = launch if way.ranks > 1 else []
+    env = {**os.environ, "OMP_NUM_THREADS": str(way.threads)}
+    if device == "cuda":  # every rank on the first visible GPU, gloo between them
+        env.update(SADAG_SHARE_GPU="1", CUDA_VISIBLE_DEVICES=os.environ.get("CUDA_VISIBLE_DEVICES", "0")[:1])
     start = time.perf_counter()
     proc = subprocess.run([sys.executable, *launch, *args], env=env, capture_output=True, text=True)
     if proc.returncode != 0:
-        raise SystemExit(f"{ranks} rank(s) x {threads} thread(s) failed:\n{proc.stderr[-3000:]}")
+        raise SystemExit(f"{way.ranks} rank(s) x {way.threads} thread(s) failed:\n{proc.stderr[-3000:]}")
     report = json.loads((out / "report.json").read_text())
-    return {"ranks": ranks, "threads": threads, "split": "wide" if wide else "exact",
+    return {"ranks": way.ranks, "threads": way.threads, "split": "wide" if way.wide else "exact", "device": device,
             "wall_s": round(time.perf_counter() - start, 1),
             **{s: report["seconds"].get(s) for s in STAGES}, "quant_top1": report.get("quant_top1")}
 
 
-def measure(smoke: bool) -> None:
-    ways = ((1, 1, False), (1, 2, False), (2, 1, False), (2, 1, True))
-    rows = [_run(WORK / f"scaling_{r}x{t}{'_wide' if w else ''}", r, t, smoke, w) for r, t, w in ways]
-    one, threads2 = rows[:2]
-    for ranks2 in rows[2:]:
-        print(f"2 ranks x 1 thread, {ranks2['split']} split:")
+def measure(smoke: bool, device: str, ranks: int) -> None:
+    """CPU: 1 process x 1 and x ``ranks`` threads against ``ranks`` ranks x 1 thread (exact and wide split).
+    CUDA: 1 process against ``ranks`` ranks sharing one GPU (exact and wide split), 2 threads each."""
+    threads = 1 if device == "cpu" else 2
+    base = [Way(1, 1), Way(1, ranks)] if device == "cpu" else [Way(1, threads)]
+    ways = [*base, Way(ranks, threads), Way(ranks, threads, wide=True)]
+    rows = [_run(WORK / f"scaling_{device}_{w.name}", w, smoke, device, ranks) for w in ways]
+    for way, row in zip(ways[len(base):], rows[len(base):], strict=True):
+        print(f"{way.ranks} ranks x {way.threads} thread(s) on {device}, {row['split']} split:")
         for stage in (*STAGES, "wall_s"):
-            if not ranks2[stage]:
+            if not row[stage]:
                 continue
-            a, b, c = one[stage], threads2[stage], ranks2[stage]
-            print(f"{stage:>10}: 1x1 {a:8.1f}s  1x2 {b:8.1f}s  2x1 {c:8.1f}s  speedup vs 1 thread {a / c:.2f}, "
-                  f"vs 2 threads {b / c:.2f}, efficiency {a / (2 * c):.0%}")
+            against = ", ".join(f"{b.name} {r[stage]:8.1f}s (speedup {r[stage] / row[stage]:.2f})"
+                                for b, r in zip(base, rows[:len(base)], strict=True))
+            print(f"{stage:>10}: {row[stage]:8.1f}s; {against}")
     if not smoke:
-        what = "1 process x 1/2 threads against 2 torchrun ranks x 1, exact and wide split"
-        print(write_results("scaling_cpu", rows, {"what": what}))
+        what = (f"1 process against {ranks} torchrun ranks x {threads} thread(s), exact and wide split"
+                + (" (ranks sharing one GPU, gloo)" if device == "cuda" else ""))
+        print(write_results(f"scaling_{device}", rows, {"what": what}))
 
 
 @dataclass(frozen=True)
@@ -143,6 +163,9 @@ def main() -> None:
     sub = p.add_subparsers(dest="command", required=True)
     m = sub.add_parser("measure", help="1 against 2 ranks on this CPU")
     m.add_argument("--smoke", action="store_true", help="seconds-long budgets: checks the script, times nothing")
+    m.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="cuda: the ranks share one GPU")
+    m.add_argument("--ranks", type=int, default=2, help="processes of the multi-rank runs (and threads of the "
+                   "CPU baseline)")
     j = sub.add_parser("project", help="projected time of the paper preset on 1-8 GPUs from per-step costs")
     j.add_argument("--model", required=True, choices=list(UNITS), help="the model the step costs were measured on")
     j.add_argument("--method", default="sadag", choices=["sadag", "genie"])
@@ -158,7 +181,9 @@ def main() -> None:
     j.add_argument("--source", default="", help="where the step costs come from (stored with the projection)")
     args = p.parse_args()
     if args.command == "measure":
-        measure(args.smoke)
+        if args.ranks < 2:
+            p.error(f"--ranks {args.ranks}: give at least 2 (the measurement compares 1 process against N ranks)")
+        measure(args.smoke, args.device, args.ranks)
     else:
         _project_cli(args)
 

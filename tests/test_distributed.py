@@ -11,7 +11,9 @@ from sadag.distributed import (
     Ranks,
     all_reduce_gradients_,
     all_reduce_sum,
+    rank_device,
     ranks_from_env,
+    share_gpu,
     share_items,
 )
 from sadag.errors import ConfigError
@@ -25,6 +27,19 @@ def test_ranks_from_env() -> None:
         ranks_from_env({"WORLD_SIZE": "2", "RANK": "2", "LOCAL_RANK": "0"})
     with pytest.raises(ConfigError, match="integers"):
         ranks_from_env({"WORLD_SIZE": "two", "RANK": "0", "LOCAL_RANK": "0"})
+
+
+def test_ranks_share_a_gpu_only_when_asked(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert rank_device(Ranks(1, 4, 1), "auto") == torch.device("cuda", 1)
+    with pytest.raises(ConfigError, match="LOCAL_RANK 3 has no GPU .*SADAG_SHARE_GPU=1"):
+        rank_device(Ranks(3, 4, 3), "cuda")
+    assert rank_device(Ranks(3, 4, 3), "cuda", shared=True) == torch.device("cuda", 1)
+    assert rank_device(Ranks(3, 4, 3), "cpu", shared=True) == torch.device("cpu")
+    assert share_gpu({}) is False and share_gpu({"SADAG_SHARE_GPU": "1"}) is True
+    with pytest.raises(ConfigError, match="SADAG_SHARE_GPU='yes': set it to 1"):
+        share_gpu({"SADAG_SHARE_GPU": "yes"})
 
 
 @pytest.mark.parametrize("n", [0, 1, 5, 32, 33])

@@ -26,6 +26,7 @@ from .errors import ConfigError, SadagError
 
 _ENV = ("WORLD_SIZE", "RANK", "LOCAL_RANK")
 TIMEOUT_ENV = "SADAG_DIST_TIMEOUT_S"  # seconds a collective may wait for the slowest rank
+SHARE_GPU_ENV = "SADAG_SHARE_GPU"  # "1": more ranks than GPUs on a machine, rank r on GPU r % count (gloo)
 TEST_FAIL_ENV = "SADAG_TEST_FAIL_AT"  # tests only: "RANK:STAGE" makes that rank raise when it enters that stage
 _stages: list[str] = []  # the stages this process is in (innermost last); kept as is when one raises
 
@@ -78,13 +79,24 @@ def ranks_from_env(environ: dict[str, str] | None = None) -> Ranks:
     return Ranks(rank, world, local)
 
 
-def rank_device(ranks: Ranks, requested: str) -> torch.device:
-    """Under torchrun each rank takes the GPU of its LOCAL_RANK; 'cpu' keeps every rank on the CPU."""
+def share_gpu(environ: dict[str, str] | None = None) -> bool:
+    """Whether the user asked for several ranks per GPU (SADAG_SHARE_GPU=1); any other value is refused."""
+    value = (os.environ if environ is None else environ).get(SHARE_GPU_ENV, "0")
+    if value not in ("0", "1"):
+        raise ConfigError(f"{SHARE_GPU_ENV}={value!r}: set it to 1 (several ranks per GPU) or 0 (one per GPU)")
+    return value == "1"
+
+
+def rank_device(ranks: Ranks, requested: str, shared: bool = False) -> torch.device:
+    """Under torchrun each rank takes the GPU of its LOCAL_RANK (modulo the GPU count when ``shared``);
+    'cpu' keeps every rank on the CPU."""
     if requested in ("auto", "cuda") and torch.cuda.is_available():
-        if ranks.local_rank >= torch.cuda.device_count():
-            raise ConfigError(f"LOCAL_RANK {ranks.local_rank} has no GPU ({torch.cuda.device_count()} visible): "
-                              "start at most one process per GPU (--nproc-per-node)")
-        return torch.device("cuda", ranks.local_rank)
+        count = torch.cuda.device_count()
+        if ranks.local_rank >= count and not shared:
+            raise ConfigError(f"LOCAL_RANK {ranks.local_rank} has no GPU ({count} visible): start at most one "
+                              f"process per GPU (--nproc-per-node), or set {SHARE_GPU_ENV}=1 to put several "
+                              "ranks on each GPU (gloo between them)")
+        return torch.device("cuda", ranks.local_rank % count)
     if requested.startswith("cuda"):
         raise ConfigError(f"device {requested!r} under torchrun: use --device auto or cuda (each rank takes "
                           "cuda:LOCAL_RANK), or cpu")
@@ -103,7 +115,8 @@ def _timeout_s() -> float:
 
 
 def init(requested_device: str) -> tuple[Ranks, torch.device | None]:
-    """Join torchrun's process group if launched by it (NCCL between GPUs, gloo on CPU).
+    """Join torchrun's process group if launched by it (NCCL between GPUs, gloo on CPU and between ranks that
+    share a GPU: NCCL refuses two ranks on one device).
 
     Returns (SINGLE, None) for a plain process: the caller resolves the device as usual. A rank that fails
     exits, torchrun's agent then stops the others and gloo/NCCL peers see the closed connection, so failing
@@ -113,11 +126,12 @@ def init(requested_device: str) -> tuple[Ranks, torch.device | None]:
     ranks = ranks_from_env()
     if not ranks.enabled:
         return SINGLE, None
-    device = rank_device(ranks, requested_device)
+    shared = share_gpu()
+    device = rank_device(ranks, requested_device, shared)
     if not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        backend = "nccl" if device.type == "cuda" else "gloo"
+        backend = "nccl" if device.type == "cuda" and not shared else "gloo"
         dist.init_process_group(backend, timeout=timedelta(seconds=_timeout_s()))
     return ranks, device
 
