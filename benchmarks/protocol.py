@@ -299,6 +299,8 @@ def probe_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
                 rows.append({"bits": bits, "seed": seed, "set": "real", **probe_set(fp, q, train, g_real)})
                 print(json.dumps(rows[-1]), flush=True)
             for method in METHODS:
+                if method == "genie-wide":  # its set is the genie run's; only the calibration differs
+                    continue
                 directory = run_dir(Path(args.work), args.model, bits, method, seed) / "synthetic"
                 if (directory / "images.pt").is_file():
                     images = load_synthetic_set(directory)[0]
