@@ -60,6 +60,12 @@ def run_row(cfg: sadag.RunConfig) -> dict[str, Any]:
     return report
 
 
+def wide_split(iters: int, batch_size: int, ranks: int) -> tuple[int, int]:
+    """(iterations, minibatch) of the wide data-parallel split: every rank a whole minibatch, 1/ranks of the
+    iterations, so a unit sees the same images as ``iters`` steps of ``batch_size`` on one process."""
+    return iters // ranks, batch_size * ranks
+
+
 def log_progress() -> ProgressPrinter:
     """Progress lines on stderr, at most one per stage every 30 s (benchmarks run in the background)."""
     return ProgressPrinter(min_interval=30.0)

@@ -41,7 +41,7 @@ import torch
 import yaml
 
 import sadag
-from _common import CIFAR_TRAIN, EVAL, WORK, base_config, machine, run_row, sections, write_results
+from _common import CIFAR_TRAIN, EVAL, WORK, base_config, machine, run_row, sections, wide_split, write_results
 
 METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "real": ("real", {}),
@@ -52,10 +52,11 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "genie-lowpass": ("genie", {}),  # gen.lowpass is added from --lowpass
     "genie-setbn": ("genie", {"bn_scope": "set"}),
     "genie-bf16": ("genie", {"precision": "bf16"}),  # issue 12: is bf16 Genie-D as good a set?
-    "genie-wide": ("genie", {}),  # a calibration variant, see WIDE
+    "genie-wide": ("genie", {}),  # a calibration variant, see CALIBRATION_VARIANTS
 }
 FROM_GENIE_SET = ("sadag", "sadag-div-only", "sadag-gm-only", "genie-lowpass", "genie-wide")
-WIDE = 2  # genie-wide: minibatch x WIDE, iterations / WIDE
+# methods that calibrate the genie set differently (no set of their own): the ranks of their wide split
+CALIBRATION_VARIANTS = {"genie-wide": 2}
 BASE = "genie"
 GEN_KEYS = ("genie_iters", "warmup_calib_iters", "refine_iters", "neighbor", "lambda_gm", "lambda_div", "lowpass",
             "bn_scope", "precision")
@@ -171,8 +172,9 @@ def run_config(args: argparse.Namespace, bits: str, method: str, seed: int, inpu
     if (source := genie_source(args, bits, method)) is not None:
         gen["genie_set"] = str(run_dir(Path(args.work), args.model, source, BASE, seed) / "synthetic")
     calib = dict(b["calib"])
-    if method == "genie-wide":
-        calib.update(batch_size=calib["batch_size"] * WIDE, iters=calib["iters"] // WIDE)
+    if method in CALIBRATION_VARIANTS:
+        calib["iters"], calib["batch_size"] = wide_split(calib["iters"], calib["batch_size"],
+                                                         CALIBRATION_VARIANTS[method])
     extra: dict[str, Any] = {}
     if kind == "real":
         extra = {"calib_data": str(args.real_data), "num_calib": args.num_images}
@@ -299,7 +301,7 @@ def probe_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
                 rows.append({"bits": bits, "seed": seed, "set": "real", **probe_set(fp, q, train, g_real)})
                 print(json.dumps(rows[-1]), flush=True)
             for method in METHODS:
-                if method == "genie-wide":  # its set is the genie run's; only the calibration differs
+                if method in CALIBRATION_VARIANTS:  # its set is the genie run's; only the calibration differs
                     continue
                 directory = run_dir(Path(args.work), args.model, bits, method, seed) / "synthetic"
                 if (directory / "images.pt").is_file():

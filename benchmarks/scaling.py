@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from _common import EVAL, WEIGHTS, WORK, write_results
+from _common import EVAL, WEIGHTS, WORK, wide_split, write_results
 from sadag.config import CalibConfig, GenConfig
 
 STAGES = ("generate", "calibrate", "fp_eval", "quant_eval")
@@ -63,8 +63,8 @@ def _run(out: Path, way: Way, smoke: bool, device: str, batches: int) -> dict[st
     budget = (["--preset", "smoke", "--eval-limit", "64"] if smoke else
               ["--preset", "fast", "--num-images", str(128 * batches), "--gen-iters", "100", "--eval-limit", "200"])
     calib_iters, calib_batch = (20, 16) if smoke else (200, 32)  # the presets' minibatch
-    if way.wide:  # a whole minibatch per rank, the same images per unit
-        calib_iters, calib_batch = calib_iters // way.ranks, calib_batch * way.ranks
+    if way.wide:
+        calib_iters, calib_batch = wide_split(calib_iters, calib_batch, way.ranks)
     budget += ["--calib-iters", str(calib_iters), "--calib-batch-size", str(calib_batch)]
     args = ["-m", "sadag", "run", "--model", model, "--weights", str(WEIGHTS[model]), "--method", "genie",
             "--bits", "4/4", "--eval-data", str(eval_data), "--out", str(out), "--force", "--no-export",
@@ -73,7 +73,7 @@ def _run(out: Path, way: Way, smoke: bool, device: str, batches: int) -> dict[st
     launch = launch if way.ranks > 1 else []
     env = {**os.environ, "OMP_NUM_THREADS": str(way.threads)}
     if device == "cuda":  # every rank on the first visible GPU, gloo between them
-        env.update(SADAG_SHARE_GPU="1", CUDA_VISIBLE_DEVICES=os.environ.get("CUDA_VISIBLE_DEVICES", "0")[:1])
+        env.update(SADAG_SHARE_GPU="1", CUDA_VISIBLE_DEVICES=os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0])
     start = time.perf_counter()
     proc = subprocess.run([sys.executable, *launch, *args], env=env, capture_output=True, text=True)
     if proc.returncode != 0:
