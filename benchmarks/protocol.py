@@ -138,7 +138,7 @@ def budget(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
            "genie_iters": args.genie_iters, "refine_iters": args.refine_iters,
            "warmup_calib_iters": args.warmup_iters}
     return {"gen": gen, "calib": {"iters": args.calib_iters, "batch_size": min(32, args.num_images),
-                                  "engine": args.engine}}
+                                  "engine": args.engine, "drop_draw": args.drop_draw}}
 
 
 def lowpass_d0(args: argparse.Namespace, input_size: int) -> float:
@@ -334,6 +334,9 @@ def main() -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--engine", default="auto", choices=["auto", "eager", "compiled"],
                    help="reconstruction step (calib.engine); eager avoids per-process compile time on short runs")
+    p.add_argument("--drop-draw", default="uniform", choices=["uniform", "bytes"],
+                   help="QDrop's masks (calib.drop_draw): uniform, the draw of every published protocol row, so "
+                        "that one table shares one random stream and its unfinished runs resume; bytes is faster")
     p.add_argument("--threads", type=int, default=1, help="torch threads per run")
     p.add_argument("--jobs", type=int, default=1, help="runs in parallel processes")
     p.add_argument("--deterministic", action="store_true",

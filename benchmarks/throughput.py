@@ -1,9 +1,11 @@
 """Throughput of the reference engines against the fast ones, in one run, same seeds.
 
 Reference: Genie-D and SADAG's refinement one batch at a time with the generator in the plain NCHW layout
-(gen.parallel_batches=1), reconstruction eager (calib.engine=eager).
+(gen.parallel_batches=1), reconstruction eager (calib.engine=eager) with QDrop's masks from float uniforms
+(calib.drop_draw=uniform).
 Fast: what the library does by default: gen.parallel_batches=0 (CPU: one batch at a time, the generator's
-activations channels_last; GPU: all the run's batches in one pass), reconstruction with calib.engine=auto.
+activations channels_last; GPU: all the run's batches in one pass), reconstruction with calib.engine=auto and
+byte masks (calib.drop_draw=bytes).
 Each cost is the difference of two runs (k1 and k2 iterations) over k2 - k1: setup and compilation cancel.
 The FLOP floor is a step's FLOPs (torch's flop counter) over the device's measured convolution rate.
 With --lower-precision (CUDA): also the fast engines with Genie-D under bf16 autocast (gen.precision=bf16) and
@@ -139,19 +141,27 @@ def refine_rows(model, qmodel, batches: list, spec, args, device) -> dict:  # no
     return {**out, "batch": args.batch}
 
 
+# engine -> (calib.engine, calib.drop_draw, calib.tf32): the reference is the eager step with QDrop's masks from
+# float uniforms; the fast engine is the library's default (auto: compiled on CUDA, eager on a CPU; byte masks)
+RECON_ENGINES = {"reference": ("eager", "uniform", False), "fast": ("auto", "bytes", False)}
+
+
 def unit_row(block, data: tuple, args, device) -> dict:  # noqa: ANN001
-    """Iterations per second of one unit for both engines (on copies of the block) and its FLOPs per iteration."""
-    row: dict = {}
-    engines = [("reference", "eager", False), ("fast", "auto", False)]
-    for name, engine, tf32 in engines + ([("fast_tf32", "auto", True)] if args.lower_precision else []):
-        seen: list[dict] = []
+    """Iterations per second of one unit for each engine (on copies of the block, the engines alternated) and
+    its FLOPs per iteration."""
+    engines = {**RECON_ENGINES, **({"fast_tf32": ("auto", "bytes", True)} if args.lower_precision else {})}
+    seen: dict[str, list[dict]] = {name: [] for name in engines}
 
-        def run(k: int, e: str = engine, t: bool = tf32, log: list = seen) -> None:
-            calibrate_unit_(copy.deepcopy(block), *data, CalibConfig(iters=k, engine=e, warmup=0.0, tf32=t), 0,
-                            progress=lambda _s, _i, _n, metrics: log.append(metrics))
+    def runner(name: str):  # noqa: ANN202
+        engine, draw, tf32 = engines[name]
+        cfg = CalibConfig(engine=engine, drop_draw=draw, warmup=0.0, tf32=tf32)
+        return lambda k: calibrate_unit_(copy.deepcopy(block), *data, replace(cfg, iters=k), 0,
+                                         progress=lambda _s, _i, _n, metrics: seen[name].append(metrics))
 
-        sec = per_step(run, args.r1, args.r2, device)
-        row[name] = {"iters_per_s": 1 / sec, "compile_s": max((m.get("compile_s", 0.0) for m in seen), default=0.0)}
+    sec = interleaved({name: runner(name) for name in engines}, args.r1, args.r2, device, args.unit_repeats)
+    row: dict = {name: {"iters_per_s": 1 / sec[name],
+                        "compile_s": max((m.get("compile_s", 0.0) for m in seen[name]), default=0.0)}
+                 for name in engines}
     eager = CalibConfig(warmup=0.0, engine="eager")
     counts = [flops(lambda k=k: calibrate_unit_(copy.deepcopy(block), *data, replace(eager, iters=k), 0))
               for k in (1, 3)]
@@ -178,6 +188,8 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="2 batches and few iterations: under 5 minutes on 2 cores")
     p.add_argument("--repeats", type=int, default=3, help="Genie-D and refinement engines alternated this many "
                                                            "times, the median of each kept")
+    p.add_argument("--unit-repeats", type=int, default=3, help="reconstruction engines alternated this many times "
+                                                                "per unit, the median kept")
     p.add_argument("--units", type=int, help="time only the first N reconstruction units (default: all); the "
                                              "speedup is then over those units")
     p.add_argument("--lower-precision", action="store_true",
@@ -227,7 +239,7 @@ def main() -> None:
             "recon_iteration_all_units_s": recon_flops / rate,
         },
         "meta": {"model": args.model, "quick": q, "batches": args.batches, "batch": args.batch, "k": [args.k1, args.k2],
-                 "repeats": args.repeats, "recon_iters": [args.r1, args.r2],
+                 "repeats": args.repeats, "unit_repeats": args.unit_repeats, "recon_iters": [args.r1, args.r2],
                  "recon_units_timed": len(recon["units"]), "machine": machine(),
                  "note": "float32 engines differ by rounding, which Adam's first steps amplify: the first-step "
                          "diff checks the math, the k2 diff is what a user sees (thread count changes alone give "

@@ -16,6 +16,7 @@ from sadag.config import GenConfig
 from sadag.errors import ConfigError, ModelError, NumericalError
 from sadag.generation import (
     DevicePlateau,
+    RefineCheckpoints,
     bn_layers,
     bn_statistics_loss,
     capture_bn_inputs,
@@ -293,6 +294,31 @@ def test_sadag_seeded_and_resumable() -> None:
                            on_batch=lambda i, _x: got.append(i))
     assert got == [1]
     torch.testing.assert_close(resumed, full, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("batch", [0, 1])
+def test_sadag_resumes_mid_batch_exactly(tmp_path, batch: int) -> None:
+    fp, q, batches, cfg = _refine_setup(iters=7, plateau_patience=1)
+    full = refine_sadag(fp, q, batches, SPEC, cfg, seed=0)
+    done = {0: full[:4]} if batch == 1 else {}  # batch 1 killed in a run that resumed after batch 0
+    reference = refine_sadag(fp, q, batches, SPEC, cfg, seed=0, done=done)
+
+    class Killed(Exception):
+        pass
+
+    def save(state: dict) -> None:
+        torch.save(state, tmp_path / "state.pt")
+        if (state["batch"], state["iteration"]) == (batch, 4):
+            raise Killed
+
+    with pytest.raises(Killed):
+        refine_sadag(fp, q, batches, SPEC, cfg, seed=0, done=done, checkpoints=RefineCheckpoints(save, every=2))
+    state = torch.load(tmp_path / "state.pt", weights_only=True)  # plain tensors and values only
+    got: list[int] = []
+    resumed = refine_sadag(fp, q, batches, SPEC, cfg, seed=0, done=done, on_batch=lambda i, _x: got.append(i),
+                           checkpoints=RefineCheckpoints(every=2, resume=state))
+    assert got == [0, 1][batch:]
+    assert torch.equal(resumed, reference)  # the killed batch continued from step 4, bit for bit
 
 
 # --- errors ---------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from sadag.quantization.primitives import (
     fake_quantize,
     fake_quantize_lsq,
     inverse_rectified_sigmoid,
+    keep_mask,
     rectified_sigmoid,
 )
 from sadag.quantization.quantizers import ActQuantizer, WeightQuantizer
@@ -90,6 +91,25 @@ def test_act_quantizer_signed_and_unsigned_grids_and_drop() -> None:
     assert 0.4 < kept_fp < 0.65  # about half the elements stay FP (plus the few already on the grid)
     b.drop_prob = 0.0
     assert not torch.equal(b(x), x)
+
+
+@pytest.mark.parametrize("draw", ["bytes", "uniform"])
+@pytest.mark.parametrize("prob", [0.5, 0.3, 1000 / 65536, 0.0, 1.0])  # one, four and two bytes per element
+def test_keep_mask_frequency_and_reproducibility(draw: str, prob: float) -> None:
+    def mask(seed: int) -> torch.Tensor:
+        return keep_mask((64, 3, 33, 17), prob, draw, generator=torch.Generator().manual_seed(seed))
+
+    m = mask(0)
+    assert m.dtype == torch.bool and m.shape == (64, 3, 33, 17)
+    assert abs(m.float().mean().item() - prob) <= 5 * (prob * (1 - prob) / m.numel()) ** 0.5  # 5 sigma
+    assert torch.equal(m, mask(0)) and (prob in (0.0, 1.0) or not torch.equal(m, mask(1)))
+
+
+def test_keep_mask_from_bytes_is_uncorrelated_within_a_word() -> None:
+    m = keep_mask((80_000,), 0.5, generator=torch.Generator().manual_seed(0)).float().view(-1, 8)
+    assert torch.allclose(m.mean(0), torch.full((8,), 0.5), atol=0.015)  # each byte of a word is fair ...
+    corr = torch.corrcoef(m.T) - torch.eye(8)
+    assert corr.abs().max() < 0.05  # ... and independent of its neighbours
 
 
 def test_bits_parsing_and_range_errors() -> None:

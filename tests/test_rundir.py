@@ -78,6 +78,50 @@ def test_a_run_made_before_a_setting_existed_resumes_at_its_default_only(finishe
         run(tiny(finished, gen=sadag.GenConfig(bn_scope="set")), resume=True)
 
 
+def test_a_run_made_before_a_changed_default_resumes_at_the_old_behaviour_only(finished: Path) -> None:
+    marker = json.loads((finished / MARKER).read_text())
+    del marker["settings"]["calib.drop_draw"]  # a version that drew QDrop's masks from float uniforms
+    (finished / MARKER).write_text(json.dumps(marker))
+    with pytest.raises(RunDirError, match="calib.drop_draw: 'uniform' in the run, 'bytes' now"):
+        run(tiny(finished), resume=True)
+    run(tiny(finished, calib=sadag.CalibConfig(iters=2, drop_draw="uniform")), resume=True)
+
+
+MID_STAGE = sadag.GenConfig(genie_iters=20, refine_iters=20)  # a mid-stage checkpoint every 10 steps
+
+
+@pytest.fixture(scope="module")
+def sadag_images(tmp_path_factory: pytest.TempPathFactory) -> torch.Tensor:
+    out = tmp_path_factory.mktemp("sadag") / "run"
+    run(tiny(out, method="sadag", gen=MID_STAGE))
+    return torch.load(out / "synthetic" / "images.pt", weights_only=True)["images"]
+
+
+@pytest.mark.parametrize("stage", ["genie_step.pt", "refine_step.pt"])
+def test_a_run_killed_mid_batch_resumes_from_its_mid_stage_checkpoint(tmp_path: Path, stage: str,
+                                                                      sadag_images: torch.Tensor,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    gen, original = MID_STAGE, RunDir.save_state
+
+    class Killed(Exception):
+        pass
+
+    def save_then_die(self: RunDir, name: str, obj: object) -> None:
+        original(self, name, obj)
+        if name == stage:
+            raise Killed
+
+    monkeypatch.setattr(RunDir, "save_state", save_then_die)
+    out = tmp_path / "victim"
+    with pytest.raises(Killed):
+        run(tiny(out, method="sadag", gen=gen))
+    monkeypatch.setattr(RunDir, "save_state", original)
+    step = torch.load(out / "state" / stage, weights_only=True)
+    assert step["iteration"] == 10 and (step.get("batch") == 0 or step.get("batches") == [0])
+    run(tiny(out, method="sadag", gen=gen), resume=True)
+    assert torch.equal(torch.load(out / "synthetic" / "images.pt", weights_only=True)["images"], sadag_images)
+
+
 def test_the_device_is_recorded_resolved(finished: Path) -> None:
     run(tiny(finished, device="cpu"), resume=True)  # made with "auto" on a CPU machine: the same run
     marker = json.loads((finished / MARKER).read_text())

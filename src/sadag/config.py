@@ -38,7 +38,8 @@ def setting(default: Any = dataclasses.MISSING, *, help: str, flag: str | None =
     """A config field. ``flag`` makes it a command-line flag; ``checks``: min, max, below (exclusive max),
     choices (a callable returning the allowed values), csv (flag takes a comma list), const (flag stores this
     value, no argument), result=False (cannot change the result: not fingerprinted), trust=True (grants trust:
-    never read from a config file, never written to one)."""
+    never read from a config file, never written to one), before (what runs made before this setting existed
+    did, when that is not its default: such a run resumes only at that value)."""
     meta = {"help": help, "flag": flag, **checks}
     if isinstance(default, list | dict):
         return field(default_factory=functools.partial(copy.deepcopy, default), metadata=meta)
@@ -127,6 +128,11 @@ class CalibConfig:
     engine: Literal["auto", "eager", "compiled"] = setting("auto", flag="--engine",
                                                            help="reconstruction step: eager, compiled (torch.compile; "
                                                                 "CUDA graphs on GPU) or auto (compiled on CUDA only)")
+    drop_draw: Literal["bytes", "uniform"] = setting(
+        "bytes", flag="--drop-draw", before="uniform",
+        help="QDrop's random masks: from random bytes (a generator draw serves 8 elements at drop_prob 0.5; "
+             "drop_prob exact for multiples of 1/65536, else to 2^-32) or from float32 uniforms (the draw of "
+             "runs made before this setting existed; slower on a CPU; another random stream)")
     tf32: bool = setting(False, flag="--tf32",
                          help="CUDA only: TF32 convolutions and matmuls in the reconstruction steps (off: strict fp32 "
                               "there, whatever torch's global flags say)")
@@ -591,10 +597,10 @@ def result_settings(cfg: RunConfig, device_kind: str | None = None) -> dict[str,
 
 
 def result_defaults() -> dict[str, Any]:
-    """result_settings' keys of the sections at their defaults: what a run made before a setting existed used
-    (a new setting's default keeps the old behaviour), so resuming such a run is safe at that value."""
-    flat = {f"{name}.{g.name}": getattr(section(), g.name) for name, section in _SECTION_TYPES.items()
-            for g in fields(section) if g.metadata.get("result", True)}
+    """result_settings' keys of the sections at what a run made before a setting existed used: its default, or
+    its ``before`` value where the default changed the behaviour; resuming such a run is safe at that value."""
+    flat = {f"{name}.{g.name}": g.metadata.get("before", getattr(section(), g.name))
+            for name, section in _SECTION_TYPES.items() for g in fields(section) if g.metadata.get("result", True)}
     return json.loads(json.dumps(flat, sort_keys=True))
 
 

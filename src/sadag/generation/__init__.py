@@ -10,11 +10,12 @@ from .generator import GenieGenerator
 from .genie import GenieBatch, batch_sizes, generate_genie
 from .io import load_synthetic_set, save_synthetic_set
 from .noise import generate_noise
-from .sadag import diversity_loss, gradient_cosine, gradient_matching_loss, refine_sadag
+from .sadag import RefineCheckpoints, diversity_loss, gradient_cosine, gradient_matching_loss, refine_sadag
 from .swing import SwingConv2d, swing_model, swing_shift
 from .zeroq import generate_zeroq
 
 __all__ = [
+    "RefineCheckpoints",
     "DevicePlateau",
     "GenerationContext",
     "GenerationMethod",

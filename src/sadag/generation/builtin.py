@@ -23,11 +23,18 @@ from .context import GenerationContext
 from .genie import GenieBatch, auto_parallel_batches, batch_sizes, generate_genie
 from .io import load_synthetic_set
 from .noise import generate_noise
-from .sadag import refine_sadag
+from .sadag import RefineCheckpoints, refine_sadag
 from .zeroq import generate_zeroq
 
 GENIE_BATCHES = "genie_batches"  # artifact of a Genie set: each batch's generator state and latents
 WARMUP_MODEL = "warmup"  # SADAG publishes its stage-B model as warmup.safetensors
+GENIE_STEP, REFINE_STEP = "genie_step.pt", "refine_step.pt"  # the Genie-D group / SADAG batch in progress
+
+
+def state_every(iters: int) -> int:
+    """Steps between mid-stage checkpoints: about ten per batch, so a kill loses a tenth of one batch's work
+    (saving a generator with its Adam state costs about what a few steps do)."""
+    return max(10, -(-iters // 10))
 
 
 def batch_to_state(batch: GenieBatch, images: bool = True) -> dict[str, Any]:
@@ -85,7 +92,9 @@ def genie_batches(ctx: GenerationContext) -> list[GenieBatch]:
         if ctx.ranks.enabled:
             return _genie_sharded(ctx, done, count)
         return generate_genie(ctx.model, ctx.spec, ctx.gen, ctx.seed, done=done, progress=ctx.progress,
-                              on_batch=lambda b: ctx.save_state(f"genie_batch_{b.index}.pt", batch_to_state(b)))
+                              on_batch=lambda b: ctx.save_state(f"genie_batch_{b.index}.pt", batch_to_state(b)),
+                              on_state=lambda s: ctx.save_state(GENIE_STEP, s), resume_state=ctx.load_state(GENIE_STEP),
+                              state_every=state_every(ctx.gen.genie_iters))
 
 
 def _genie_sharded(ctx: GenerationContext, done: dict[int, GenieBatch], count: int) -> list[GenieBatch]:
@@ -175,10 +184,12 @@ def sadag(ctx: GenerationContext) -> Tensor:
         barrier(ctx.ranks)  # every rank has read the checkpoints before rank 0 writes new ones
         # sequential (batch k's diversity term needs batches < k): every rank refines the same batches, so no
         # rank waits for another in a collective, then all take rank 0's set (bit-equal where kernels differ)
+        checkpoints = RefineCheckpoints(lambda s: ctx.save_state(REFINE_STEP, s), state_every(ctx.gen.refine_iters),
+                                        ctx.load_state(REFINE_STEP))
         images = refine_sadag(ctx.model, q_warm, batches, ctx.spec, ctx.gen, ctx.seed,
                               done={k: v for k, v in found.items() if v is not None},
                               on_batch=lambda k, images: ctx.save_state(f"refined_{k}.pt", images),
-                              progress=ctx.progress)
+                              progress=ctx.progress, checkpoints=checkpoints)
         if not ctx.ranks.enabled:
             return images
         return broadcast_tensors({"images": images} if ctx.ranks.is_main else None, 0, ctx.ranks,

@@ -112,6 +112,40 @@ class DevicePlateau:
         self.bad = torch.where(reduce, torch.zeros_like(bad), bad)
 
 
+def _cpu_copy(tree):  # noqa: ANN001, ANN202
+    if isinstance(tree, Tensor):
+        return tree.detach().cpu().clone()
+    if isinstance(tree, dict):
+        return {k: _cpu_copy(v) for k, v in tree.items()}
+    if isinstance(tree, list | tuple):
+        return type(tree)(_cpu_copy(v) for v in tree)
+    return tree
+
+
+def latent_state(gen: nn.Module, z: Tensor, opt_z: torch.optim.Optimizer, opt_g: torch.optim.Optimizer,
+                 plateau: DevicePlateau) -> dict:
+    """A generator's and its latents' optimization state, as CPU tensors and plain values (a checkpoint)."""
+    return _cpu_copy({"generator": gen.state_dict(), "z": z, "opt_z": opt_z.state_dict(),
+                      "opt_g": opt_g.state_dict(), "plateau": {"best": plateau.best, "bad": plateau.bad,
+                                                               "lr": plateau.lr}})
+
+
+def load_latent_state(s: dict, gen: nn.Module, z: Tensor, opt_z: torch.optim.Optimizer,
+                      opt_g: torch.optim.Optimizer, plateau: DevicePlateau) -> None:
+    """Restore :func:`latent_state` in place; the plateau's lr stays the tensor the latents' optimizer reads."""
+    gen.load_state_dict(s["generator"])
+    with torch.no_grad():
+        z.copy_(s["z"])
+    lr = opt_z.param_groups[0]["lr"]
+    opt_z.load_state_dict(s["opt_z"])
+    opt_z.param_groups[0]["lr"] = lr
+    opt_g.load_state_dict(s["opt_g"])
+    with torch.no_grad():
+        lr.copy_(s["plateau"]["lr"])
+    plateau.best = s["plateau"]["best"].to(plateau.best.device)
+    plateau.bad = s["plateau"]["bad"].to(plateau.bad.device)
+
+
 class StageMonitor:
     """Accumulates a non-finite flag on the device; syncs only at log intervals and batch ends."""
 

@@ -23,6 +23,8 @@ from .common import (
     batch_seed,
     cpu_generator,
     frozen_eval,
+    latent_state,
+    load_latent_state,
     model_device,
     tensor_lr_adam,
 )
@@ -123,22 +125,10 @@ class _Hooks:
     resume: dict | None = None  # a state from on_state: its group continues from that iteration
 
 
-def _cpu_copy(tree):  # noqa: ANN001, ANN202
-    if isinstance(tree, Tensor):
-        return tree.detach().cpu().clone()
-    if isinstance(tree, dict):
-        return {k: _cpu_copy(v) for k, v in tree.items()}
-    if isinstance(tree, list | tuple):
-        return type(tree)(_cpu_copy(v) for v in tree)
-    return tree
-
-
 def group_state(indices: Sequence[int], it: int, gens: list[GenieGenerator], zs: list[Tensor], opts: list,
                 plateaus: list[DevicePlateau], offsets: list[torch.Generator]) -> dict:
     """Everything a group needs to continue exactly after `it` iterations: CPU tensors and plain values only."""
-    per_batch = [_cpu_copy({"generator": gen.state_dict(), "z": z, "opt_z": opt_z.state_dict(),
-                            "opt_g": opt_g.state_dict(), "swing": g.get_state(),
-                            "plateau": {"best": p.best, "bad": p.bad, "lr": p.lr}})
+    per_batch = [{**latent_state(gen, z, opt_z, opt_g, p), "swing": g.get_state()}
                  for gen, z, (opt_z, opt_g), p, g in zip(gens, zs, opts, plateaus, offsets, strict=True)]
     return {"batches": list(indices), "iteration": it, "per_batch": per_batch}
 
@@ -146,18 +136,8 @@ def group_state(indices: Sequence[int], it: int, gens: list[GenieGenerator], zs:
 def _load_group_state(state: dict, gens: list[GenieGenerator], zs: list[Tensor], opts: list,
                       plateaus: list[DevicePlateau], offsets: list[torch.Generator]) -> int:
     for s, gen, z, (opt_z, opt_g), p, g in zip(state["per_batch"], gens, zs, opts, plateaus, offsets, strict=True):
-        gen.load_state_dict(s["generator"])
-        with torch.no_grad():
-            z.copy_(s["z"])
-        lr = opt_z.param_groups[0]["lr"]  # the plateau's tensor: keep it shared with the optimizer
-        opt_z.load_state_dict(s["opt_z"])
-        opt_z.param_groups[0]["lr"] = lr
-        opt_g.load_state_dict(s["opt_g"])
+        load_latent_state(s, gen, z, opt_z, opt_g, p)
         g.set_state(s["swing"])
-        with torch.no_grad():
-            lr.copy_(s["plateau"]["lr"])
-        p.best = s["plateau"]["best"].to(p.best.device)
-        p.bad = s["plateau"]["bad"].to(p.bad.device)
     return int(state["iteration"])
 
 

@@ -22,6 +22,8 @@ from .common import (
     StageMonitor,
     batch_seed,
     frozen_eval,
+    latent_state,
+    load_latent_state,
     model_device,
     tensor_lr_adam,
 )
@@ -227,8 +229,18 @@ class _Pool:
         self.h = h if self.h is None else torch.cat([self.h, h])
 
 
+@dataclass
+class RefineCheckpoints:
+    """Mid-batch checkpoints: ``save`` receives a batch's state every ``every`` steps (CPU tensors and plain
+    values); passing the last one back as ``resume`` continues that batch exactly where it was."""
+
+    save: Callable[[dict], None] | None = None
+    every: int = 50
+    resume: dict | None = None
+
+
 def _refine_batch(nets: _Nets, batch: GenieBatch, pool: _Pool, spec: DataSpec, cfg: GenConfig, seed: int,
-                  monitor: StageMonitor) -> Tensor:
+                  monitor: StageMonitor, checkpoints: RefineCheckpoints) -> Tensor:
     device = model_device(nets.fp)
     gen, z = load_batch_generator(batch, spec, cfg, device)
     opt_z = tensor_lr_adam([z], cfg.refine_lr_z, device)
@@ -238,9 +250,13 @@ def _refine_batch(nets: _Nets, batch: GenieBatch, pool: _Pool, spec: DataSpec, c
     noise = torch.Generator(device=device)
     noise.manual_seed(batch_seed(seed, batch.index, "sadag"))
     pair = _pair_for(cfg)
-    iters, b = cfg.refine_iters, batch.index
+    iters, b, first = cfg.refine_iters, batch.index, 0
+    if checkpoints.resume is not None and checkpoints.resume["batch"] == b:
+        load_latent_state(checkpoints.resume, gen, z, opt_z, opt_g, plateau)
+        noise.set_state(checkpoints.resume["noise"])
+        first = int(checkpoints.resume["iteration"])
     x = e = h = None
-    for it in range(iters):
+    for it in range(first, iters):
         opt_z.zero_grad(set_to_none=True)
         opt_g.zero_grad(set_to_none=True)
         x, bn, e, h, e_n, h_n = pair(nets, gen, z, cfg.rho, noise)
@@ -260,6 +276,9 @@ def _refine_batch(nets: _Nets, batch: GenieBatch, pool: _Pool, spec: DataSpec, c
         monitor.observe(loss)
         if monitor.due(it, iters):
             monitor.report(b, it, b * iters + it + 1, {"loss": loss, **terms, "lr_z": plateau.lr})
+        if checkpoints.save is not None and (it + 1) % checkpoints.every == 0 and it + 1 < iters:
+            checkpoints.save({**latent_state(gen, z, opt_z, opt_g, plateau), "noise": noise.get_state(),
+                              "batch": b, "iteration": it + 1})
     monitor.check(b, max(iters - 1, 0))
     if x is None or e is None or h is None:  # zero iterations: the warm-up images unchanged
         x = batch.images.to(device)
@@ -305,12 +324,14 @@ def refine_sadag(
     on_batch: Callable[[int, Tensor], None] | None = None,
     progress: Progress | None = None,
     log_every: int = LOG_EVERY,
+    checkpoints: RefineCheckpoints | None = None,
 ) -> Tensor:
     """Refine each Genie batch from its generator state and latents; returns (N, 3, S, S) float32 CPU.
 
     Batches are refined in index order; the diversity term of batch b compares against the finished
     samples of batches < b (recomputed with the frozen models for batches found in `done`).
     Both models are used frozen and in eval mode; their flags are restored afterwards.
+    `on_batch` receives each newly refined batch; `checkpoints` saves and resumes the batch in progress.
     """
     cfg.validate()
     done = dict(done or {})
@@ -328,7 +349,8 @@ def refine_sadag(
                 images = done[batch.index].float().cpu()
                 pool.add(*_outputs(nets, images.to(device), cfg.batch_size))
             else:
-                images = _refine_batch(nets, batch, pool, spec, cfg, seed, monitor)
+                images = _refine_batch(nets, batch, pool, spec, cfg, seed, monitor,
+                                       checkpoints or RefineCheckpoints())
                 log.info("sadag: batch %d refined (%d images)", batch.index, images.shape[0])
                 if on_batch is not None:
                     on_batch(batch.index, images)

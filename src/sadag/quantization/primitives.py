@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -27,9 +29,9 @@ class _FakeQuantizeLSQ(torch.autograd.Function):
     def forward(ctx, x: Tensor, scale: Tensor, zero_point: Tensor, qmax: int, keep: Tensor | None) -> Tensor:  # noqa: ANN001
         u = x / scale
         q = torch.round(u).add_(zero_point).clamp_(0, qmax).sub_(zero_point)  # integer level minus zero point
-        out = q * scale
-        if keep is not None:  # keep = 1: quantized, 0: full precision
-            out.sub_(x).mul_(keep).add_(x)
+        out = q.mul(scale)
+        if keep is not None:  # keep = 1: quantized, 0: full precision; lerp is exact at 0 and 1 (and 5x a bool where)
+            out = torch.lerp(x, out, keep)
         ctx.save_for_backward(u, q, keep)
         return out
 
@@ -40,17 +42,41 @@ class _FakeQuantizeLSQ(torch.autograd.Function):
         grad_scale = None
         if ctx.needs_input_grad[1]:  # frozen models (SADAG refinement) skip the step-size gradient
             d_scale = u.mul(inside).neg_().add_(q)  # LSQ: round(u) - u inside the range, the clamped level outside
-            grad_scale = (grad * d_scale if keep is None else grad * keep * d_scale).sum().reshape(())
-        if keep is not None:
-            grad_x = inside.sub_(1).mul_(keep).add_(1).mul_(grad)
-        else:
-            grad_x = inside.mul_(grad)
+            if keep is not None:
+                d_scale.mul_(keep)
+            grad_scale = d_scale.mul_(grad).sum().reshape(())
+        if keep is not None:  # 1 where the element was quantized and inside the range, or kept in FP
+            inside.sub_(1).mul_(keep).add_(1)
+        grad_x = inside.mul_(grad)
         return grad_x, grad_scale, None, None, None
 
 
 def fake_quantize_lsq(x: Tensor, scale: Tensor, zero_point: Tensor, qmax: int, keep: Tensor | None = None) -> Tensor:
     """Per-tensor fake quantization with LSQ/STE gradients; ``keep`` (0/1 floats) mixes in FP values (QDrop)."""
     return _FakeQuantizeLSQ.apply(x, scale, zero_point, qmax, keep)
+
+
+def keep_mask(shape: tuple[int, ...], prob: float, draw: str = "bytes", *, generator: torch.Generator | None = None,
+              device: torch.device | str | None = None) -> Tensor:
+    """QDrop's mask: a bool tensor, True with probability ``prob`` in each element, independently.
+
+    draw "uniform": float32 uniforms below ``prob``. "bytes": each element reads the fewest random bytes that
+    represent ``prob`` exactly (one for multiples of 1/256 such as QDrop's 0.5, two for 1/65536; otherwise four,
+    ``prob`` rounded to 2^-32, finer than float32 uniforms' 2^-24). A generator draw gives 8 random bytes where
+    a uniform costs one draw: the cheaper mask on a CPU, and another random stream.
+    """
+    if draw == "uniform":
+        return torch.rand(shape, generator=generator, device=device) < prob
+    nbytes = next((b for b in (1, 2) if (prob * 2 ** (8 * b)).is_integer()), 4)
+    levels, dtype = 2 ** (8 * nbytes), {1: torch.int8, 2: torch.int16, 4: torch.int32}[nbytes]
+    k = round(prob * levels)
+    if k in (0, levels):
+        return torch.full(shape, k > 0, dtype=torch.bool, device=device)
+    n = math.prod(shape)
+    words = torch.randint(-(2**63), 2**63 - 1, (-(-n * nbytes // 8),), dtype=torch.int64, generator=generator,
+                          device=device)
+    # a signed view of uniform bytes is uniform on [-levels/2, levels/2): below the threshold with prob k/levels
+    return (words.view(dtype)[:n] < k - levels // 2).view(shape)
 
 
 def affine_params(x_min: Tensor, x_max: Tensor, qmax: int) -> tuple[Tensor, Tensor]:

@@ -12,6 +12,7 @@ from .primitives import (
     fake_quantize,
     fake_quantize_lsq,
     inverse_rectified_sigmoid,
+    keep_mask,
     rectified_sigmoid,
 )
 
@@ -117,6 +118,7 @@ class ActQuantizer(nn.Module):
         self.register_buffer("initialized", torch.tensor(False))
         self.ready = False  # python mirror of `initialized`: no host sync in forward
         self.drop_prob = 0.0
+        self.drop_draw = "bytes"  # how the drop mask is drawn (CalibConfig.drop_draw)
         self.active = True  # False turns the quantizer into the identity (FP reference copies)
         self.observing = False
         self.p = p  # clip-search exponent (QuantConfig.clip_search_p)
@@ -167,11 +169,11 @@ class ActQuantizer(nn.Module):
 
     def _drop_mask(self, x: Tensor) -> Tensor:
         if self.rows is None:
-            u = torch.rand_like(x)
+            keep = keep_mask(x.shape, self.drop_prob, self.drop_draw, device=x.device)
         else:
             part, full = self.rows
-            u = torch.rand((full, *x.shape[1:]), dtype=x.dtype, device=x.device)[part]
-        return (u < self.drop_prob).to(x.dtype)
+            keep = keep_mask((full, *x.shape[1:]), self.drop_prob, self.drop_draw, device=x.device)[part]
+        return keep.to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}"
