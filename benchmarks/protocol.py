@@ -14,6 +14,8 @@ bits (what `sadag run` does). Methods (the same seed gives the same Genie-D batc
   genie-bf16      Genie-D with the FP model under bf16 autocast (gen.precision = bf16; a speed setting)
   genie-wide      the genie set calibrated with twice the minibatch and half the iterations (the same images
                   per unit): what N = 2 ranks compute when each takes a whole minibatch (issue 13's wide split)
+  genie-bytes     the genie set calibrated with QDrop's masks from random bytes (calib.drop_draw = bytes, the
+                  library's default; the protocol's rows use uniform): does the faster draw change accuracy?
 
 Every method but genie, genie-setbn and real starts from the genie run's set of the same (bits, seed).
 
@@ -53,10 +55,13 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "genie-setbn": ("genie", {"bn_scope": "set"}),
     "genie-bf16": ("genie", {"precision": "bf16"}),  # issue 12: is bf16 Genie-D as good a set?
     "genie-wide": ("genie", {}),  # a calibration variant, see CALIBRATION_VARIANTS
+    "genie-bytes": ("genie", {}),  # a calibration variant
 }
-FROM_GENIE_SET = ("sadag", "sadag-div-only", "sadag-gm-only", "genie-lowpass", "genie-wide")
-# methods that calibrate the genie set differently (no set of their own): the ranks of their wide split
-CALIBRATION_VARIANTS = {"genie-wide": 2}
+FROM_GENIE_SET = ("sadag", "sadag-div-only", "sadag-gm-only", "genie-lowpass", "genie-wide", "genie-bytes")
+# methods that calibrate the genie set differently (no set of their own): calib settings, and "wide_ranks", the
+# ranks of a wide split (issue 13)
+CALIBRATION_VARIANTS: dict[str, dict[str, Any]] = {"genie-wide": {"wide_ranks": 2},
+                                                   "genie-bytes": {"drop_draw": "bytes"}}
 BASE = "genie"
 GEN_KEYS = ("genie_iters", "warmup_calib_iters", "refine_iters", "neighbor", "lambda_gm", "lambda_div", "lowpass",
             "bn_scope", "precision")
@@ -172,9 +177,10 @@ def run_config(args: argparse.Namespace, bits: str, method: str, seed: int, inpu
     if (source := genie_source(args, bits, method)) is not None:
         gen["genie_set"] = str(run_dir(Path(args.work), args.model, source, BASE, seed) / "synthetic")
     calib = dict(b["calib"])
-    if method in CALIBRATION_VARIANTS:
-        calib["iters"], calib["batch_size"] = wide_split(calib["iters"], calib["batch_size"],
-                                                         CALIBRATION_VARIANTS[method])
+    variant = dict(CALIBRATION_VARIANTS.get(method, {}))
+    if (ranks := variant.pop("wide_ranks", None)) is not None:
+        calib["iters"], calib["batch_size"] = wide_split(calib["iters"], calib["batch_size"], ranks)
+    calib.update(variant)
     extra: dict[str, Any] = {}
     if kind == "real":
         extra = {"calib_data": str(args.real_data), "num_calib": args.num_images}
@@ -190,6 +196,7 @@ def row_of(directory: Path, bits: str, method: str, seed: int) -> dict[str, Any]
     return {"model": report["model"], "bits": bits, "method": method, "seed": seed, "top1": report["quant_top1"],
             "num_images": report["num_calib"], "calib_iters": cfg["calib"]["iters"],
             "calib_batch_size": cfg["calib"].get("batch_size"), "fp_top1": report.get("fp_top1"),
+            "drop_draw": cfg["calib"].get("drop_draw", "uniform"),
             "gen": {k: cfg["gen"].get(k) for k in GEN_KEYS}, "seconds": report.get("seconds", {}),
             # the run whose Genie-D set this one started from (its directory's name), if any
             "genie_set_of": Path(cfg["gen"]["genie_set"]).parent.name if cfg["gen"].get("genie_set") else None,

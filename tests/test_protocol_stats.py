@@ -77,8 +77,9 @@ def test_the_plan_runs_genie_first_real_last_and_waits_for_the_genie_set(tmp_pat
     assert protocol.ready(("2/2", "genie-lowpass", 0), set(), args)
     config = protocol.run_config(argparse.Namespace(**vars(args), num_images=256, gen_batch=128, genie_iters=300,
                                                     refine_iters=200, warmup_iters=500, calib_iters=2000,
-                                                    engine="eager", lowpass=None, real_data=None, device="cpu",
-                                                    eval_limit=None), "2/2", "sadag", 0, 32)
+                                                    engine="eager", drop_draw="uniform", lowpass=None,
+                                                    real_data=None, device="cpu", eval_limit=None), "2/2", "sadag",
+                                 0, 32)
     assert config.gen.genie_set == str(finished / "synthetic") and config.gen.neighbor == "released"
 
 
@@ -87,7 +88,8 @@ def test_genie_at_other_bits_can_reuse_one_genie_set(tmp_path: Path) -> None:
 
     args = argparse.Namespace(work=str(tmp_path), model="resnet20_cifar10", genie_from="2/2", num_images=256,
                               gen_batch=128, genie_iters=300, refine_iters=200, warmup_iters=500, calib_iters=2000,
-                              engine="eager", lowpass=None, real_data=None, device="cpu", eval_limit=None)
+                              engine="eager", drop_draw="uniform", lowpass=None, real_data=None, device="cpu",
+                              eval_limit=None)
     source = protocol.run_dir(tmp_path, "resnet20_cifar10", "2/2", "genie", 3) / "synthetic"
     assert protocol.genie_source(args, "4/4", "genie") == "2/2"
     assert protocol.genie_source(args, "2/2", "genie") is None  # the source run makes its own set
@@ -122,8 +124,11 @@ def test_the_wide_variant_calibrates_the_genie_set_with_the_same_images_per_unit
 
     args = argparse.Namespace(work=str(tmp_path), model="resnet20_cifar10", genie_from="2/2", num_images=256,
                               gen_batch=128, genie_iters=300, refine_iters=200, warmup_iters=500, calib_iters=2000,
-                              engine="eager", lowpass=None, real_data=None, device="cpu", eval_limit=None)
-    wide, plain = (protocol.run_config(args, "4/4", m, 1, 32) for m in ("genie-wide", "genie"))
+                              engine="eager", drop_draw="uniform", lowpass=None, real_data=None, device="cpu",
+                              eval_limit=None)
+    wide, plain, draw = (protocol.run_config(args, "4/4", m, 1, 32) for m in ("genie-wide", "genie", "genie-bytes"))
+    assert (plain.calib.drop_draw, draw.calib.drop_draw, wide.calib.drop_draw) == ("uniform", "bytes", "uniform")
+    assert (draw.calib.iters, draw.calib.batch_size) == (plain.calib.iters, plain.calib.batch_size)
     assert (wide.calib.batch_size, wide.calib.iters) == (64, 1000)
     assert (plain.calib.batch_size, plain.calib.iters) == (32, 2000)
     assert wide.calib.batch_size * wide.calib.iters == plain.calib.batch_size * plain.calib.iters
