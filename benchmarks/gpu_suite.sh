@@ -54,7 +54,9 @@ if [ "$plan" = throughput ] || [ "$plan" = lease3 ]; then
   "$py" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
   echo "== throughput at $SECONDS s"  # alone on the GPU: reference vs fast engines, same seeds
   tp_limit=$([ "$plan" = lease3 ] && echo 170 || echo $((deadline - SECONDS - 10)))
-  timeout -k 5 "$tp_limit" "$py" benchmarks/throughput.py --device cuda --threads 4 --units 2 --lower-precision \
+  # --unit-repeats 1: every repeat of a compiled engine compiles again (a fresh copy of the unit)
+  timeout -k 5 "$tp_limit" "$py" benchmarks/throughput.py --device cuda --threads 4 --units 2 --unit-repeats 1 \
+      --lower-precision \
       2>&1 | tee "$out/throughput.log"
   cp benchmarks/results/throughput_cuda.json "$out"/ 2>/dev/null
   if [ "$plan" = lease3 ]; then
