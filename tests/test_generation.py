@@ -321,6 +321,25 @@ def test_sadag_resumes_mid_batch_exactly(tmp_path, batch: int) -> None:
     assert torch.equal(resumed, reference)  # the killed batch continued from step 4, bit for bit
 
 
+def test_mid_batch_checkpoints_keep_their_cost_under_five_percent(monkeypatch: pytest.MonkeyPatch) -> None:
+    from sadag.generation import common
+
+    now = [100.0]
+    monkeypatch.setattr(common.time, "monotonic", lambda: now[0])
+    clock = common.CheckpointClock(every=2, seconds=300)
+    assert not clock.due(2, 10)  # not before 300 s
+    now[0] += 300
+    assert not clock.due(3, 10) and not clock.due(10, 10) and clock.due(4, 10)  # multiples of every, not the end
+
+    def slow_write(_done: int) -> None:
+        now[0] += 30  # a save of 30 s: the next one waits 20 x 30 = 600 s, more than the 300 asked
+    clock.save(slow_write, 4)
+    now[0] += 599
+    assert not clock.due(6, 10)
+    now[0] += 1
+    assert clock.due(6, 10)
+
+
 # --- errors ---------------------------------------------------------------------------------------
 
 def test_model_without_bn_raises_model_error() -> None:

@@ -14,6 +14,7 @@ import torch
 import sadag
 from conftest import TINY
 from sadag.config import apply_preset, result_settings
+from sadag.generation import builtin
 from sadag.rundir import LOCK, MARKER, RunDir, RunDirError, check_plain
 
 
@@ -87,7 +88,7 @@ def test_a_run_made_before_a_changed_default_resumes_at_the_old_behaviour_only(f
     run(tiny(finished, calib=sadag.CalibConfig(iters=2, drop_draw="uniform")), resume=True)
 
 
-MID_STAGE = sadag.GenConfig(genie_iters=20, refine_iters=20)  # a mid-stage checkpoint every 10 steps
+MID_STAGE = sadag.GenConfig(genie_iters=20, refine_iters=20)
 
 
 @pytest.fixture(scope="module")
@@ -102,6 +103,7 @@ def test_a_run_killed_mid_batch_resumes_from_its_mid_stage_checkpoint(tmp_path: 
                                                                       sadag_images: torch.Tensor,
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     gen, original = MID_STAGE, RunDir.save_state
+    monkeypatch.setattr(builtin, "MID_BATCH_SECONDS", 0.0)  # save the batch in progress at every step
 
     class Killed(Exception):
         pass
@@ -117,7 +119,7 @@ def test_a_run_killed_mid_batch_resumes_from_its_mid_stage_checkpoint(tmp_path: 
         run(tiny(out, method="sadag", gen=gen))
     monkeypatch.setattr(RunDir, "save_state", original)
     step = torch.load(out / "state" / stage, weights_only=True)
-    assert step["iteration"] == 10 and (step.get("batch") == 0 or step.get("batches") == [0])
+    assert step["iteration"] == 1 and (step.get("batch") == 0 or step.get("batches") == [0])
     run(tiny(out, method="sadag", gen=gen), resume=True)
     assert torch.equal(torch.load(out / "synthetic" / "images.pt", weights_only=True)["images"], sadag_images)
 

@@ -15,13 +15,13 @@ from .swing import SwingConv2d, swing_model, swing_shift
 from .zeroq import generate_zeroq
 
 __all__ = [
-    "RefineCheckpoints",
     "DevicePlateau",
     "GenerationContext",
     "GenerationMethod",
     "GenieBatch",
     "GenieGenerator",
     "Progress",
+    "RefineCheckpoints",
     "SwingConv2d",
     "batch_sizes",
     "bn_layers",

@@ -29,12 +29,8 @@ from .zeroq import generate_zeroq
 GENIE_BATCHES = "genie_batches"  # artifact of a Genie set: each batch's generator state and latents
 WARMUP_MODEL = "warmup"  # SADAG publishes its stage-B model as warmup.safetensors
 GENIE_STEP, REFINE_STEP = "genie_step.pt", "refine_step.pt"  # the Genie-D group / SADAG batch in progress
-
-
-def state_every(iters: int) -> int:
-    """Steps between mid-stage checkpoints: about ten per batch, so a kill loses a tenth of one batch's work
-    (saving a generator with its Adam state costs about what a few steps do)."""
-    return max(10, -(-iters // 10))
+# the batch in progress is saved at most every 5 minutes, and saving kept under 5% of the time (CheckpointClock)
+MID_BATCH_SECONDS = 300.0
 
 
 def batch_to_state(batch: GenieBatch, images: bool = True) -> dict[str, Any]:
@@ -94,7 +90,7 @@ def genie_batches(ctx: GenerationContext) -> list[GenieBatch]:
         return generate_genie(ctx.model, ctx.spec, ctx.gen, ctx.seed, done=done, progress=ctx.progress,
                               on_batch=lambda b: ctx.save_state(f"genie_batch_{b.index}.pt", batch_to_state(b)),
                               on_state=lambda s: ctx.save_state(GENIE_STEP, s), resume_state=ctx.load_state(GENIE_STEP),
-                              state_every=state_every(ctx.gen.genie_iters))
+                              state_every=1, state_seconds=MID_BATCH_SECONDS)
 
 
 def _genie_sharded(ctx: GenerationContext, done: dict[int, GenieBatch], count: int) -> list[GenieBatch]:
@@ -184,8 +180,8 @@ def sadag(ctx: GenerationContext) -> Tensor:
         barrier(ctx.ranks)  # every rank has read the checkpoints before rank 0 writes new ones
         # sequential (batch k's diversity term needs batches < k): every rank refines the same batches, so no
         # rank waits for another in a collective, then all take rank 0's set (bit-equal where kernels differ)
-        checkpoints = RefineCheckpoints(lambda s: ctx.save_state(REFINE_STEP, s), state_every(ctx.gen.refine_iters),
-                                        ctx.load_state(REFINE_STEP))
+        checkpoints = RefineCheckpoints(lambda s: ctx.save_state(REFINE_STEP, s), 1, ctx.load_state(REFINE_STEP),
+                                        MID_BATCH_SECONDS)
         images = refine_sadag(ctx.model, q_warm, batches, ctx.spec, ctx.gen, ctx.seed,
                               done={k: v for k, v in found.items() if v is not None},
                               on_batch=lambda k, images: ctx.save_state(f"refined_{k}.pt", images),

@@ -6,7 +6,8 @@ import contextlib
 import hashlib
 import logging
 import math
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
@@ -110,6 +111,27 @@ class DevicePlateau:
         with torch.no_grad():
             self.lr.copy_(torch.where(apply, new_lr, self.lr))
         self.bad = torch.where(reduce, torch.zeros_like(bad), bad)
+
+
+class CheckpointClock:
+    """When a stage saves its mid-batch state: at iterations that are multiples of ``every``, and with ``seconds``
+    > 0 no sooner than ``seconds`` after the last save nor than 20 times that save's own duration, so that saving
+    (a generator with its Adam state: 1.2 GB per batch at 224 x 224) costs under 5% of the stage. A host clock:
+    no device sync."""
+
+    def __init__(self, every: int = 1, seconds: float = 0.0) -> None:
+        self.every, self.seconds = max(1, every), seconds
+        self.next = time.monotonic() + seconds
+
+    def due(self, done: int, iters: int) -> bool:
+        return done % self.every == 0 and done < iters and time.monotonic() >= self.next
+
+    def save(self, write: Callable[[int], None], done: int) -> None:
+        """write(done): build and save the state after ``done`` iterations, timed."""
+        start = time.monotonic()
+        write(done)
+        now = time.monotonic()
+        self.next = now + max(self.seconds, 20 * (now - start)) if self.seconds > 0 else now
 
 
 def _cpu_copy(tree):  # noqa: ANN001, ANN202

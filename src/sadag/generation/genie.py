@@ -6,7 +6,7 @@ import logging
 import math
 import os
 from collections.abc import Callable, Collection, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -17,6 +17,7 @@ from ..models.spec import DataSpec
 from .bn_stats import bn_layers, bn_statistics_losses, capture_bn_inputs, input_prior_losses
 from .common import (
     LOG_EVERY,
+    CheckpointClock,
     DevicePlateau,
     Progress,
     StageMonitor,
@@ -121,7 +122,7 @@ def _new_group(spec: DataSpec, cfg: GenConfig, seed: int, indices: Sequence[int]
 class _Hooks:
     on_log: GenieInspector | None = None
     on_state: Callable[[dict], None] | None = None  # receives a group's mid-stage state (see group_state)
-    state_every: int = 500
+    clock: CheckpointClock = field(default_factory=CheckpointClock)
     resume: dict | None = None  # a state from on_state: its group continues from that iteration
 
 
@@ -181,8 +182,9 @@ def _genie_group(net: nn.Module, layers: list[nn.BatchNorm2d], captured: list, o
         monitor.observe(losses.sum())
         if monitor.due(it, iters):
             _report_group(monitor, indices, it, iters, losses, plateaus, gens, zs, x, hooks.on_log)
-        if hooks.on_state is not None and (it + 1) % hooks.state_every == 0 and it + 1 < iters:
-            hooks.on_state(group_state(indices, it + 1, gens, zs, opts, plateaus, offsets))
+        if hooks.on_state is not None and hooks.clock.due(it + 1, iters):
+            hooks.clock.save(lambda done: hooks.on_state(group_state(indices, done, gens, zs, opts, plateaus, offsets)),
+                             it + 1)
     if x is None:
         with torch.no_grad():
             x = torch.cat([gen(z) for gen, z in zip(gens, zs, strict=True)])
@@ -230,6 +232,7 @@ def generate_genie(
     on_log: GenieInspector | None = None,
     on_state: Callable[[dict], None] | None = None,
     state_every: int = 500,
+    state_seconds: float = 0.0,
     resume_state: dict | None = None,
     only: Sequence[int] | None = None,
 ) -> list[GenieBatch]:
@@ -240,7 +243,8 @@ def generate_genie(
     (diagnostics, e.g. benchmarks/genie_collapse.py) sees the generator, z and images at every log point.
     Up to cfg.parallel_batches batches of equal size run in one pass (0: all that fit in memory) with the
     same math as one by one; a group finishes, and reaches `on_batch`, together. Within a group,
-    `on_state` receives every `state_every` iterations a dict of tensors and plain values (group_state);
+    `on_state` receives every `state_every` iterations (and with `state_seconds` no more often than
+    CheckpointClock allows) a dict of tensors and plain values (group_state);
     passing the last one back as `resume_state` (with the batches finished before it in `done`)
     continues that group exactly where it was. `only`: the batches to make and return (another process
     makes the others; torchrun's ranks split them), all by default.
@@ -256,7 +260,7 @@ def generate_genie(
         offsets: list[torch.Generator] = [torch.Generator()]
         net = swing_model(model, offsets) if cfg.swing else model
         layers = bn_layers(net)
-        hooks = _Hooks(on_log, on_state, max(1, state_every), resume_state)
+        hooks = _Hooks(on_log, on_state, CheckpointClock(state_every, state_seconds), resume_state)
         parallel = _parallel(model, spec, cfg, sizes, only)
         with capture_bn_inputs(net) as captured:
             for group in batch_groups(sizes, parallel, done, only):

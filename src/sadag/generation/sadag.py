@@ -17,6 +17,7 @@ from ..models.spec import DataSpec
 from .bn_stats import bn_layers, bn_statistics_loss, capture_bn_inputs, input_prior_loss
 from .common import (
     LOG_EVERY,
+    CheckpointClock,
     DevicePlateau,
     Progress,
     StageMonitor,
@@ -231,16 +232,18 @@ class _Pool:
 
 @dataclass
 class RefineCheckpoints:
-    """Mid-batch checkpoints: ``save`` receives a batch's state every ``every`` steps (CPU tensors and plain
-    values); passing the last one back as ``resume`` continues that batch exactly where it was."""
+    """Mid-batch checkpoints: ``save`` receives a batch's state every ``every`` steps, no more often than
+    :class:`CheckpointClock` allows with ``seconds`` (CPU tensors and plain values); passing the last one back
+    as ``resume`` continues that batch exactly where it was."""
 
     save: Callable[[dict], None] | None = None
     every: int = 50
     resume: dict | None = None
+    seconds: float = 0.0
 
 
 def _refine_batch(nets: _Nets, batch: GenieBatch, pool: _Pool, spec: DataSpec, cfg: GenConfig, seed: int,
-                  monitor: StageMonitor, checkpoints: RefineCheckpoints) -> Tensor:
+                  monitor: StageMonitor, checkpoints: RefineCheckpoints, clock: CheckpointClock) -> Tensor:
     device = model_device(nets.fp)
     gen, z = load_batch_generator(batch, spec, cfg, device)
     opt_z = tensor_lr_adam([z], cfg.refine_lr_z, device)
@@ -276,9 +279,10 @@ def _refine_batch(nets: _Nets, batch: GenieBatch, pool: _Pool, spec: DataSpec, c
         monitor.observe(loss)
         if monitor.due(it, iters):
             monitor.report(b, it, b * iters + it + 1, {"loss": loss, **terms, "lr_z": plateau.lr})
-        if checkpoints.save is not None and (it + 1) % checkpoints.every == 0 and it + 1 < iters:
-            checkpoints.save({**latent_state(gen, z, opt_z, opt_g, plateau), "noise": noise.get_state(),
-                              "batch": b, "iteration": it + 1})
+        if checkpoints.save is not None and clock.due(it + 1, iters):
+            clock.save(lambda done: checkpoints.save({**latent_state(gen, z, opt_z, opt_g, plateau),
+                                                      "noise": noise.get_state(), "batch": b, "iteration": done}),
+                       it + 1)
     monitor.check(b, max(iters - 1, 0))
     if x is None or e is None or h is None:  # zero iterations: the warm-up images unchanged
         x = batch.images.to(device)
@@ -340,6 +344,8 @@ def refine_sadag(
     device = model_device(fp_model)
     iters = cfg.refine_iters
     monitor = StageMonitor("sadag refine", len(ordered) * iters, progress, log, _HINT, log_every)
+    checkpoints = checkpoints or RefineCheckpoints()
+    clock = CheckpointClock(checkpoints.every, checkpoints.seconds)
     pool, out = _Pool(), []
     with (frozen_eval(fp_model, q_model), torch.enable_grad(), capture_bn_inputs(fp_model) as bn_inputs,
           capture_linear_input(last_linear(q_model)) as h_slot):
@@ -349,8 +355,7 @@ def refine_sadag(
                 images = done[batch.index].float().cpu()
                 pool.add(*_outputs(nets, images.to(device), cfg.batch_size))
             else:
-                images = _refine_batch(nets, batch, pool, spec, cfg, seed, monitor,
-                                       checkpoints or RefineCheckpoints())
+                images = _refine_batch(nets, batch, pool, spec, cfg, seed, monitor, checkpoints, clock)
                 log.info("sadag: batch %d refined (%d images)", batch.index, images.shape[0])
                 if on_batch is not None:
                     on_batch(batch.index, images)
