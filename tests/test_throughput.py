@@ -7,15 +7,18 @@ from dataclasses import replace
 
 import pytest
 import torch
+from torch import nn
 
-from conftest import TinyNet
+from conftest import TinyNet, randomize_bn_
 from sadag.config import CalibConfig, QuantConfig
 from sadag.generation import generate_genie, generate_zeroq
 from sadag.generation.bn_stats import bn_layers, bn_statistics_losses, capture_bn_inputs, input_prior_losses
 from sadag.generation.generator import GenieGenerator, grouped_forward
 from sadag.generation.genie import auto_parallel_batches, batch_groups
+from sadag.quantization.fold import bn_fused_into_convs
+from sadag.quantization.modules import QuantConv2d, is_quant_layer
 from sadag.quantization.prepare import quantize
-from sadag.quantization.primitives import rectified_sigmoid
+from sadag.quantization.primitives import is_channels_last, keep_mask, rectified_sigmoid
 from sadag.quantization.quantizers import ActQuantizer, WeightQuantizer
 from sadag.reconstruction.reconstruct import MinibatchSampler, _optimizers, reconstruct_
 from test_generation import SPEC, small_cfg, tiny_model
@@ -203,6 +206,75 @@ def test_compiled_step_matches_eager_on_cpu(float64) -> None:
     with torch.no_grad():
         torch.testing.assert_close(models[1](x), models[0](x), atol=1e-9, rtol=1e-9)
     assert any("compile_s" in m and m["compile_s"] > 0 for m in seen)
+
+
+def test_fused_engine_matches_eager_and_restores_the_batchnorms(float64) -> None:
+    """BatchNorm fused into the conv and channels_last activations: the same function, equal to rounding (float64,
+    no QDrop: the fused engine draws its masks in channels_last order, another assignment of the same draws)."""
+    torch.manual_seed(0)
+    net = randomize_bn_(TinyNet(4))
+    x = torch.randn(16, 3, 16, 16)
+    cfg = CalibConfig(iters=12, batch_size=8, warmup=0.5, drop_prob=0.0)
+    models = [reconstruct_(quantize(net, QuantConfig(w_bits=4, a_bits=4), x[:1]), x, replace(cfg, engine=e), seed=2)
+              for e in ("eager", "fused")]
+    with torch.no_grad():
+        torch.testing.assert_close(models[1](x), models[0](x), atol=1e-9, rtol=1e-9)
+    bns = [m for m in models[1].modules() if isinstance(m, nn.BatchNorm2d)]
+    assert len(bns) == 4 and all(m.output_affine is None for m in models[1].modules() if is_quant_layer(m))
+
+
+def _conv_bn(c: int, reuse: bool) -> nn.Module:
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = QuantConv2d.from_float(nn.Conv2d(c, c, 3, padding=1), 4, None, p=2.4)
+            self.bn = nn.BatchNorm2d(c)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.conv(x)
+            return self.bn(y) + y if reuse else torch.relu(self.bn(y))
+
+    return randomize_bn_(Block())
+
+
+def test_bn_fusion_applies_the_bn_and_is_undone() -> None:
+    block, x = _conv_bn(4, reuse=False), torch.randn(2, 4, 8, 8)
+    want = block(x)
+    with bn_fused_into_convs(block, x) as pairs:
+        assert pairs == [("conv", "bn")] and isinstance(block.bn, nn.Identity)
+        torch.testing.assert_close(block(x), want, atol=1e-5, rtol=1e-5)
+    assert isinstance(block.bn, nn.BatchNorm2d) and block.conv.output_affine is None
+    torch.testing.assert_close(block(x), want, atol=0, rtol=0)
+
+
+def test_bn_fusion_refused_where_the_conv_output_is_used_outside_its_bn(caplog) -> None:
+    block, x = _conv_bn(4, reuse=True), torch.randn(2, 4, 8, 8)  # the trace sees conv -> bn only
+    want = block(x)
+    with bn_fused_into_convs(block, x) as pairs:
+        assert pairs == [] and isinstance(block.bn, nn.BatchNorm2d)
+        torch.testing.assert_close(block(x), want, atol=0, rtol=0)
+    assert "not fusing BatchNorm" in caplog.text
+
+
+def test_bn_fusion_skips_a_twin_with_its_own_forward() -> None:
+    class PaddedTwin(QuantConv2d):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self._conv_forward(self.quantize_input(x), self.quantized_weight(), self.bias)
+
+    block, x = _conv_bn(4, reuse=False), torch.randn(2, 4, 8, 8)
+    block.conv.__class__ = PaddedTwin  # would ignore output_affine: fusing would drop the BN
+    with bn_fused_into_convs(block, x) as pairs:
+        assert pairs == [] and isinstance(block.bn, nn.BatchNorm2d)
+
+
+@pytest.mark.parametrize("draw", ["bytes", "uniform"])
+def test_channels_last_masks_are_stored_channels_last(draw: str) -> None:
+    gen = torch.Generator().manual_seed(0)
+    keep = keep_mask((8, 16, 32, 32), 0.5, draw, generator=gen, channels_last=True)
+    assert keep.shape == (8, 16, 32, 32) and is_channels_last(keep)
+    assert abs(keep.float().mean().item() - 0.5) < 5 * (0.25 / keep.numel()) ** 0.5
+    plain = keep_mask((8, 16, 32, 32), 0.5, draw, generator=gen.manual_seed(0))
+    assert torch.equal(keep.permute(0, 2, 3, 1).reshape(-1), plain.reshape(-1))  # the same draws, in NHWC order
 
 
 @pytest.mark.parametrize("beta", [20.0, 7.3, 2.0])

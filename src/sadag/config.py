@@ -125,9 +125,11 @@ class CalibConfig:
     sampling: Literal["epochs", "replacement"] = setting("epochs", flag="--calib-sampling",
                                                          help="minibatches: permuted epochs without replacement (as "
                                                               "Genie) or drawn with replacement")
-    engine: Literal["auto", "eager", "compiled"] = setting("auto", flag="--engine",
-                                                           help="reconstruction step: eager, compiled (torch.compile; "
-                                                                "CUDA graphs on GPU) or auto (compiled on CUDA only)")
+    engine: Literal["auto", "eager", "fused", "compiled"] = setting(
+        "auto", flag="--engine",
+        help="reconstruction step: eager (the plain step), fused (eager with each BatchNorm fused into the "
+             "quantized conv feeding it and, on a CPU, channels_last activations: the same function, other "
+             "rounding), compiled (torch.compile; CUDA graphs on GPU) or auto (compiled on CUDA, fused elsewhere)")
     drop_draw: Literal["bytes", "uniform"] = setting(
         "bytes", flag="--drop-draw", before="uniform",
         help="QDrop's random masks: from random bytes (a generator draw serves 8 elements at drop_prob 0.5; "

@@ -18,6 +18,8 @@ class _QuantMixin:
     """Adds an input quantizer and a weight quantizer to a conv or linear layer."""
 
     weight: nn.Parameter
+    # (gain, bias) of an eval-mode BatchNorm fused into this layer during calibration (fold.bn_fused_into_convs)
+    output_affine: tuple[Tensor, Tensor] | None = None
 
     def _attach(self, w_bits: int, a_bits: int | None, p: float) -> None:
         self.weight_quantizer = WeightQuantizer(self.weight, w_bits, p=p)
@@ -46,7 +48,11 @@ class _QuantMixin:
 
 class QuantConv2d(_QuantMixin, nn.Conv2d):
     def forward(self, x: Tensor) -> Tensor:
-        return self._conv_forward(self.quantize_input(x), self.quantized_weight(), self.bias)
+        weight, bias = self.quantized_weight(), self.bias
+        if self.output_affine is not None:  # bn(conv(x, w) + b) = conv(x, w * gain) + bias_of_the_fused_bn
+            gain, bias = self.output_affine
+            weight = weight * gain
+        return self._conv_forward(self.quantize_input(x), weight, bias)
 
 
 class QuantLinear(_QuantMixin, nn.Linear):

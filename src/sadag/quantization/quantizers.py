@@ -12,6 +12,7 @@ from .primitives import (
     fake_quantize,
     fake_quantize_lsq,
     inverse_rectified_sigmoid,
+    is_channels_last,
     keep_mask,
     rectified_sigmoid,
 )
@@ -168,12 +169,11 @@ class ActQuantizer(nn.Module):
         return fake_quantize_lsq(x, self.scale, self.zero_point, self.qmax, keep)
 
     def _drop_mask(self, x: Tensor) -> Tensor:
+        layout = {"device": x.device, "channels_last": is_channels_last(x), "dtype": x.dtype}
         if self.rows is None:
-            keep = keep_mask(x.shape, self.drop_prob, self.drop_draw, device=x.device)
-        else:
-            part, full = self.rows
-            keep = keep_mask((full, *x.shape[1:]), self.drop_prob, self.drop_draw, device=x.device)[part]
-        return keep.to(x.dtype)
+            return keep_mask(x.shape, self.drop_prob, self.drop_draw, **layout)
+        part, full = self.rows
+        return keep_mask((full, *x.shape[1:]), self.drop_prob, self.drop_draw, **layout)[part]
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}"

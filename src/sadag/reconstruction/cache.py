@@ -10,11 +10,18 @@ class _StopForward(Exception):
     pass
 
 
+def in_layout(x: Tensor, memory_format: torch.memory_format) -> Tensor:
+    """A 4-d tensor in that memory format (no copy when it already is); other tensors unchanged."""
+    return x.contiguous(memory_format=memory_format) if x.dim() == 4 else x
+
+
 @torch.no_grad()
 def capture_unit_io(
-    model: nn.Module, unit: str, images: Tensor, batch_size: int, want_output: bool = True
+    model: nn.Module, unit: str, images: Tensor, batch_size: int, want_output: bool = True,
+    memory_format: torch.memory_format = torch.contiguous_format,
 ) -> tuple[Tensor, Tensor | None]:
-    """Run ``model`` over ``images`` and return the unit's (inputs, outputs), each (N, ...).
+    """Run ``model`` over ``images`` and return the unit's (inputs, outputs), each (N, ...), 4-d ones stored
+    in ``memory_format``.
 
     The forward pass stops right after the unit, so later layers cost nothing. The input is
     taken before any input quantizer of the unit (quantizers run inside the unit's forward).
@@ -24,12 +31,12 @@ def capture_unit_io(
     outs: list[Tensor] = []
 
     def pre_hook(_m: nn.Module, args: tuple) -> None:
-        ins.append(args[0].detach())
+        ins.append(in_layout(args[0].detach(), memory_format))
         if not want_output:
             raise _StopForward
 
     def post_hook(_m: nn.Module, _args: tuple, out: Tensor) -> None:
-        outs.append(out.detach())
+        outs.append(in_layout(out.detach(), memory_format))
         raise _StopForward
 
     # prepend so the unit's own input-quantizer pre-hook runs after this one
