@@ -24,7 +24,8 @@ Usage: python benchmarks/protocol.py --model resnet20_cifar10 --bits 4/4 2/4 --s
        python benchmarks/protocol.py --model resnet20_cifar10 --collect [--probe]
 Both print the headroom table and the paired differences with 95% t-intervals of the requested runs; only
 --collect writes benchmarks/results/protocol_<model>.json (rows: model, bits, method, seed, top1, num_images,
-calib_iters, ...), so that a run of one more seed does not replace the file's other seeds.
+calib_iters, ...) from every finished run of the model in --work, whatever --bits/--methods/--seeds say, with the
+budgets read from the runs' own config.yaml.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import argparse
 import json
 import math
 import os
+import re
 import statistics
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from multiprocessing import get_context
@@ -43,7 +45,7 @@ import torch
 import yaml
 
 import sadag
-from _common import CIFAR_TRAIN, EVAL, WORK, base_config, machine, run_row, sections, wide_split, write_results
+from _common import CIFAR_TRAIN, EVAL, RESULTS, WORK, base_config, machine, run_row, sections, wide_split, write_results
 
 METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "real": ("real", {}),
@@ -270,16 +272,28 @@ def _missing_genie(job: tuple[str, str, int], args: argparse.Namespace) -> None:
                      f"genie{'' if source == bits else ' and ' + source} to --methods/--bits or run it first")
 
 
+RUN_NAME = re.compile(r"w(\d+)a(\d+)_(.+)_s(\d+)")
+
+
 def finished_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
-    """Rows of every finished run of this model in --work (any bits, method, seed)."""
+    """Rows of every finished run of this model in --work, whatever --bits/--methods/--seeds say: the results file
+    is rewritten from these, so a collect with fewer arguments than the runs had must not drop rows."""
     rows = []
-    for bits in args.bits:
-        for method in METHODS:
-            for seed in args.seeds:
-                directory = run_dir(Path(args.work), args.model, bits, method, seed)
-                if (directory / "report.json").is_file():
-                    rows.append(row_of(directory, bits, method, seed))
+    for directory in sorted((Path(args.work) / "protocol" / args.model).glob("w*_s*")):
+        name = RUN_NAME.fullmatch(directory.name)
+        if name and name[3] in METHODS and (directory / "report.json").is_file():
+            rows.append(row_of(directory, f"{name[1]}/{name[2]}", name[3], int(name[4])))
     return rows
+
+
+def runs_budget(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The distinct budgets of the runs (read from their own config.yaml), each with its number of runs."""
+    seen: dict[str, dict[str, Any]] = {}
+    for r in rows:
+        b = {"num_images": r["num_images"], "calib_iters": r["calib_iters"], "calib_batch_size": r["calib_batch_size"],
+             "drop_draw": r["drop_draw"], "gen": r["gen"]}
+        seen.setdefault(json.dumps(b, sort_keys=True), {**b, "runs": 0})["runs"] += 1
+    return list(seen.values())
 
 
 # --- the gradient-alignment probe of every set, with each (bits, seed)'s SADAG warm-up model ------------
@@ -339,7 +353,7 @@ def main() -> None:
                    "CIFAR models; none for ImageNet models, whose only real images here are the test set)")
     p.add_argument("--eval-limit", type=int, help="evaluate on at most this many test images")
     p.add_argument("--device", default="auto")
-    p.add_argument("--engine", default="auto", choices=["auto", "eager", "compiled"],
+    p.add_argument("--engine", default="auto", choices=["auto", "eager", "fused", "compiled"],
                    help="reconstruction step (calib.engine); eager avoids per-process compile time on short runs")
     p.add_argument("--drop-draw", default="uniform", choices=["uniform", "bytes"],
                    help="QDrop's masks (calib.drop_draw): uniform, the draw of every published protocol row, so "
@@ -371,13 +385,18 @@ def main() -> None:
     if not args.collect:
         print("(the results file is written by --collect, over the seeds and methods it is given)")
         return
-    meta = {"budget": budget(args), "lowpass_d0": lowpass_d0(args, input_size), "seeds": args.seeds,
-            "bits": args.bits, "deterministic": args.deterministic,
+    bits = sorted({r["bits"] for r in rows}, key=lambda b: [-int(x) for x in b.split("/")])
+    meta = {"budget": runs_budget(rows), "seeds": sorted({r["seed"] for r in rows}), "bits": bits,
+            "deterministic": args.deterministic,
             "paired": {f"{m} {b}": summarize(paired_differences(rows, m, b)) for m in METHODS if m != BASE
-                       for b in args.bits}}
-    if args.collect and args.probe:
+                       for b in bits}}
+    name = f"protocol_{args.model}{'_' + args.tag if args.tag else ''}"
+    if args.probe:
         meta["probe"] = probe_rows(args)
-    path = write_results(f"protocol_{args.model}{'_' + args.tag if args.tag else ''}", rows, meta)
+    elif (RESULTS / f"{name}.json").is_file():  # the sets did not change: a collect without --probe keeps it
+        if (probe := json.loads((RESULTS / f"{name}.json").read_text())["meta"].get("probe")) is not None:
+            meta["probe"] = probe
+    path = write_results(name, rows, meta)
     print(f"machine: {machine()}; results in {path}")
 
 

@@ -134,3 +134,31 @@ def test_the_wide_variant_calibrates_the_genie_set_with_the_same_images_per_unit
     assert wide.calib.batch_size * wide.calib.iters == plain.calib.batch_size * plain.calib.iters
     # paired with the genie run of its own bits, never a set made for it
     assert wide.gen.genie_set == str(protocol.run_dir(tmp_path, "resnet20_cifar10", "4/4", "genie", 1) / "synthetic")
+
+
+def test_collect_reads_every_finished_run_and_its_budget_whatever_the_arguments(tmp_path: Path) -> None:
+    import argparse
+    import json
+
+    import yaml
+
+    def finished(bits: str, method: str, seed: int, iters: int) -> None:
+        run = protocol.run_dir(tmp_path, "resnet20_cifar10", bits, method, seed)
+        run.mkdir(parents=True)
+        (run / "report.json").write_text(json.dumps({"model": "resnet20_cifar10", "quant_top1": 60.0 + seed,
+                                                     "num_calib": 256}))
+        (run / "config.yaml").write_text(yaml.safe_dump({"calib": {"iters": iters, "batch_size": 32},
+                                                         "gen": {"genie_iters": 300}}))
+
+    finished("2/2", "genie", 0, 2000)
+    finished("4/4", "genie-lowpass", 3, 2000)
+    finished("2/2", "sadag", 1, 500)
+    protocol.run_dir(tmp_path, "resnet20_cifar10", "2/2", "sadag", 2).mkdir()  # unfinished: no report
+    (tmp_path / "protocol" / "resnet20_cifar10" / "w2a2_unknown_s0").mkdir()
+    args = argparse.Namespace(work=str(tmp_path), model="resnet20_cifar10", bits=["4/4"], seeds=[0],
+                              methods=["genie"])
+    rows = protocol.finished_rows(args)
+    assert sorted((r["bits"], r["method"], r["seed"]) for r in rows) == [
+        ("2/2", "genie", 0), ("2/2", "sadag", 1), ("4/4", "genie-lowpass", 3)]
+    budgets = protocol.runs_budget(rows)
+    assert sorted((b["calib_iters"], b["runs"]) for b in budgets) == [(500, 1), (2000, 2)]
