@@ -4,8 +4,10 @@ Reference: Genie-D and SADAG's refinement one batch at a time with the generator
 (gen.parallel_batches=1), reconstruction eager (calib.engine=eager) with QDrop's masks from float uniforms
 (calib.drop_draw=uniform).
 Fast: what the library does by default: gen.parallel_batches=0 (CPU: one batch at a time, the generator's
-activations channels_last; GPU: all the run's batches in one pass), reconstruction with calib.engine=auto and
-byte masks (calib.drop_draw=bytes).
+activations channels_last; GPU: all the run's batches in one pass), reconstruction with calib.engine=auto (CPU:
+fused, the units' BatchNorms folded into their convs and channels_last activations; GPU: compiled) and byte
+masks (calib.drop_draw=bytes). Changes to code both engines share (the LSQ quantizer's passes) speed up both
+columns: compare versions for those.
 Each cost is the difference of two runs (k1 and k2 iterations) over k2 - k1: setup and compilation cancel.
 The FLOP floor is a step's FLOPs (torch's flop counter) over the device's measured convolution rate.
 With --lower-precision (CUDA): also the fast engines with Genie-D under bf16 autocast (gen.precision=bf16) and
