@@ -16,6 +16,9 @@ bits (what `sadag run` does). Methods (the same seed gives the same Genie-D batc
                   per unit): what N = 2 ranks compute when each takes a whole minibatch (issue 13's wide split)
   genie-bytes     the genie set calibrated with QDrop's masks from random bytes (calib.drop_draw = bytes, the
                   library's default; the protocol's rows use uniform): does the faster draw change accuracy?
+  genie-fused     the genie set calibrated by the fused engine (calib.engine = fused, auto's choice on a CPU:
+                  BatchNorms folded into the convs, channels_last; the protocol's rows use eager): the same
+                  function with other rounding and the masks' draws assigned in NHWC order: does it change accuracy?
 
 Every method but genie, genie-setbn and real starts from the genie run's set of the same (bits, seed).
 
@@ -58,12 +61,15 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "genie-bf16": ("genie", {"precision": "bf16"}),  # issue 12: is bf16 Genie-D as good a set?
     "genie-wide": ("genie", {}),  # a calibration variant, see CALIBRATION_VARIANTS
     "genie-bytes": ("genie", {}),  # a calibration variant
+    "genie-fused": ("genie", {}),  # a calibration variant
 }
-FROM_GENIE_SET = ("sadag", "sadag-div-only", "sadag-gm-only", "genie-lowpass", "genie-wide", "genie-bytes")
+FROM_GENIE_SET = ("sadag", "sadag-div-only", "sadag-gm-only", "genie-lowpass", "genie-wide", "genie-bytes",
+                  "genie-fused")
 # methods that calibrate the genie set differently (no set of their own): calib settings, and "wide_ranks", the
 # ranks of a wide split (issue 13)
 CALIBRATION_VARIANTS: dict[str, dict[str, Any]] = {"genie-wide": {"wide_ranks": 2},
-                                                   "genie-bytes": {"drop_draw": "bytes"}}
+                                                   "genie-bytes": {"drop_draw": "bytes"},
+                                                   "genie-fused": {"engine": "fused"}}
 BASE = "genie"
 GEN_KEYS = ("genie_iters", "warmup_calib_iters", "refine_iters", "neighbor", "lambda_gm", "lambda_div", "lowpass",
             "bn_scope", "precision")
@@ -198,7 +204,7 @@ def row_of(directory: Path, bits: str, method: str, seed: int) -> dict[str, Any]
     return {"model": report["model"], "bits": bits, "method": method, "seed": seed, "top1": report["quant_top1"],
             "num_images": report["num_calib"], "calib_iters": cfg["calib"]["iters"],
             "calib_batch_size": cfg["calib"].get("batch_size"), "fp_top1": report.get("fp_top1"),
-            "drop_draw": cfg["calib"].get("drop_draw", "uniform"),
+            "drop_draw": cfg["calib"].get("drop_draw", "uniform"), "engine": cfg["calib"].get("engine"),
             "gen": {k: cfg["gen"].get(k) for k in GEN_KEYS}, "seconds": report.get("seconds", {}),
             # the run whose Genie-D set this one started from (its directory's name), if any
             "genie_set_of": Path(cfg["gen"]["genie_set"]).parent.name if cfg["gen"].get("genie_set") else None,
@@ -291,7 +297,7 @@ def runs_budget(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     seen: dict[str, dict[str, Any]] = {}
     for r in rows:
         b = {"num_images": r["num_images"], "calib_iters": r["calib_iters"], "calib_batch_size": r["calib_batch_size"],
-             "drop_draw": r["drop_draw"], "gen": r["gen"]}
+             "drop_draw": r["drop_draw"], "engine": r["engine"], "gen": r["gen"]}
         seen.setdefault(json.dumps(b, sort_keys=True), {**b, "runs": 0})["runs"] += 1
     return list(seen.values())
 

@@ -126,8 +126,11 @@ def test_the_wide_variant_calibrates_the_genie_set_with_the_same_images_per_unit
                               gen_batch=128, genie_iters=300, refine_iters=200, warmup_iters=500, calib_iters=2000,
                               engine="eager", drop_draw="uniform", lowpass=None, real_data=None, device="cpu",
                               eval_limit=None)
-    wide, plain, draw = (protocol.run_config(args, "4/4", m, 1, 32) for m in ("genie-wide", "genie", "genie-bytes"))
+    wide, plain, draw, fused = (protocol.run_config(args, "4/4", m, 1, 32)
+                                for m in ("genie-wide", "genie", "genie-bytes", "genie-fused"))
     assert (plain.calib.drop_draw, draw.calib.drop_draw, wide.calib.drop_draw) == ("uniform", "bytes", "uniform")
+    assert (plain.calib.engine, fused.calib.engine, fused.calib.drop_draw) == ("eager", "fused", "uniform")
+    assert fused.gen.genie_set == wide.gen.genie_set  # the 4/4 genie run's set, as every calibration variant
     assert (draw.calib.iters, draw.calib.batch_size) == (plain.calib.iters, plain.calib.batch_size)
     assert (wide.calib.batch_size, wide.calib.iters) == (64, 1000)
     assert (plain.calib.batch_size, plain.calib.iters) == (32, 2000)
