@@ -84,6 +84,12 @@ def mean_spread(values: list[float]) -> str:
     return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f} (n={len(values)})"
 
 
+def merge_rows(old: list[dict[str, Any]], new: list[dict[str, Any]], key: tuple[str, ...]) -> list[dict[str, Any]]:
+    """`old` without the runs (named by the fields of `key`) that `new` has, then `new`."""
+    fresh = {tuple(r.get(k) for k in key) for r in new}
+    return [r for r in old if tuple(r.get(k) for k in key) not in fresh] + new
+
+
 def write_results(name: str, rows: list[dict[str, Any]], meta: dict[str, Any],
                   key: tuple[str, ...] | None = None) -> Path:
     """Write benchmarks/results/<name>.json. With `key` (the fields naming a run), the file's earlier rows are
@@ -91,7 +97,6 @@ def write_results(name: str, rows: list[dict[str, Any]], meta: dict[str, Any],
     path = RESULTS / f"{name}.json"
     path.parent.mkdir(exist_ok=True)
     if key is not None and path.is_file():
-        new = {tuple(r.get(k) for k in key) for r in rows}
-        rows = [r for r in json.loads(path.read_text())["rows"] if tuple(r.get(k) for k in key) not in new] + rows
+        rows = merge_rows(json.loads(path.read_text())["rows"], rows, key)
     path.write_text(json.dumps({"meta": {**meta, "machine": machine()}, "rows": rows}, indent=2) + "\n")
     return path

@@ -28,7 +28,8 @@ Usage: python benchmarks/protocol.py --model resnet20_cifar10 --bits 4/4 2/4 --s
 Both print the headroom table and the paired differences with 95% t-intervals of the requested runs; only
 --collect writes benchmarks/results/protocol_<model>.json (rows: model, bits, method, seed, top1, num_images,
 calib_iters, ...) from every finished run of the model in --work, whatever --bits/--methods/--seeds say, with the
-budgets read from the runs' own config.yaml.
+budgets read from the runs' own config.yaml; the file's earlier rows of runs that --work does not hold (made on
+another machine, or in a work folder since deleted) are kept.
 """
 
 from __future__ import annotations
@@ -48,7 +49,19 @@ import torch
 import yaml
 
 import sadag
-from _common import CIFAR_TRAIN, EVAL, RESULTS, WORK, base_config, machine, run_row, sections, wide_split, write_results
+from _common import (
+    CIFAR_TRAIN,
+    EVAL,
+    RESULTS,
+    WORK,
+    base_config,
+    machine,
+    merge_rows,
+    run_row,
+    sections,
+    wide_split,
+    write_results,
+)
 
 METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "real": ("real", {}),
@@ -278,6 +291,7 @@ def _missing_genie(job: tuple[str, str, int], args: argparse.Namespace) -> None:
                      f"genie{'' if source == bits else ' and ' + source} to --methods/--bits or run it first")
 
 
+ROW_KEY = ("bits", "method", "seed")  # the fields that name a run of one model
 RUN_NAME = re.compile(r"w(\d+)a(\d+)_(.+)_s(\d+)")
 
 
@@ -339,6 +353,27 @@ def probe_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
     return rows
 
 
+def collect(args: argparse.Namespace) -> Path:
+    """Write the results file from the finished runs in --work and the file's own rows of runs not there (run
+    directories do not outlive the machine that made them), with the paired summaries over them all."""
+    name = f"protocol_{args.model}{'_' + args.tag if args.tag else ''}"
+    path = RESULTS / f"{name}.json"
+    recorded = json.loads(path.read_text()) if path.is_file() else {"rows": [], "meta": {}}
+    rows = merge_rows(recorded["rows"], finished_rows(args), ROW_KEY)
+    print(tables(rows))
+    bits = sorted({r["bits"] for r in rows}, key=lambda b: [-int(x) for x in b.split("/")])
+    meta = {"budget": runs_budget(rows), "seeds": sorted({r["seed"] for r in rows}), "bits": bits,
+            "deterministic": args.deterministic,
+            "paired": {f"{m} {b}": summarize(paired_differences(rows, m, b)) for m in METHODS if m != BASE
+                       for b in bits}}
+    # without --probe the recorded probe stays; with it, the probe of the sets in --work replaces theirs
+    probe = merge_rows(recorded["meta"].get("probe", []), probe_rows(args) if args.probe else [],
+                       ("bits", "seed", "set"))
+    if probe:
+        meta["probe"] = probe
+    return write_results(name, rows, meta)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="resnet20_cifar10", choices=list(EVAL))
@@ -386,23 +421,11 @@ def main() -> None:
     input_size = sadag.load_model(args.model, weights=base_config(args.model, Path(".")).weights)[1].input_size
     if not args.collect:
         run_all(args, input_size)
-    rows = finished_rows(args)
-    print(tables(rows))
     if not args.collect:
+        print(tables(finished_rows(args)))
         print("(the results file is written by --collect, over the seeds and methods it is given)")
         return
-    bits = sorted({r["bits"] for r in rows}, key=lambda b: [-int(x) for x in b.split("/")])
-    meta = {"budget": runs_budget(rows), "seeds": sorted({r["seed"] for r in rows}), "bits": bits,
-            "deterministic": args.deterministic,
-            "paired": {f"{m} {b}": summarize(paired_differences(rows, m, b)) for m in METHODS if m != BASE
-                       for b in bits}}
-    name = f"protocol_{args.model}{'_' + args.tag if args.tag else ''}"
-    if args.probe:
-        meta["probe"] = probe_rows(args)
-    elif (RESULTS / f"{name}.json").is_file():  # the sets did not change: a collect without --probe keeps it
-        if (probe := json.loads((RESULTS / f"{name}.json").read_text())["meta"].get("probe")) is not None:
-            meta["probe"] = probe
-    path = write_results(name, rows, meta)
+    path = collect(args)
     print(f"machine: {machine()}; results in {path}")
 
 

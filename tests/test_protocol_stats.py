@@ -139,23 +139,25 @@ def test_the_wide_variant_calibrates_the_genie_set_with_the_same_images_per_unit
     assert wide.gen.genie_set == str(protocol.run_dir(tmp_path, "resnet20_cifar10", "4/4", "genie", 1) / "synthetic")
 
 
-def test_collect_reads_every_finished_run_and_its_budget_whatever_the_arguments(tmp_path: Path) -> None:
-    import argparse
+def _finished_run(work: Path, bits: str, method: str, seed: int, top1: float, iters: int = 2000) -> None:
+    """A run directory as a finished protocol run leaves it: report.json and its resolved config.yaml."""
     import json
 
     import yaml
 
-    def finished(bits: str, method: str, seed: int, iters: int) -> None:
-        run = protocol.run_dir(tmp_path, "resnet20_cifar10", bits, method, seed)
-        run.mkdir(parents=True)
-        (run / "report.json").write_text(json.dumps({"model": "resnet20_cifar10", "quant_top1": 60.0 + seed,
-                                                     "num_calib": 256}))
-        (run / "config.yaml").write_text(yaml.safe_dump({"calib": {"iters": iters, "batch_size": 32},
-                                                         "gen": {"genie_iters": 300}}))
+    run = protocol.run_dir(work, "resnet20_cifar10", bits, method, seed)
+    run.mkdir(parents=True)
+    (run / "report.json").write_text(json.dumps({"model": "resnet20_cifar10", "quant_top1": top1, "num_calib": 256}))
+    (run / "config.yaml").write_text(yaml.safe_dump({"calib": {"iters": iters, "batch_size": 32},
+                                                     "gen": {"genie_iters": 300}}))
 
-    finished("2/2", "genie", 0, 2000)
-    finished("4/4", "genie-lowpass", 3, 2000)
-    finished("2/2", "sadag", 1, 500)
+
+def test_collect_reads_every_finished_run_and_its_budget_whatever_the_arguments(tmp_path: Path) -> None:
+    import argparse
+
+    _finished_run(tmp_path, "2/2", "genie", 0, 60.0)
+    _finished_run(tmp_path, "4/4", "genie-lowpass", 3, 63.0)
+    _finished_run(tmp_path, "2/2", "sadag", 1, 61.0, iters=500)
     protocol.run_dir(tmp_path, "resnet20_cifar10", "2/2", "sadag", 2).mkdir()  # unfinished: no report
     (tmp_path / "protocol" / "resnet20_cifar10" / "w2a2_unknown_s0").mkdir()
     args = argparse.Namespace(work=str(tmp_path), model="resnet20_cifar10", bits=["4/4"], seeds=[0],
@@ -165,3 +167,38 @@ def test_collect_reads_every_finished_run_and_its_budget_whatever_the_arguments(
         ("2/2", "genie", 0), ("2/2", "sadag", 1), ("4/4", "genie-lowpass", 3)]
     budgets = protocol.runs_budget(rows)
     assert sorted((b["calib_iters"], b["runs"]) for b in budgets) == [(500, 1), (2000, 2)]
+
+
+def test_collect_keeps_the_recorded_rows_of_runs_not_in_the_work_folder(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    import argparse
+    import json
+
+    import _common
+
+    results = tmp_path / "results"
+    results.mkdir()
+    monkeypatch.setattr(protocol, "RESULTS", results)
+    monkeypatch.setattr(_common, "RESULTS", results)
+
+    def row(method: str, seed: int, top1: float) -> dict:
+        return {"model": "resnet20_cifar10", "bits": "2/2", "method": method, "seed": seed, "top1": top1,
+                "num_images": 256, "calib_iters": 2000, "calib_batch_size": 32, "drop_draw": "uniform",
+                "engine": "eager", "gen": {"genie_iters": 300}}
+
+    recorded = [row("genie", s, 60.0 + s) for s in range(3)] + [row("real", 0, 70.0)]
+    probe = [{"bits": "2/2", "seed": 0, "set": "genie", "cos": 0.5}]
+    (results / "protocol_resnet20_cifar10.json").write_text(json.dumps({"meta": {"probe": probe},
+                                                                        "rows": recorded}))
+    work = tmp_path / "work"
+    _finished_run(work, "2/2", "genie", 1, 61.5)  # run again here: replaces the recorded row
+    _finished_run(work, "2/2", "real", 1, 65.0)
+    _finished_run(work, "2/2", "real", 3, 66.0)  # no genie run of seed 3 anywhere
+    args = argparse.Namespace(work=str(work), model="resnet20_cifar10", tag="", deterministic=False, probe=False)
+    written = json.loads(protocol.collect(args).read_text())
+    assert sorted(((r["method"], r["seed"]), r["top1"]) for r in written["rows"]) == [
+        (("genie", 0), 60.0), (("genie", 1), 61.5), (("genie", 2), 62.0), (("real", 0), 70.0),
+        (("real", 1), 65.0), (("real", 3), 66.0)]
+    paired = written["meta"]["paired"]["real 2/2"]
+    assert paired["n"] == 2 and paired["mean"] == pytest.approx(((70 - 60) + (65 - 61.5)) / 2)
+    assert written["meta"]["probe"] == probe
