@@ -136,6 +136,24 @@ def test_the_device_is_recorded_resolved(finished: Path) -> None:
         run(tiny(finished), resume=True)
 
 
+def test_the_engine_is_recorded_resolved_and_a_run_resumes_with_its_own(finished: Path) -> None:
+    marker = json.loads((finished / MARKER).read_text())
+    assert marker["settings"]["calib.engine"] == "fused"  # what auto picks on a CPU
+    run(tiny(finished, calib=sadag.CalibConfig(iters=2, engine="fused")), resume=True)  # the same run
+    marker["settings"]["calib.engine"] = "eager"  # as if auto had picked eager when the run was made
+    (finished / MARKER).write_text(json.dumps(marker))
+    with pytest.raises(RunDirError, match="calib.engine: 'eager' in the run, 'fused' now"):
+        run(tiny(finished), resume=True)
+    run(tiny(finished, calib=sadag.CalibConfig(iters=2, engine="eager")), resume=True)
+    del marker["settings"]["calib.engine"]  # made before the setting existed: the eager step
+    (finished / MARKER).write_text(json.dumps(marker))
+    with pytest.raises(RunDirError, match="calib.engine: 'eager' in the run, 'fused' now"):
+        run(tiny(finished), resume=True)
+    marker["settings"]["calib.engine"] = "auto"  # recorded as typed, before engines were recorded resolved
+    (finished / MARKER).write_text(json.dumps(marker))
+    run(tiny(finished), resume=True)
+
+
 def test_resume_or_force_into_a_directory_that_is_not_a_run_is_refused(tmp_path: Path, cli,
                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     mine = tmp_path / "mine"

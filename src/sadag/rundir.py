@@ -189,6 +189,8 @@ class RunDir:
                               "or replace it with --force") from exc
         if "device" in old:
             old = {**old, "device": self._recorded_device_kind(old["device"])}
+        if old.get("calib.engine") == "auto":  # made before engines were recorded resolved: which is unknown
+            old = {**old, "calib.engine": self.settings.get("calib.engine")}
         diff = _differences(old, self.settings)
         if diff:
             raise RunDirError(f"cannot resume {self.root}: it was made with other settings ({'; '.join(diff)}). "

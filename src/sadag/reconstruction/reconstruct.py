@@ -57,7 +57,7 @@ def reconstruct_(
     fp_model = float_copy(qmodel)
     units = qmodel.sadag_plan.units
     modules = dict(qmodel.named_modules())
-    layout = unit_layout(resolve_engine(cfg.engine, images.device), images.device)
+    layout = unit_layout(cfg.resolved_engine(images.device.type), images.device)
     for k, unit in enumerate(units):
         if k < start_unit:
             continue
@@ -125,14 +125,6 @@ def _optimizers(rounding: list, acts: list[ActQuantizer], cfg: CalibConfig) -> t
     return opts, scheds, trainable
 
 
-def resolve_engine(engine: str, device: torch.device) -> str:
-    """auto: compiled on CUDA (launch-bound steps, CUDA graphs); fused on CPU, where inductor took about
-    2 minutes per unit shape to compile on 2 busy cores for a step about 1.15x faster: it does not pay."""
-    if engine == "auto":
-        return "compiled" if device.type == "cuda" else "fused"
-    return engine
-
-
 def unit_layout(engine: str, device: torch.device) -> torch.memory_format:
     """The fused engine's activations on a CPU are channels_last: oneDNN's convolutions of few channels ran
     2-3x faster so (a 16-channel 32x32 one, forward and backward), and a fused BatchNorm leaves no op that
@@ -177,7 +169,7 @@ def calibrate_unit_(
         raise ConfigError(f"a calibration minibatch of {bs} images cannot be split over {ranks.world_size} ranks: "
                           "raise calib.batch_size (--calib-batch-size) or start fewer processes")
     device = q_in.device
-    engine = resolve_engine(cfg.engine, device)
+    engine = cfg.resolved_engine(device.type)
     layout = unit_layout(engine, device)
     fp_in, q_in, fp_out = (in_layout(t, layout) for t in (fp_in, q_in, fp_out))  # no copy from reconstruct_
     _init_act_quantizers(unit, acts, q_in[:bs])
