@@ -214,10 +214,13 @@ def row_of(directory: Path, bits: str, method: str, seed: int) -> dict[str, Any]
     """The protocol's row of a finished run, its budget read from the run's own resolved config.yaml."""
     report = json.loads((directory / "report.json").read_text())
     cfg = yaml.safe_load((directory / "config.yaml").read_text())
+    marker = directory / "sadag-run.json"  # its settings hold the engine that "auto" resolved to
+    resolved = json.loads(marker.read_text())["settings"] if marker.is_file() else {}
     return {"model": report["model"], "bits": bits, "method": method, "seed": seed, "top1": report["quant_top1"],
             "num_images": report["num_calib"], "calib_iters": cfg["calib"]["iters"],
             "calib_batch_size": cfg["calib"].get("batch_size"), "fp_top1": report.get("fp_top1"),
-            "drop_draw": cfg["calib"].get("drop_draw", "uniform"), "engine": cfg["calib"].get("engine"),
+            "drop_draw": cfg["calib"].get("drop_draw", "uniform"),
+            "engine": resolved.get("calib.engine", cfg["calib"].get("engine")),
             "gen": {k: cfg["gen"].get(k) for k in GEN_KEYS}, "seconds": report.get("seconds", {}),
             # the run whose Genie-D set this one started from (its directory's name), if any
             "genie_set_of": Path(cfg["gen"]["genie_set"]).parent.name if cfg["gen"].get("genie_set") else None,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 from pathlib import Path
@@ -140,15 +141,13 @@ def test_the_wide_variant_calibrates_the_genie_set_with_the_same_images_per_unit
 
 
 def _finished_run(work: Path, bits: str, method: str, seed: int, top1: float, iters: int = 2000) -> None:
-    """A run directory as a finished protocol run leaves it: report.json and its resolved config.yaml."""
-    import json
-
+    """A run directory as a finished protocol run leaves it: report.json and its config.yaml (engine as typed)."""
     import yaml
 
     run = protocol.run_dir(work, "resnet20_cifar10", bits, method, seed)
     run.mkdir(parents=True)
     (run / "report.json").write_text(json.dumps({"model": "resnet20_cifar10", "quant_top1": top1, "num_calib": 256}))
-    (run / "config.yaml").write_text(yaml.safe_dump({"calib": {"iters": iters, "batch_size": 32},
+    (run / "config.yaml").write_text(yaml.safe_dump({"calib": {"iters": iters, "batch_size": 32, "engine": "auto"},
                                                      "gen": {"genie_iters": 300}}))
 
 
@@ -167,12 +166,15 @@ def test_collect_reads_every_finished_run_and_its_budget_whatever_the_arguments(
         ("2/2", "genie", 0), ("2/2", "sadag", 1), ("4/4", "genie-lowpass", 3)]
     budgets = protocol.runs_budget(rows)
     assert sorted((b["calib_iters"], b["runs"]) for b in budgets) == [(500, 1), (2000, 2)]
+    marker = protocol.run_dir(tmp_path, "resnet20_cifar10", "2/2", "sadag", 1) / "sadag-run.json"
+    marker.write_text(json.dumps({"settings": {"calib.engine": "fused"}}))  # what the run resolved auto to
+    engines = {(r["method"], r["seed"]): r["engine"] for r in protocol.finished_rows(args)}
+    assert engines == {("genie", 0): "auto", ("sadag", 1): "fused", ("genie-lowpass", 3): "auto"}
 
 
 def test_collect_keeps_the_recorded_rows_of_runs_not_in_the_work_folder(tmp_path: Path,
                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     import argparse
-    import json
 
     import _common
 
