@@ -424,7 +424,6 @@ def main() -> None:
     input_size = sadag.load_model(args.model, weights=base_config(args.model, Path(".")).weights)[1].input_size
     if not args.collect:
         run_all(args, input_size)
-    if not args.collect:
         print(tables(finished_rows(args)))
         print("(the results file is written by --collect, over the seeds and methods it is given)")
         return
