@@ -122,6 +122,7 @@ def test_a_run_killed_mid_batch_resumes_from_its_mid_stage_checkpoint(tmp_path: 
     assert step["iteration"] == 1 and (step.get("batch") == 0 or step.get("batches") == [0])
     run(tiny(out, method="sadag", gen=gen), resume=True)
     assert torch.equal(torch.load(out / "synthetic" / "images.pt", weights_only=True)["images"], sadag_images)
+    assert not (out / "state" / stage).exists()  # the stage is finished: its mid-stage state is gone
 
 
 def test_the_device_is_recorded_resolved(finished: Path) -> None:

@@ -237,6 +237,10 @@ class RunDir:
             return
         atomic_save(obj, self.state_path(name))
 
+    def drop_state(self, name: str) -> None:
+        if not self.read_only:
+            self.state_path(name).unlink(missing_ok=True)
+
     def load_state(self, name: str) -> Any | None:
         path = self.state_path(name)
         if not path.exists():

@@ -87,10 +87,13 @@ def genie_batches(ctx: GenerationContext) -> list[GenieBatch]:
                               "without torchrun (make the set once with `sadag generate` and pass --genie-set)")
         if ctx.ranks.enabled:
             return _genie_sharded(ctx, done, count)
-        return generate_genie(ctx.model, ctx.spec, ctx.gen, ctx.seed, done=done, progress=ctx.progress,
-                              on_batch=lambda b: ctx.save_state(f"genie_batch_{b.index}.pt", batch_to_state(b)),
-                              on_state=lambda s: ctx.save_state(GENIE_STEP, s), resume_state=ctx.load_state(GENIE_STEP),
-                              state_every=1, state_seconds=MID_BATCH_SECONDS)
+        batches = generate_genie(ctx.model, ctx.spec, ctx.gen, ctx.seed, done=done, progress=ctx.progress,
+                                 on_batch=lambda b: ctx.save_state(f"genie_batch_{b.index}.pt", batch_to_state(b)),
+                                 on_state=lambda s: ctx.save_state(GENIE_STEP, s),
+                                 resume_state=ctx.load_state(GENIE_STEP), state_every=1,
+                                 state_seconds=MID_BATCH_SECONDS)
+        ctx.drop_state(GENIE_STEP)  # every batch is saved whole: the last group's mid-stage state is stale
+        return batches
 
 
 def _genie_sharded(ctx: GenerationContext, done: dict[int, GenieBatch], count: int) -> list[GenieBatch]:
@@ -186,6 +189,7 @@ def sadag(ctx: GenerationContext) -> Tensor:
                               done={k: v for k, v in found.items() if v is not None},
                               on_batch=lambda k, images: ctx.save_state(f"refined_{k}.pt", images),
                               progress=ctx.progress, checkpoints=checkpoints)
+        ctx.drop_state(REFINE_STEP)  # every refined batch is saved whole
         if not ctx.ranks.enabled:
             return images
         return broadcast_tensors({"images": images} if ctx.ranks.is_main else None, 0, ctx.ranks,

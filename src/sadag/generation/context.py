@@ -27,6 +27,8 @@ class StateStore(Protocol):
 
     def save_state(self, name: str, obj: Any) -> None: ...
 
+    def drop_state(self, name: str) -> None: ...
+
 
 @contextlib.contextmanager
 def _untimed(_name: str) -> Iterator[None]:
@@ -75,3 +77,8 @@ class GenerationContext:
     def save_state(self, name: str, obj: Any) -> None:
         if self.store is not None:
             self.store.save_state(name, obj)
+
+    def drop_state(self, name: str) -> None:
+        """Forget a checkpoint whose work is saved in another form (a finished stage's mid-stage state)."""
+        if self.store is not None:
+            self.store.drop_state(name)
