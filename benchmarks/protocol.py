@@ -216,6 +216,8 @@ def row_of(directory: Path, bits: str, method: str, seed: int) -> dict[str, Any]
     cfg = yaml.safe_load((directory / "config.yaml").read_text())
     marker = directory / "sadag-run.json"  # its settings hold the engine that "auto" resolved to
     resolved = json.loads(marker.read_text())["settings"] if marker.is_file() else {}
+    env_file = directory / "environment.json"
+    env = json.loads(env_file.read_text()) if env_file.is_file() else {}
     return {"model": report["model"], "bits": bits, "method": method, "seed": seed, "top1": report["quant_top1"],
             "num_images": report["num_calib"], "calib_iters": cfg["calib"]["iters"],
             "calib_batch_size": cfg["calib"].get("batch_size"), "fp_top1": report.get("fp_top1"),
@@ -224,7 +226,15 @@ def row_of(directory: Path, bits: str, method: str, seed: int) -> dict[str, Any]
             "gen": {k: cfg["gen"].get(k) for k in GEN_KEYS}, "seconds": report.get("seconds", {}),
             # the run whose Genie-D set this one started from (its directory's name), if any
             "genie_set_of": Path(cfg["gen"]["genie_set"]).parent.name if cfg["gen"].get("genie_set") else None,
-            "device": report.get("device")}
+            "device": report.get("device"), "deterministic": repeatable(report.get("device"), env)}
+
+
+def repeatable(device: str | None, env: dict[str, Any]) -> bool | None:
+    """Whether the run repeats bit for bit (same machine and threads): always on a CPU, on CUDA only with
+    deterministic algorithms on; None for a CUDA run made before environment.json recorded that."""
+    if device == "cpu":
+        return True
+    return env.get("deterministic_algorithms")
 
 
 def _worker_setup(threads: int, deterministic: bool) -> None:
@@ -363,10 +373,13 @@ def collect(args: argparse.Namespace) -> Path:
     path = RESULTS / f"{name}.json"
     recorded = json.loads(path.read_text()) if path.is_file() else {"rows": [], "meta": {}}
     rows = merge_rows(recorded["rows"], finished_rows(args), ROW_KEY)
+    for r in rows:  # rows recorded before runs said whether they repeat: known for CPU runs only
+        r.setdefault("deterministic", repeatable(r.get("device"), {}))
     print(tables(rows))
     bits = sorted({r["bits"] for r in rows}, key=lambda b: [-int(x) for x in b.split("/")])
     meta = {"budget": runs_budget(rows), "seeds": sorted({r["seed"] for r in rows}), "bits": bits,
-            "deterministic": args.deterministic,
+            # read from the runs, not from this collect's flags: True only if every run repeats bit for bit
+            "deterministic": all(r["deterministic"] is True for r in rows),
             "paired": {f"{m} {b}": summarize(paired_differences(rows, m, b)) for m in METHODS if m != BASE
                        for b in bits}}
     # without --probe the recorded probe stays; with it, the probe of the sets in --work replaces theirs

@@ -140,13 +140,18 @@ def test_the_wide_variant_calibrates_the_genie_set_with_the_same_images_per_unit
     assert wide.gen.genie_set == str(protocol.run_dir(tmp_path, "resnet20_cifar10", "4/4", "genie", 1) / "synthetic")
 
 
-def _finished_run(work: Path, bits: str, method: str, seed: int, top1: float, iters: int = 2000) -> None:
-    """A run directory as a finished protocol run leaves it: report.json and its config.yaml (engine as typed)."""
+def _finished_run(work: Path, bits: str, method: str, seed: int, top1: float, iters: int = 2000,
+                  device: str = "cpu", env: dict | None = None) -> None:
+    """A run directory as a finished protocol run leaves it: report.json and its config.yaml (engine as typed),
+    and environment.json if ``env`` is given."""
     import yaml
 
     run = protocol.run_dir(work, "resnet20_cifar10", bits, method, seed)
     run.mkdir(parents=True)
-    (run / "report.json").write_text(json.dumps({"model": "resnet20_cifar10", "quant_top1": top1, "num_calib": 256}))
+    (run / "report.json").write_text(json.dumps({"model": "resnet20_cifar10", "quant_top1": top1, "num_calib": 256,
+                                                 "device": device}))
+    if env is not None:
+        (run / "environment.json").write_text(json.dumps(env))
     (run / "config.yaml").write_text(yaml.safe_dump({"calib": {"iters": iters, "batch_size": 32, "engine": "auto"},
                                                      "gen": {"genie_iters": 300}}))
 
@@ -204,3 +209,32 @@ def test_collect_keeps_the_recorded_rows_of_runs_not_in_the_work_folder(tmp_path
     paired = written["meta"]["paired"]["real 2/2"]
     assert paired["n"] == 2 and paired["mean"] == pytest.approx(((70 - 60) + (65 - 61.5)) / 2)
     assert written["meta"]["probe"] == probe
+
+
+def test_collect_reads_determinism_from_the_runs_not_from_its_own_flags(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    import argparse
+
+    import _common
+
+    results = tmp_path / "results"
+    results.mkdir()
+    monkeypatch.setattr(protocol, "RESULTS", results)
+    monkeypatch.setattr(_common, "RESULTS", results)
+    recorded = {"model": "resnet20_cifar10", "bits": "2/2", "method": "real", "seed": 0, "top1": 70.0,
+                "num_images": 256, "calib_iters": 2000, "calib_batch_size": 32, "drop_draw": "uniform",
+                "engine": "eager", "gen": {}, "device": "cpu"}  # written before rows said whether they repeat
+    (results / "protocol_resnet20_cifar10.json").write_text(json.dumps({"meta": {}, "rows": [recorded]}))
+    work = tmp_path / "work"
+    _finished_run(work, "2/2", "genie", 0, 60.0)  # a CPU run, with or without environment.json
+    _finished_run(work, "2/2", "genie", 1, 61.0, device="cuda:0", env={"deterministic_algorithms": True})
+    args = argparse.Namespace(work=str(work), model="resnet20_cifar10", tag="", deterministic=False, probe=False)
+    written = json.loads(protocol.collect(args).read_text())
+    assert [r["deterministic"] for r in written["rows"]] == [True, True, True]
+    assert written["meta"]["deterministic"] is True  # though this collect was not given --deterministic
+    _finished_run(work, "2/2", "sadag", 1, 61.0, device="cuda:0", env={"deterministic_algorithms": False})
+    _finished_run(work, "2/2", "sadag", 0, 61.0, device="cuda:0", env={})  # made before the flag was recorded
+    args.deterministic = True
+    written = json.loads(protocol.collect(args).read_text())
+    assert {r["seed"]: r["deterministic"] for r in written["rows"] if r["method"] == "sadag"} == {0: None, 1: False}
+    assert written["meta"]["deterministic"] is False

@@ -275,6 +275,8 @@ def environment(device: torch.device) -> dict[str, Any]:
         "device": str(device),
         "threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
+        # CPU kernels repeat bit for bit at a fixed thread count; CUDA ones only with this on
+        "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
     }
     if device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(device)
