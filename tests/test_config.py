@@ -110,6 +110,10 @@ def test_resolution_is_idempotent_and_keeps_explicitness() -> None:
     (["--threads", "-1"], "threads (--threads)", ">= 1"),
     (["--device", "tpu"], "device (--device)", "auto, cpu, cuda, cuda:N (N a GPU index), mps"),
     (["--seed", "-3"], "seed (--seed)", ">= 0"),
+    # the minibatch is never silently shrunk to the set: refused before anything is generated
+    (["--num-images", "8"], "calib.batch_size (--calib-batch-size)", "at most 8 or calibrate on more images"),
+    (["--calib-data", "set", "--num-calib", "8", "--calib-batch-size", "9"], "calib.batch_size (--calib-batch-size)",
+     "more than the 8 calibration images of num_calib (--num-calib)"),
 ])
 def test_bad_flag_values_are_refused_before_the_run_directory(tmp_path: Path, cli, flags, field, allowed) -> None:
     out = tmp_path / "run"

@@ -8,6 +8,7 @@ from torch import nn
 
 from conftest import CIFAR_TRAIN, R20_WEIGHTS, needs_shared
 from sadag.config import CalibConfig, QuantConfig
+from sadag.errors import ConfigError
 from sadag.quantization.prepare import float_copy, quantize, quantizers
 from sadag.reconstruction.cache import capture_unit_io
 from sadag.reconstruction.losses import BetaSchedule, reconstruction_loss
@@ -98,3 +99,9 @@ def test_reconstruct_resumes_to_the_same_model(tiny_net: nn.Module) -> None:
     reconstruct_(resumed, images, _small_calib(), seed=1, start_unit=saved["next_unit"])
     x = torch.randn(4, 3, 16, 16)
     assert torch.equal(full(x), resumed(x))
+
+
+def test_a_minibatch_larger_than_the_set_is_refused_not_shrunk(tiny_net: nn.Module) -> None:
+    q = quantize(tiny_net, QuantConfig(w_bits=4, a_bits=4), X)
+    with pytest.raises(ConfigError, match="got 8, more than the 6 calibration images; set it to at most 6"):
+        reconstruct_(q, torch.randn(6, 3, 16, 16), _small_calib(), seed=0)

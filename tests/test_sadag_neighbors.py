@@ -121,9 +121,12 @@ def test_released_direction_on_resnet20_real_weights() -> None:
         a.observing = False
     q = freeze_(q).eval()
     got = _measure(fp, q, spec, cfg, rho=1.0)
-    # measured: images change 12.4% against 2.4%; e changes ~100% for all three (its activation rounding jumps)
+    # measured (seeds 0-3, 1 thread): images change 12.6-13.1% against 2.6-2.8%; e changes ~100% for all three (its
+    # activation rounding jumps); 1 - cosine released 0.49-0.69, adversarial 0.51-0.56, isotropic 0.29-0.44. With
+    # rounding jumps the quadratic model behind the power iteration is poor: whether adversarial or released lowers
+    # the cosine more flips with the seed and even with the thread count, so only the isotropic one is outranked
     assert got["released"][2] > 3.0 * got["random"][2]
-    assert got["adversarial"][0] > got["released"][0] > got["random"][0]
+    assert min(got["adversarial"][0], got["released"][0]) > got["random"][0]
 
 
 @pytest.mark.parametrize("mode", ["released", "adversarial"])

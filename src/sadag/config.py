@@ -464,7 +464,27 @@ def apply_preset(cfg: RunConfig) -> RunConfig:
                 _set_implicit(section, f.name, copy.deepcopy(values[f.name]) if f.name in values else _default(f))
     _fold_bits(out)
     validate_run(out)
+    _check_minibatch(out)
     return out
+
+
+def _check_minibatch(cfg: RunConfig) -> None:
+    """Refuse a calibration minibatch larger than the calibration set where the config alone tells its size (a
+    saved set's size is known when it is loaded: reconstruct checks that), before any image is generated."""
+    if cfg.calib_data is None:
+        count, source = cfg.gen.num_images, "gen.num_images (--num-images)"
+    elif cfg.num_calib is not None:
+        count, source = cfg.num_calib, "num_calib (--num-calib)"
+    else:
+        return
+    check_minibatch(cfg.calib.batch_size, count, source)
+
+
+def check_minibatch(batch_size: int, count: int, source: str = "") -> None:
+    if batch_size > count:
+        raise ConfigError(f"calib.batch_size (--calib-batch-size): got {batch_size}, more than the {count} calibration "
+                          f"images{f' of {source}' if source else ''}; set it to at most {count} or calibrate on "
+                          "more images")
 
 
 # --- dictionaries, files, fingerprints ------------------------------------------------------------

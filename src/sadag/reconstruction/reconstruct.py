@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import Tensor, nn
 
-from ..config import CalibConfig
+from ..config import CalibConfig, check_minibatch
 from ..distributed import SINGLE, Ranks, all_reduce_gradients_, all_reduce_sum
 from ..errors import ConfigError, NumericalError
 from ..progress import LOG_EVERY, Progress
@@ -53,6 +53,7 @@ def reconstruct_(
             and masks, computes its slice and the gradients are all-reduced (the updates of one process).
     """
     cfg.validate()
+    check_minibatch(cfg.batch_size, images.shape[0])  # before any unit's work
     check_tf32(cfg, images.device)
     fp_model = float_copy(qmodel)
     units = qmodel.sadag_plan.units
@@ -164,7 +165,8 @@ def calibrate_unit_(
     loss and their backward are compiled once per unit shape (seconds reported as "compile_s").
     """
     layers, acts = _unit_parts(unit)
-    bs = min(cfg.batch_size, q_in.shape[0])
+    check_minibatch(cfg.batch_size, q_in.shape[0])
+    bs = cfg.batch_size
     if bs < ranks.world_size:
         raise ConfigError(f"a calibration minibatch of {bs} images cannot be split over {ranks.world_size} ranks: "
                           "raise calib.batch_size (--calib-batch-size) or start fewer processes")
@@ -184,7 +186,7 @@ def calibrate_unit_(
 def _calibrate(unit: nn.Module, layers: list[nn.Module], acts: list[ActQuantizer], data: tuple[Tensor, Tensor, Tensor],
                cfg: CalibConfig, seed: int, engine: str, stage: str, progress: Progress | None, ranks: Ranks) -> None:
     """The optimisers, the step and the QDrop state around _train; every quantizer left hard and frozen."""
-    bs = min(cfg.batch_size, data[1].shape[0])
+    bs = cfg.batch_size
     rounding = [layer.weight_quantizer for layer in layers]
     opts, scheds, trainable = _optimizers(rounding, acts, cfg)
     for p in trainable:
