@@ -177,23 +177,35 @@ def test_collect_reads_every_finished_run_and_its_budget_whatever_the_arguments(
     assert engines == {("genie", 0): "auto", ("sadag", 1): "fused", ("genie-lowpass", 3): "auto"}
 
 
-def test_collect_keeps_the_recorded_rows_of_runs_not_in_the_work_folder(tmp_path: Path,
-                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    import argparse
-
+@pytest.fixture
+def results(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty results folder in place of benchmarks/results."""
     import _common
 
-    results = tmp_path / "results"
-    results.mkdir()
-    monkeypatch.setattr(protocol, "RESULTS", results)
-    monkeypatch.setattr(_common, "RESULTS", results)
+    folder = tmp_path / "results"
+    folder.mkdir()
+    monkeypatch.setattr(protocol, "RESULTS", folder)
+    monkeypatch.setattr(_common, "RESULTS", folder)
+    return folder
 
-    def row(method: str, seed: int, top1: float) -> dict:
-        return {"model": "resnet20_cifar10", "bits": "2/2", "method": method, "seed": seed, "top1": top1,
-                "num_images": 256, "calib_iters": 2000, "calib_batch_size": 32, "drop_draw": "uniform",
-                "engine": "eager", "gen": {"genie_iters": 300}}
 
-    recorded = [row("genie", s, 60.0 + s) for s in range(3)] + [row("real", 0, 70.0)]
+def _recorded_row(method: str, seed: int, top1: float, **extra: object) -> dict:
+    """A row as an earlier collect wrote it to the results file."""
+    return {"model": "resnet20_cifar10", "bits": "2/2", "method": method, "seed": seed, "top1": top1,
+            "num_images": 256, "calib_iters": 2000, "calib_batch_size": 32, "drop_draw": "uniform",
+            "engine": "eager", "gen": {"genie_iters": 300}, **extra}
+
+
+def _collect(work: Path, deterministic: bool = False) -> dict:
+    import argparse
+
+    args = argparse.Namespace(work=str(work), model="resnet20_cifar10", tag="", deterministic=deterministic,
+                              probe=False)
+    return json.loads(protocol.collect(args).read_text())
+
+
+def test_collect_keeps_the_recorded_rows_of_runs_not_in_the_work_folder(tmp_path: Path, results: Path) -> None:
+    recorded = [_recorded_row("genie", s, 60.0 + s) for s in range(3)] + [_recorded_row("real", 0, 70.0)]
     probe = [{"bits": "2/2", "seed": 0, "set": "genie", "cos": 0.5}]
     (results / "protocol_resnet20_cifar10.json").write_text(json.dumps({"meta": {"probe": probe},
                                                                         "rows": recorded}))
@@ -201,8 +213,7 @@ def test_collect_keeps_the_recorded_rows_of_runs_not_in_the_work_folder(tmp_path
     _finished_run(work, "2/2", "genie", 1, 61.5)  # run again here: replaces the recorded row
     _finished_run(work, "2/2", "real", 1, 65.0)
     _finished_run(work, "2/2", "real", 3, 66.0)  # no genie run of seed 3 anywhere
-    args = argparse.Namespace(work=str(work), model="resnet20_cifar10", tag="", deterministic=False, probe=False)
-    written = json.loads(protocol.collect(args).read_text())
+    written = _collect(work)
     assert sorted(((r["method"], r["seed"]), r["top1"]) for r in written["rows"]) == [
         (("genie", 0), 60.0), (("genie", 1), 61.5), (("genie", 2), 62.0), (("real", 0), 70.0),
         (("real", 1), 65.0), (("real", 3), 66.0)]
@@ -211,30 +222,17 @@ def test_collect_keeps_the_recorded_rows_of_runs_not_in_the_work_folder(tmp_path
     assert written["meta"]["probe"] == probe
 
 
-def test_collect_reads_determinism_from_the_runs_not_from_its_own_flags(tmp_path: Path,
-                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    import argparse
-
-    import _common
-
-    results = tmp_path / "results"
-    results.mkdir()
-    monkeypatch.setattr(protocol, "RESULTS", results)
-    monkeypatch.setattr(_common, "RESULTS", results)
-    recorded = {"model": "resnet20_cifar10", "bits": "2/2", "method": "real", "seed": 0, "top1": 70.0,
-                "num_images": 256, "calib_iters": 2000, "calib_batch_size": 32, "drop_draw": "uniform",
-                "engine": "eager", "gen": {}, "device": "cpu"}  # written before rows said whether they repeat
+def test_collect_reads_determinism_from_the_runs_not_from_its_own_flags(tmp_path: Path, results: Path) -> None:
+    recorded = _recorded_row("real", 0, 70.0, device="cpu")  # written before rows said whether they repeat
     (results / "protocol_resnet20_cifar10.json").write_text(json.dumps({"meta": {}, "rows": [recorded]}))
     work = tmp_path / "work"
     _finished_run(work, "2/2", "genie", 0, 60.0)  # a CPU run, with or without environment.json
     _finished_run(work, "2/2", "genie", 1, 61.0, device="cuda:0", env={"deterministic_algorithms": True})
-    args = argparse.Namespace(work=str(work), model="resnet20_cifar10", tag="", deterministic=False, probe=False)
-    written = json.loads(protocol.collect(args).read_text())
+    written = _collect(work)
     assert [r["deterministic"] for r in written["rows"]] == [True, True, True]
     assert written["meta"]["deterministic"] is True  # though this collect was not given --deterministic
     _finished_run(work, "2/2", "sadag", 1, 61.0, device="cuda:0", env={"deterministic_algorithms": False})
     _finished_run(work, "2/2", "sadag", 0, 61.0, device="cuda:0", env={})  # made before the flag was recorded
-    args.deterministic = True
-    written = json.loads(protocol.collect(args).read_text())
+    written = _collect(work, deterministic=True)
     assert {r["seed"]: r["deterministic"] for r in written["rows"] if r["method"] == "sadag"} == {0: None, 1: False}
     assert written["meta"]["deterministic"] is False
