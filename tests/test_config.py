@@ -122,6 +122,15 @@ def test_bad_flag_values_are_refused_before_the_run_directory(tmp_path: Path, cl
     assert not out.exists()
 
 
+@pytest.mark.parametrize(("method", "refused"), [("noise", False), ("sadag", True)])
+def test_generate_refuses_a_small_set_only_where_it_calibrates(tmp_path: Path, cli, method: str,
+                                                               refused: bool) -> None:
+    out = tmp_path / "set"  # 8 images, the smoke preset's minibatch of 16: only SADAG's warm-up calibrates
+    code, _, err = cli(["generate", *TINY, "--method", method, "--num-images", "8", "--out", out])
+    assert (code, "calib.batch_size (--calib-batch-size): got 16" in err, out.exists()) == (
+        (2, True, False) if refused else (0, False, True)), err
+
+
 @pytest.mark.parametrize(("text", "message"), [
     ("calib: {iters: 1.5}\n", "calib.iters (--calib-iters): got 1.5; allowed: an integer"),
     ("gen: {num_images: many}\n", "gen.num_images (--num-images): got 'many'; allowed: an integer"),

@@ -464,13 +464,13 @@ def apply_preset(cfg: RunConfig) -> RunConfig:
                 _set_implicit(section, f.name, copy.deepcopy(values[f.name]) if f.name in values else _default(f))
     _fold_bits(out)
     validate_run(out)
-    _check_minibatch(out)
     return out
 
 
-def _check_minibatch(cfg: RunConfig) -> None:
-    """Refuse a calibration minibatch larger than the calibration set where the config alone tells its size (a
-    saved set's size is known when it is loaded: reconstruct checks that), before any image is generated."""
+def check_calibration_minibatch(cfg: RunConfig) -> None:
+    """For a resolved config that will calibrate: refuse a minibatch larger than the calibration set where the
+    config alone tells its size, before any image is generated (a saved set's size is known when it is loaded:
+    reconstruct checks that)."""
     if cfg.calib_data is None:
         count, source = cfg.gen.num_images, "gen.num_images (--num-images)"
     elif cfg.num_calib is not None:

@@ -20,7 +20,16 @@ import yaml
 from torch import Tensor, nn
 
 from . import distributed
-from .config import RunConfig, apply_preset, bits_label, check_device, method_options, result_settings, to_dict
+from .config import (
+    RunConfig,
+    apply_preset,
+    bits_label,
+    check_calibration_minibatch,
+    check_device,
+    method_options,
+    result_settings,
+    to_dict,
+)
 from .data import ImageFolderDataset, make_loader
 from .data.calib import calibration_set
 from .distributed import SINGLE, Ranks
@@ -143,11 +152,13 @@ def synthesize(model: nn.Module, spec: DataSpec, cfg: RunConfig, progress: Progr
     return _synthesize(model, spec, apply_preset(cfg), None, None, progress)[0]
 
 
-def _prepare(cfg: RunConfig, resume: bool, force: bool) -> tuple[RunConfig, nn.Module, DataSpec, torch.device,
-                                                                  RunDir, Ranks]:
+def _prepare(cfg: RunConfig, resume: bool, force: bool, calibrates: bool) -> tuple[RunConfig, nn.Module, DataSpec,
+                                                                                    torch.device, RunDir, Ranks]:
     """Resolve and check the config, join torchrun's process group if launched by it, load the model, then
     (nothing written before) open the run directory: rank 0 writes it, the other ranks read it."""
     cfg = apply_preset(cfg)
+    if calibrates:
+        check_calibration_minibatch(cfg)
     if not cfg.out:
         raise ConfigError("a run needs an output directory (--out RUN_DIR)")
     if cfg.threads is not None:
@@ -209,7 +220,7 @@ def _set_meta(cfg: RunConfig) -> dict[str, Any]:
 def run(cfg: RunConfig, *, resume: bool = False, force: bool = False, progress: Progress | None = None,
         export: bool = True) -> dict[str, Any]:
     """Calibrate a quantized model for ``cfg`` and return (and write) its report."""
-    cfg, model, spec, device, rundir, ranks = _prepare(cfg, resume, force)
+    cfg, model, spec, device, rundir, ranks = _prepare(cfg, resume, force, calibrates=True)
     with rundir:
         return _run(cfg, model, spec, device, _Stages(rundir, progress, ranks), export)
 
@@ -264,7 +275,8 @@ def generate_set(cfg: RunConfig, *, resume: bool = False, force: bool = False,
     set, as the start of SADAG: ``gen.genie_set``)."""
     if cfg.method == "real":
         raise ConfigError("generate makes synthetic images: choose a generation method, not real")
-    cfg, model, spec, _device, rundir, ranks = _prepare(cfg, resume, force)
+    warmup = cfg.method == "sadag" and not cfg.gen.warmup_model  # SADAG's stage B calibrates
+    cfg, model, spec, _device, rundir, ranks = _prepare(cfg, resume, force, calibrates=warmup)
     with rundir:
         stages = _Stages(rundir, progress, ranks)
         images, artifacts = _synthesize(model, spec, cfg, rundir, stages, stages.progress)
