@@ -287,12 +287,15 @@ def test_zeroq_and_noise_seeded() -> None:
 
 def test_sadag_seeded_and_resumable() -> None:
     fp, q, batches, cfg = _refine_setup()
-    full = refine_sadag(fp, q, batches, SPEC, cfg, seed=0)
+    saved: dict[int, dict] = {}
+    full = refine_sadag(fp, q, batches, SPEC, cfg, seed=0, on_batch=saved.__setitem__)
     assert torch.equal(full, refine_sadag(fp, q, batches, SPEC, cfg, seed=0))
     got: list[int] = []
-    resumed = refine_sadag(fp, q, batches, SPEC, cfg, seed=0, done={0: full[:4]},
+    resumed = refine_sadag(fp, q, batches, SPEC, cfg, seed=0, done={0: saved[0]},
                            on_batch=lambda i, _x: got.append(i))
-    assert got == [1]
+    assert got == [1] and torch.equal(resumed, full)  # batch 0's saved e and h: the same diversity pool
+    # a checkpoint of images only (earlier versions): the pool recomputed, equal within float rounding
+    resumed = refine_sadag(fp, q, batches, SPEC, cfg, seed=0, done={0: full[:4]})
     torch.testing.assert_close(resumed, full, atol=1e-5, rtol=1e-5)
 
 
@@ -415,3 +418,7 @@ def test_refine_requires_matching_done_shapes() -> None:
     fp, q, batches, cfg = _refine_setup()
     with pytest.raises(ConfigError, match="checkpointed SADAG batch 0"):
         refine_sadag(fp, q, batches, SPEC, replace(cfg), seed=0, done={0: torch.zeros(3, 3, 16, 16)})
+    images = batches[0].images
+    for entry in ({"images": images}, {"images": images, "e": torch.zeros(4, 10), "h": torch.zeros(3, 8)}):
+        with pytest.raises(ConfigError, match="checkpointed SADAG batch 0 is not a refined batch"):
+            refine_sadag(fp, q, batches, SPEC, cfg, seed=0, done={0: entry})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -123,6 +124,34 @@ def test_a_run_killed_mid_batch_resumes_from_its_mid_stage_checkpoint(tmp_path: 
     run(tiny(out, method="sadag", gen=gen), resume=True)
     assert torch.equal(torch.load(out / "synthetic" / "images.pt", weights_only=True)["images"], sadag_images)
     assert not (out / "state" / stage).exists()  # the stage is finished: its mid-stage state is gone
+
+
+def test_a_run_killed_between_refinement_batches_resumes_bit_for_bit(tmp_path: Path, sadag_images: torch.Tensor,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    original = RunDir.save_state
+
+    class Killed(Exception):
+        pass
+
+    def save_then_die(self: RunDir, name: str, obj: object) -> None:
+        original(self, name, obj)
+        if name == "refined_0.pt":
+            raise Killed
+
+    monkeypatch.setattr(RunDir, "save_state", save_then_die)
+    out = tmp_path / "victim"
+    with pytest.raises(Killed):
+        run(tiny(out, method="sadag", gen=MID_STAGE))
+    monkeypatch.setattr(RunDir, "save_state", original)
+    saved = torch.load(out / "state" / "refined_0.pt", weights_only=True)
+    assert saved.keys() == {"images", "e", "h"}  # batch 1's diversity term compares with batch 0's e and h
+    old = tmp_path / "old"  # the same kill, as a version that saved the images only left it
+    shutil.copytree(out, old)
+    torch.save(saved["images"], old / "state" / "refined_0.pt")
+    run(tiny(out, method="sadag", gen=MID_STAGE), resume=True)
+    assert torch.equal(torch.load(out / "synthetic" / "images.pt", weights_only=True)["images"], sadag_images)
+    run(tiny(old, method="sadag", gen=MID_STAGE), resume=True)  # e and h recomputed: resumes, not bit for bit
+    assert torch.equal(torch.load(old / "synthetic" / "images.pt", weights_only=True)["images"][:16], sadag_images[:16])
 
 
 def test_the_device_is_recorded_resolved(finished: Path) -> None:

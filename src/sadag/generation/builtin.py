@@ -187,7 +187,7 @@ def sadag(ctx: GenerationContext) -> Tensor:
                                         MID_BATCH_SECONDS)
         images = refine_sadag(ctx.model, q_warm, batches, ctx.spec, ctx.gen, ctx.seed,
                               done={k: v for k, v in found.items() if v is not None},
-                              on_batch=lambda k, images: ctx.save_state(f"refined_{k}.pt", images),
+                              on_batch=lambda k, entry: ctx.save_state(f"refined_{k}.pt", entry),
                               progress=ctx.progress, checkpoints=checkpoints)
         ctx.drop_state(REFINE_STEP)  # every refined batch is saved whole
         if not ctx.ranks.enabled:

@@ -243,7 +243,9 @@ class RefineCheckpoints:
 
 
 def _refine_batch(nets: _Nets, batch: GenieBatch, pool: _Pool, spec: DataSpec, cfg: GenConfig, seed: int,
-                  monitor: StageMonitor, checkpoints: RefineCheckpoints, clock: CheckpointClock) -> Tensor:
+                  monitor: StageMonitor, checkpoints: RefineCheckpoints, clock: CheckpointClock
+                  ) -> tuple[Tensor, Tensor, Tensor]:
+    """The refined images, and their e and h for the diversity pool of the later batches."""
     device = model_device(nets.fp)
     gen, z = load_batch_generator(batch, spec, cfg, device)
     opt_z = tensor_lr_adam([z], cfg.refine_lr_z, device)
@@ -287,13 +289,22 @@ def _refine_batch(nets: _Nets, batch: GenieBatch, pool: _Pool, spec: DataSpec, c
     if x is None or e is None or h is None:  # zero iterations: the warm-up images unchanged
         x = batch.images.to(device)
         e, h = _outputs(nets, x, cfg.batch_size)
-    pool.add(e, h)
-    return finished_images(x)
+    return finished_images(x), e.detach(), h.detach()
+
+
+def _finished_batch(nets: _Nets, entry: Tensor | dict[str, Tensor], device: torch.device,
+                    chunk: int) -> tuple[Tensor, Tensor, Tensor]:
+    """A batch refined before a resume: its images and pool entry as saved; from a checkpoint that holds only
+    images (sadag before 2026-12-01) e and h are recomputed, equal to the saved ones within float rounding."""
+    if isinstance(entry, Tensor):
+        images = entry.float().cpu()
+        return images, *_outputs(nets, images.to(device), chunk)
+    return entry["images"].float().cpu(), entry["e"].to(device), entry["h"].to(device)
 
 
 @torch.no_grad()
 def _outputs(nets: _Nets, images: Tensor, chunk: int) -> tuple[Tensor, Tensor]:
-    """e and h of finished images (used to rebuild the diversity pool on resume)."""
+    """e and h of finished images (the diversity pool of a checkpoint that did not save them)."""
     es, hs = [], []
     for part in images.split(max(1, chunk)):
         e, h, _ = nets.forward(part)
@@ -302,12 +313,17 @@ def _outputs(nets: _Nets, images: Tensor, chunk: int) -> tuple[Tensor, Tensor]:
     return torch.cat(es), torch.cat(hs)
 
 
-def _check_inputs(batches: list[GenieBatch], done: dict[int, Tensor]) -> list[GenieBatch]:
+def _check_inputs(batches: list[GenieBatch], done: dict[int, Tensor | dict[str, Tensor]]) -> list[GenieBatch]:
     ordered = sorted(batches, key=lambda b: b.index)
     if len({b.index for b in ordered}) != len(ordered):
         raise ConfigError("SADAG refinement got two Genie batches with the same index")
     sizes = {b.index: b.images.shape for b in ordered}
-    for i, images in done.items():
+    for i, entry in done.items():
+        images = entry if isinstance(entry, Tensor) else entry.get("images") if isinstance(entry, dict) else None
+        pool_rows = {len(entry.get(k, ())) for k in ("e", "h")} if isinstance(entry, dict) else set()
+        if not isinstance(images, Tensor) or (isinstance(entry, dict) and pool_rows != {len(images)}):
+            raise ConfigError(f"checkpointed SADAG batch {i} is not a refined batch (images with their e and h "
+                              "rows); delete that checkpoint")
         if i not in sizes or images.shape != sizes[i]:
             raise ConfigError(
                 f"checkpointed SADAG batch {i} (shape {tuple(images.shape)}) does not match the Genie batches; "
@@ -324,8 +340,8 @@ def refine_sadag(
     cfg: GenConfig,
     seed: int,
     *,
-    done: dict[int, Tensor] | None = None,
-    on_batch: Callable[[int, Tensor], None] | None = None,
+    done: dict[int, Tensor | dict[str, Tensor]] | None = None,
+    on_batch: Callable[[int, dict[str, Tensor]], None] | None = None,
     progress: Progress | None = None,
     log_every: int = LOG_EVERY,
     checkpoints: RefineCheckpoints | None = None,
@@ -333,9 +349,10 @@ def refine_sadag(
     """Refine each Genie batch from its generator state and latents; returns (N, 3, S, S) float32 CPU.
 
     Batches are refined in index order; the diversity term of batch b compares against the finished
-    samples of batches < b (recomputed with the frozen models for batches found in `done`).
-    Both models are used frozen and in eval mode; their flags are restored afterwards.
-    `on_batch` receives each newly refined batch; `checkpoints` saves and resumes the batch in progress.
+    samples of batches < b. Both models are used frozen and in eval mode; their flags are restored afterwards.
+    `on_batch` receives each newly refined batch as {"images", "e", "h"} (CPU; e and h: its diversity-pool
+    entry); passed back in `done`, those batches are not refined again and a resumed run equals an unbroken
+    one bit for bit. `checkpoints` saves and resumes the batch in progress.
     """
     cfg.validate()
     done = dict(done or {})
@@ -352,12 +369,12 @@ def refine_sadag(
         nets = _Nets(fp_model, q_model, bn_layers(fp_model), bn_inputs, h_slot)
         for batch in ordered:
             if batch.index in done:
-                images = done[batch.index].float().cpu()
-                pool.add(*_outputs(nets, images.to(device), cfg.batch_size))
+                images, e, h = _finished_batch(nets, done[batch.index], device, cfg.batch_size)
             else:
-                images = _refine_batch(nets, batch, pool, spec, cfg, seed, monitor, checkpoints, clock)
+                images, e, h = _refine_batch(nets, batch, pool, spec, cfg, seed, monitor, checkpoints, clock)
                 log.info("sadag: batch %d refined (%d images)", batch.index, images.shape[0])
                 if on_batch is not None:
-                    on_batch(batch.index, images)
+                    on_batch(batch.index, {"images": images, "e": e.cpu(), "h": h.cpu()})
+            pool.add(e, h)
             out.append(images)
     return torch.cat(out)
