@@ -29,7 +29,8 @@ Both print the headroom table and the paired differences with 95% t-intervals of
 --collect writes benchmarks/results/protocol_<model>.json (rows: model, bits, method, seed, top1, num_images,
 calib_iters, ...) from every finished run of the model in --work, whatever --bits/--methods/--seeds say, with the
 budgets read from the runs' own config.yaml; the file's earlier rows of runs that --work does not hold (made on
-another machine, or in a work folder since deleted) are kept.
+another machine, or in a work folder since deleted) are kept. A run that started from a genie run's set is paired
+with that genie row only if the digests say it started from the images the genie row calibrated on (meta.pairs).
 """
 
 from __future__ import annotations
@@ -226,7 +227,10 @@ def row_of(directory: Path, bits: str, method: str, seed: int) -> dict[str, Any]
             "gen": {k: cfg["gen"].get(k) for k in GEN_KEYS}, "seconds": report.get("seconds", {}),
             # the run whose Genie-D set this one started from (its directory's name), if any
             "genie_set_of": Path(cfg["gen"]["genie_set"]).parent.name if cfg["gen"].get("genie_set") else None,
-            "device": report.get("device"), "deterministic": repeatable(report.get("device"), env)}
+            "device": report.get("device"), "deterministic": repeatable(report.get("device"), env),
+            # by content: the images it calibrated on, and the saved Genie set it started from (None before these
+            # were recorded)
+            "calib_digest": report.get("calib_digest"), "genie_set_digest": report.get("genie_set_digest")}
 
 
 def repeatable(device: str | None, env: dict[str, Any]) -> bool | None:
@@ -319,6 +323,28 @@ def finished_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
     return rows
 
 
+def check_pairs(rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The rows that pair, and an account: a run that started from a genie run's set pairs with that genie row
+    exactly only if it started from the images that row calibrated on (their digests). A genie run made again
+    on another machine (other float rounding) breaks that; such a row is left out of the paired differences.
+    Rows made before digests were recorded are kept, counted as unverified."""
+    calibrated = {tuple(r[k] for k in ROW_KEY): r.get("calib_digest") for r in rows}
+    verdict: dict[tuple, bool | None] = {}
+    for r in rows:
+        if not (source := RUN_NAME.fullmatch(r.get("genie_set_of") or "")):
+            continue
+        genie = calibrated.get((f"{source[1]}/{source[2]}", source[3], int(source[4])))
+        mine = r.get("genie_set_digest")
+        verdict[tuple(r[k] for k in ROW_KEY)] = None if mine is None or genie is None else mine == genie
+    broken = sorted(k for k, ok in verdict.items() if ok is False)
+    for key in broken:
+        print(f"not paired: {key} started from another set than its genie row calibrated on (left out)", flush=True)
+    account = {"verified": sum(ok is True for ok in verdict.values()),
+               "unverified": sum(ok is None for ok in verdict.values()), "broken": [list(k) for k in broken]}
+    left_out = set(broken)
+    return [r for r in rows if tuple(r[k] for k in ROW_KEY) not in left_out], account
+
+
 def runs_budget(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The distinct budgets of the runs (read from their own config.yaml), each with its number of runs."""
     seen: dict[str, dict[str, Any]] = {}
@@ -375,12 +401,14 @@ def collect(args: argparse.Namespace) -> Path:
     rows = merge_rows(recorded["rows"], finished_rows(args), ROW_KEY)
     for r in rows:  # rows recorded before runs said whether they repeat: known for CPU runs only
         r.setdefault("deterministic", repeatable(r.get("device"), {}))
-    print(tables(rows))
+    paired, pairs = check_pairs(rows)
+    print(tables(paired))
     bits = sorted({r["bits"] for r in rows}, key=lambda b: [-int(x) for x in b.split("/")])
     meta = {"budget": runs_budget(rows), "seeds": sorted({r["seed"] for r in rows}), "bits": bits,
             # read from the runs, not from this collect's flags: True only if every run repeats bit for bit
             "deterministic": all(r["deterministic"] is True for r in rows),
-            "paired": {f"{m} {b}": summarize(paired_differences(rows, m, b)) for m in METHODS if m != BASE
+            "pairs": pairs,
+            "paired": {f"{m} {b}": summarize(paired_differences(paired, m, b)) for m in METHODS if m != BASE
                        for b in bits}}
     # without --probe the recorded probe stays; with it, the probe of the sets in --work replaces theirs
     probe = merge_rows(recorded["meta"].get("probe", []), probe_rows(args) if args.probe else [],
@@ -437,7 +465,7 @@ def main() -> None:
     input_size = sadag.load_model(args.model, weights=base_config(args.model, Path(".")).weights)[1].input_size
     if not args.collect:
         run_all(args, input_size)
-        print(tables(finished_rows(args)))
+        print(tables(check_pairs(finished_rows(args))[0]))
         print("(the results file is written by --collect, over the seeds and methods it is given)")
         return
     path = collect(args)

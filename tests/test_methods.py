@@ -120,3 +120,36 @@ def test_genie_from_a_saved_set_reuses_it_and_only_adds_the_lowpass(tmp_path: Pa
     again = load_synthetic_set(filtered)[0]
     assert not torch.equal(again, original)
     assert torch.allclose(again, apply_lowpass(original, spec, 4.0), atol=1e-6)
+
+
+def test_reports_name_their_images_by_digest_and_a_changed_genie_set_is_refused_on_resume(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from sadag.generation import images_digest
+    from sadag.rundir import RunDir
+
+    calib = sadag.CalibConfig(iters=2)
+    genie = sadag.run(tiny(tmp_path / "genie", method="genie", gen=GEN, calib=calib), export=False)
+    genie_set = tmp_path / "genie" / "synthetic"
+    assert genie["calib_digest"] == images_digest(load_synthetic_set(genie_set)[0]) and "genie_set_digest" not in genie
+    gen = sadag.GenConfig(genie_iters=3, genie_set=str(genie_set), lowpass=4.0)
+    filtered = sadag.run(tiny(tmp_path / "lowpass", method="genie", gen=gen, calib=calib), export=False)
+    assert filtered["genie_set_digest"] == genie["calib_digest"] != filtered["calib_digest"]  # started from it
+
+    class Killed(Exception):
+        pass
+
+    original = RunDir.save_state
+
+    def die_at_calibration(self: RunDir, name: str, obj: object) -> None:
+        original(self, name, obj)
+        if name == "calib.pt":
+            raise Killed
+
+    monkeypatch.setattr(RunDir, "save_state", die_at_calibration)
+    victim = tmp_path / "victim"  # killed mid-calibration, then its Genie set is made again with another seed
+    with pytest.raises(Killed):
+        sadag.run(tiny(victim, method="genie", gen=gen, calib=calib), export=False)
+    monkeypatch.setattr(RunDir, "save_state", original)
+    sadag.run(tiny(tmp_path / "genie", method="genie", gen=GEN, calib=calib, seed=1), force=True, export=False)
+    with pytest.raises(ConfigError, match="is not the set this run started from"):
+        sadag.run(tiny(victim, method="genie", gen=gen, calib=calib), resume=True, export=False)

@@ -141,19 +141,21 @@ def test_the_wide_variant_calibrates_the_genie_set_with_the_same_images_per_unit
 
 
 def _finished_run(work: Path, bits: str, method: str, seed: int, top1: float, iters: int = 2000,
-                  device: str = "cpu", env: dict | None = None) -> None:
-    """A run directory as a finished protocol run leaves it: report.json and its config.yaml (engine as typed),
-    and environment.json if ``env`` is given."""
+                  device: str = "cpu", env: dict | None = None, genie_set: Path | None = None,
+                  **report: object) -> None:
+    """A run directory as a finished protocol run leaves it: report.json (plus ``report``'s fields) and its
+    config.yaml (engine as typed, ``genie_set`` if it started from one), and environment.json if ``env`` is given."""
     import yaml
 
     run = protocol.run_dir(work, "resnet20_cifar10", bits, method, seed)
     run.mkdir(parents=True)
     (run / "report.json").write_text(json.dumps({"model": "resnet20_cifar10", "quant_top1": top1, "num_calib": 256,
-                                                 "device": device}))
+                                                 "device": device, **report}))
     if env is not None:
         (run / "environment.json").write_text(json.dumps(env))
+    gen = {"genie_iters": 300, **({"genie_set": str(genie_set)} if genie_set else {})}
     (run / "config.yaml").write_text(yaml.safe_dump({"calib": {"iters": iters, "batch_size": 32, "engine": "auto"},
-                                                     "gen": {"genie_iters": 300}}))
+                                                     "gen": gen}))
 
 
 def test_collect_reads_every_finished_run_and_its_budget_whatever_the_arguments(tmp_path: Path) -> None:
@@ -236,3 +238,23 @@ def test_collect_reads_determinism_from_the_runs_not_from_its_own_flags(tmp_path
     written = _collect(work, deterministic=True)
     assert {r["seed"]: r["deterministic"] for r in written["rows"] if r["method"] == "sadag"} == {0: None, 1: False}
     assert written["meta"]["deterministic"] is False
+
+
+def test_collect_pairs_a_run_with_its_genie_row_only_if_it_started_from_those_images(tmp_path: Path,
+                                                                                     results: Path) -> None:
+    work = tmp_path / "work"
+
+    def genie_set(seed: int) -> Path:
+        return protocol.run_dir(work, "resnet20_cifar10", "2/2", "genie", seed) / "synthetic"
+
+    for seed, digest in ((0, "aaaa"), (1, "bbbb"), (2, None)):  # seed 2's genie run predates digests
+        _finished_run(work, "2/2", "genie", seed, 60.0, calib_digest=digest)
+    _finished_run(work, "2/2", "sadag", 0, 61.0, genie_set=genie_set(0), genie_set_digest="aaaa")  # its set
+    _finished_run(work, "2/2", "sadag", 1, 65.0, genie_set=genie_set(1), genie_set_digest="cccc")  # made again
+    _finished_run(work, "2/2", "sadag", 2, 62.0, genie_set=genie_set(2), genie_set_digest="dddd")
+    _finished_run(work, "2/2", "real", 1, 70.0, calib_digest="eeee")  # pairs by seed alone
+    written = _collect(work)
+    assert written["meta"]["pairs"] == {"verified": 1, "unverified": 1, "broken": [["2/2", "sadag", 1]]}
+    assert written["meta"]["paired"]["sadag 2/2"]["n"] == 2  # seeds 0 and 2: seed 1 is no pair
+    assert written["meta"]["paired"]["real 2/2"]["n"] == 1
+    assert {r["seed"] for r in written["rows"] if r["method"] == "sadag"} == {0, 1, 2}  # the row itself is kept

@@ -35,7 +35,8 @@ from .data.calib import calibration_set
 from .distributed import SINGLE, Ranks
 from .errors import ConfigError, DataError, SadagError
 from .evaluation import evaluate
-from .generation import GenerationContext, get_method, near_duplicates, save_synthetic_set
+from .generation import GenerationContext, get_method, images_digest, near_duplicates, save_synthetic_set
+from .generation.builtin import GENIE_SET_DIGEST
 from .generation.duplicates import NEAR_COPY_COSINE
 from .generation.lowpass import apply_lowpass
 from .models import DataSpec, load_model
@@ -193,17 +194,19 @@ def _open_rundir(cfg: RunConfig, resume: bool, force: bool, ranks: Ranks, device
 
 
 def _calibration_images(model: nn.Module, spec: DataSpec, cfg: RunConfig, rundir: RunDir, stages: _Stages,
-                        device: torch.device) -> tuple[Tensor, str]:
-    """Images and the method that made them: --calib-data (a saved set or a real folder), or a fresh synthesis."""
+                        device: torch.device) -> tuple[Tensor, str, dict[str, str]]:
+    """Images, the method that made them and the digest of the saved Genie set they started from, if any:
+    --calib-data (a saved set or a real folder), or a fresh synthesis."""
     if cfg.calib_data:
         with stages.stage("load_calib"):
             num = cfg.num_calib if cfg.num_calib is not None or not _is_folder(cfg.calib_data) else cfg.gen.num_images
             images, meta = calibration_set(cfg.calib_data, spec, num, cfg.seed, cfg.class_index)
-        return images.to(device), str(meta.get("method", "saved"))
+        return images.to(device), str(meta.get("method", "saved")), {}
     images, artifacts = _synthesize(model, spec, cfg, rundir, stages, stages.progress)
     if rundir.writable:
         save_synthetic_set(rundir.path("synthetic"), images.cpu(), spec, _set_meta(cfg), artifacts)
-    return images, cfg.method
+    source = {GENIE_SET_DIGEST: artifacts[GENIE_SET_DIGEST]} if GENIE_SET_DIGEST in artifacts else {}
+    return images, cfg.method, source
 
 
 def _is_folder(path: str) -> bool:
@@ -237,9 +240,10 @@ def _run(cfg: RunConfig, model: nn.Module, spec: DataSpec, device: torch.device,
                 fp = _evaluate(model, cfg, spec, device, stages, "evaluate FP")
             rundir.save_state("fp_eval.pt", fp)
         report.update(fp_top1=fp["top1"], fp_top5=fp["top5"], eval_images=fp["num_images"])
-    images, method = _calibration_images(model, spec, cfg, rundir, stages, device)
+    images, method, source = _calibration_images(model, spec, cfg, rundir, stages, device)
     _check_finite(images, "calibration images")
-    report.update(method=method, num_calib=int(images.shape[0]),
+    # the digests say by content which images a run calibrated on (and started from): paired runs can be checked
+    report.update(method=method, num_calib=int(images.shape[0]), calib_digest=images_digest(images), **source,
                   calib_near_duplicates=_count_near_duplicates(images, "calibration images"))
     with stages.stage("calibrate"):
         qmodel = calibrate(model, spec, images, cfg, rundir, progress=stages.progress, ranks=stages.ranks)

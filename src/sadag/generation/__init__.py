@@ -8,7 +8,7 @@ from .context import GenerationContext
 from .duplicates import near_copy_mask, near_duplicates
 from .generator import GenieGenerator
 from .genie import GenieBatch, batch_sizes, generate_genie
-from .io import load_synthetic_set, save_synthetic_set
+from .io import images_digest, load_synthetic_set, save_synthetic_set
 from .noise import generate_noise
 from .sadag import RefineCheckpoints, diversity_loss, gradient_cosine, gradient_matching_loss, refine_sadag
 from .swing import SwingConv2d, swing_model, swing_shift
@@ -34,6 +34,7 @@ __all__ = [
     "get_method",
     "gradient_cosine",
     "gradient_matching_loss",
+    "images_digest",
     "input_prior_loss",
     "load_synthetic_set",
     "method_names",

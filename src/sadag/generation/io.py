@@ -8,6 +8,7 @@ such a dict or just the images tensor is read too.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 from pathlib import Path
@@ -57,6 +58,15 @@ def save_synthetic_set(directory: str | os.PathLike, images: Tensor, spec: DataS
     atomic_write(out / IMAGES_FILE, lambda p: torch.save(payload, p))
     grid = image_grid(payload["images"], spec)
     atomic_write(out / GRID_FILE, lambda p: grid.save(p, format="PNG"))
+
+
+def images_digest(images: Tensor) -> str:
+    """The first 16 hex digits of the sha-256 of the images' shape and float32 values: equal digests, the same
+    images (which file or run they came from does not enter)."""
+    values = images.detach().float().cpu().contiguous()
+    digest = hashlib.sha256(str(tuple(values.shape)).encode())
+    digest.update(values.numpy())
+    return digest.hexdigest()[:16]
 
 
 def saved_set_file(path: str | os.PathLike) -> Path | None:
