@@ -122,18 +122,9 @@ def test_genie_from_a_saved_set_reuses_it_and_only_adds_the_lowpass(tmp_path: Pa
     assert torch.allclose(again, apply_lowpass(original, spec, 4.0), atol=1e-6)
 
 
-def test_reports_name_their_images_by_digest_and_a_changed_genie_set_is_refused_on_resume(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from sadag.generation import images_digest
+def _killed_at_calibration(monkeypatch: pytest.MonkeyPatch, cfg: sadag.RunConfig) -> None:
+    """Run ``cfg`` until its first calibrated unit is checkpointed, then die there."""
     from sadag.rundir import RunDir
-
-    calib = sadag.CalibConfig(iters=2)
-    genie = sadag.run(tiny(tmp_path / "genie", method="genie", gen=GEN, calib=calib), export=False)
-    genie_set = tmp_path / "genie" / "synthetic"
-    assert genie["calib_digest"] == images_digest(load_synthetic_set(genie_set)[0]) and "genie_set_digest" not in genie
-    gen = sadag.GenConfig(genie_iters=3, genie_set=str(genie_set), lowpass=4.0)
-    filtered = sadag.run(tiny(tmp_path / "lowpass", method="genie", gen=gen, calib=calib), export=False)
-    assert filtered["genie_set_digest"] == genie["calib_digest"] != filtered["calib_digest"]  # started from it
 
     class Killed(Exception):
         pass
@@ -146,10 +137,35 @@ def test_reports_name_their_images_by_digest_and_a_changed_genie_set_is_refused_
             raise Killed
 
     monkeypatch.setattr(RunDir, "save_state", die_at_calibration)
-    victim = tmp_path / "victim"  # killed mid-calibration, then its Genie set is made again with another seed
     with pytest.raises(Killed):
-        sadag.run(tiny(victim, method="genie", gen=gen, calib=calib), export=False)
+        sadag.run(cfg, export=False)
     monkeypatch.setattr(RunDir, "save_state", original)
+
+
+def test_reports_name_their_images_by_digest_and_a_resume_refuses_an_input_file_made_again(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from sadag.generation import images_digest
+    from sadag.rundir import RunDirError
+
+    calib = sadag.CalibConfig(iters=2)
+    genie = sadag.run(tiny(tmp_path / "genie", method="genie", gen=GEN, calib=calib), export=False)
+    genie_set = tmp_path / "genie" / "synthetic"
+    assert genie["calib_digest"] == images_digest(load_synthetic_set(genie_set)[0]) and "genie_set_digest" not in genie
+    gen = sadag.GenConfig(genie_iters=3, genie_set=str(genie_set), lowpass=4.0)
+    filtered = sadag.run(tiny(tmp_path / "lowpass", method="genie", gen=gen, calib=calib), export=False)
+    assert filtered["genie_set_digest"] == genie["calib_digest"] != filtered["calib_digest"]  # started from it
+    # killed mid-calibration, then the file each reads again on resume is made again
+    warmup = tmp_path / "w" / "quantized.safetensors"
+    sadag.run(tiny(warmup.parent, method="noise", calib=calib))
+    with_warmup = sadag.GenConfig(genie_iters=3, refine_iters=2, genie_set=str(tmp_path / "lowpass" / "synthetic"),
+                                  warmup_model=str(warmup))  # a set not made again below
+    victims = {"genie_set": tiny(tmp_path / "v1", method="genie", gen=gen, calib=calib),
+               "calib_data": tiny(tmp_path / "v2", calib_data=str(genie_set), calib=calib),
+               "warmup_model": tiny(tmp_path / "v3", method="sadag", gen=with_warmup, calib=calib)}
+    for cfg in victims.values():
+        _killed_at_calibration(monkeypatch, cfg)
     sadag.run(tiny(tmp_path / "genie", method="genie", gen=GEN, calib=calib, seed=1), force=True, export=False)
-    with pytest.raises(ConfigError, match="is not the set this run started from"):
-        sadag.run(tiny(victim, method="genie", gen=gen, calib=calib), resume=True, export=False)
+    sadag.run(tiny(warmup.parent, method="noise", calib=calib, seed=1), force=True)
+    for name, cfg in victims.items():
+        with pytest.raises(RunDirError, match=rf"{name} \(--[a-z-]+\) .* is not the one this run started from"):
+            sadag.run(cfg, resume=True, export=False)

@@ -43,7 +43,7 @@ from .models import DataSpec, load_model
 from .progress import Progress
 from .quantization.prepare import freeze_, quantize
 from .reconstruction.reconstruct import check_tf32, reconstruct_
-from .rundir import RunDir, environment
+from .rundir import RunDir, environment, pin_input
 
 log = logging.getLogger(__name__)
 
@@ -201,6 +201,7 @@ def _calibration_images(model: nn.Module, spec: DataSpec, cfg: RunConfig, rundir
         with stages.stage("load_calib"):
             num = cfg.num_calib if cfg.num_calib is not None or not _is_folder(cfg.calib_data) else cfg.gen.num_images
             images, meta = calibration_set(cfg.calib_data, spec, num, cfg.seed, cfg.class_index)
+        pin_input(rundir, "calib_data", images_digest(images), f"calib_data (--calib-data) {cfg.calib_data}")
         return images.to(device), str(meta.get("method", "saved")), {}
     images, artifacts = _synthesize(model, spec, cfg, rundir, stages, stages.progress)
     if rundir.writable:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import hashlib
 import json
 import os
 import platform
@@ -18,7 +19,7 @@ import tempfile
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
@@ -29,6 +30,19 @@ STATE = "state"
 MARKER = "sadag-run.json"
 LOCK = ".sadag.lock"
 _PLAIN = (str, int, float, bool, type(None))
+
+
+INPUTS = "inputs.pt"  # digests of the files a run reads again when it resumes
+
+
+class StateStore(Protocol):
+    """Where a run checkpoints finished work (a run directory's ``state/``); plain data only."""
+
+    def load_state(self, name: str) -> Any | None: ...
+
+    def save_state(self, name: str, obj: Any) -> None: ...
+
+    def drop_state(self, name: str) -> None: ...
 
 
 class RunDirError(SadagError):
@@ -262,6 +276,26 @@ class RunDir:
             return
         with self.metrics_file.open("a") as f:
             f.write(json.dumps({"time": round(time.time(), 3), **record}) + "\n")
+
+
+def pin_input(store: StateStore, key: str, digest: str, label: str) -> None:
+    """Record the digest of an input file that a run reads again when it resumes (a saved set, a warm-up model),
+    and refuse a resume that finds another file there: the two would be mixed in one run."""
+    pinned = store.load_state(INPUTS) or {}
+    if key in pinned and pinned[key] != digest:
+        raise RunDirError(f"{label} is not the one this run started from (digest {pinned[key]} then, {digest} now): "
+                          "restore it, or start the run again with --force")
+    if key not in pinned:
+        store.save_state(INPUTS, {**pinned, key: digest})
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    """The first 16 hex digits of the sha-256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
 
 
 def environment(device: torch.device) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from ..config import bits_label
 from ..distributed import barrier, broadcast_tensors, share_items
 from ..errors import ConfigError
 from ..methods import register_method
+from ..rundir import file_digest, pin_input
 from .context import GenerationContext
 from .genie import GenieBatch, auto_parallel_batches, batch_sizes, generate_genie
 from .io import images_digest, load_synthetic_set
@@ -30,7 +31,6 @@ GENIE_BATCHES = "genie_batches"  # artifact of a Genie set: each batch's generat
 GENIE_SET_DIGEST = "genie_set_digest"  # artifact of a set made from a saved Genie set: that set's images_digest
 WARMUP_MODEL = "warmup"  # SADAG publishes its stage-B model as warmup.safetensors
 GENIE_STEP, REFINE_STEP = "genie_step.pt", "refine_step.pt"  # the Genie-D group / SADAG batch in progress
-GENIE_SET_STATE = "genie_set.pt"  # the digest of the saved Genie set a run started from
 # the batch in progress is saved at most every 5 minutes, and saving kept under 5% of the time (CheckpointClock)
 MID_BATCH_SECONDS = 300.0
 
@@ -145,21 +145,11 @@ def genie_set_batches(ctx: GenerationContext) -> list[GenieBatch]:
     if states[0]["z"].shape[1] != ctx.gen.latent_dim:
         raise ConfigError(f"gen.genie_set (--genie-set): {path} has latents of size {states[0]['z'].shape[1]}, "
                           f"gen.latent_dim is {ctx.gen.latent_dim}")
-    _check_unchanged(ctx, path, images_digest(images))
+    digest = images_digest(images)
+    pin_input(ctx, "gen.genie_set", digest, f"gen.genie_set (--genie-set) {path}")
+    ctx.artifacts[GENIE_SET_DIGEST] = digest
     parts = images.split(sizes)
     return [batch_from_state(s, parts[i]) for i, s in enumerate(states)]
-
-
-def _check_unchanged(ctx: GenerationContext, path: str, digest: str) -> None:
-    """A run resumed from a saved Genie set continues from the same images: the set is read again on resume,
-    and a set made again at the same path in between would mix two sets in one run."""
-    recorded = ctx.load_state(GENIE_SET_STATE)
-    if recorded is not None and recorded.get("digest") != digest:
-        raise ConfigError(f"gen.genie_set (--genie-set): {path} is not the set this run started from (its images' "
-                          f"digest was {recorded.get('digest')}, is {digest}): restore that set, or start the run "
-                          "again with --force")
-    ctx.save_state(GENIE_SET_STATE, {"digest": digest})
-    ctx.artifacts[GENIE_SET_DIGEST] = digest
 
 
 def load_warmup_model(ctx: GenerationContext) -> nn.Module:
@@ -168,6 +158,7 @@ def load_warmup_model(ctx: GenerationContext) -> nn.Module:
 
     path = ctx.gen.warmup_model
     qmodel, meta = load_quantized(path, model=copy.deepcopy(ctx.model))
+    pin_input(ctx, "gen.warmup_model", file_digest(path), f"gen.warmup_model (--warmup-model) {path}")
     wanted, found = bits_label(ctx.cfg.quant), f"{meta.get('w_bits')}/{meta.get('a_bits') or 'fp'}"
     if meta.get("model_name") != ctx.cfg.model or found != wanted:
         raise ConfigError(f"gen.warmup_model (--warmup-model): {path} is {meta.get('model_name')!r} at W/A {found}; "

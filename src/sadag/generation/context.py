@@ -7,27 +7,18 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
 from ..distributed import SINGLE, Ranks
 from ..models.spec import DataSpec
+from ..rundir import StateStore
 from .common import Progress
 
 if TYPE_CHECKING:
     from ..config import GenConfig, RunConfig
-
-
-class StateStore(Protocol):
-    """Where a method checkpoints finished work (a run directory's ``state/``); plain data only."""
-
-    def load_state(self, name: str) -> Any | None: ...
-
-    def save_state(self, name: str, obj: Any) -> None: ...
-
-    def drop_state(self, name: str) -> None: ...
 
 
 @contextlib.contextmanager
