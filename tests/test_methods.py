@@ -169,3 +169,16 @@ def test_reports_name_their_images_by_digest_and_a_resume_refuses_an_input_file_
     for name, cfg in victims.items():
         with pytest.raises(RunDirError, match=rf"{name} \(--[a-z-]+\) .* is not the one this run started from"):
             sadag.run(cfg, resume=True, export=False)
+    import conftest
+
+    made = conftest.tiny_bn_model
+
+    def other_weights():  # noqa: ANN202
+        model, spec = made()
+        with torch.no_grad():
+            next(model.parameters()).mul_(1.01)
+        return model, spec
+
+    monkeypatch.setattr(conftest, "tiny_bn_model", other_weights)  # the same model name, other weights
+    with pytest.raises(RunDirError, match="the model 'conftest:tiny_bn_model' is not the one this run"):
+        sadag.run(victims["genie_set"], resume=True, export=False)

@@ -43,7 +43,7 @@ from .models import DataSpec, load_model
 from .progress import Progress
 from .quantization.prepare import freeze_, quantize
 from .reconstruction.reconstruct import check_tf32, reconstruct_
-from .rundir import RunDir, environment, pin_input
+from .rundir import RunDir, environment, module_digest, pin_input
 
 log = logging.getLogger(__name__)
 
@@ -169,6 +169,12 @@ def _prepare(cfg: RunConfig, resume: bool, force: bool, calibrates: bool) -> tup
     check_tf32(cfg.calib, device)
     model, spec = load_model(cfg.model, weights=cfg.weights, trust_checkpoint=cfg.trust_checkpoint)
     rundir = _open_rundir(cfg, resume, force, ranks, device)
+    try:  # the fingerprint names the model and its weights file; a resume must also find the same weights in it
+        weights = f" with weights {cfg.weights}" if cfg.weights else ""
+        pin_input(rundir, "model", module_digest(model), f"the model {cfg.model!r}{weights}")
+    except BaseException:
+        rundir.close()
+        raise
     return cfg, model.to(device).eval(), spec, device, rundir, ranks
 
 

@@ -298,6 +298,15 @@ def file_digest(path: str | os.PathLike) -> str:
     return digest.hexdigest()[:16]
 
 
+def module_digest(module: torch.nn.Module) -> str:
+    """The first 16 hex digits of the sha-256 of a module's state (names, shapes, dtypes, values)."""
+    digest = hashlib.sha256()
+    for name, value in sorted(module.state_dict().items()):
+        digest.update(f"{name}{tuple(value.shape)}{value.dtype}".encode())
+        digest.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()[:16]
+
+
 def environment(device: torch.device) -> dict[str, Any]:
     from . import __version__
 
