@@ -144,6 +144,19 @@ def tiny_bn_model():  # noqa: ANN201
     return randomize_bn_(TinyNet()), DataSpec(mean=(0.5,) * 3, std=(0.25,) * 3, input_size=16, num_classes=10)
 
 
+def write_image_folder(root: Path, per_class: dict[str, int], size: tuple[int, int] = (32, 32)) -> None:
+    """Random PNG images under root/<class>/, ``per_class`` of each, seeded."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for cls, n in per_class.items():
+        (root / cls).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            arr = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+            Image.fromarray(arr).save(root / cls / f"{i:03d}.png")
+
+
 TINY = ["--model", "conftest:tiny_bn_model", "--preset", "smoke"]  # the CLI's tiny model at the smoke budget
 
 

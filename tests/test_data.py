@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import IMAGENET_VAL, needs_imagenet
+from conftest import IMAGENET_VAL, needs_imagenet, write_image_folder
 from sadag.data import (
     CifarDataset,
     ImageFolderDataset,
@@ -35,18 +35,9 @@ SPEC224 = DataSpec(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), input_
                    resize=256)
 
 
-def _write_images(root: Path, per_class: dict[str, int], size: tuple[int, int] = (32, 32)) -> None:
-    rng = np.random.default_rng(0)
-    for cls, n in per_class.items():
-        (root / cls).mkdir(parents=True, exist_ok=True)
-        for i in range(n):
-            arr = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
-            Image.fromarray(arr).save(root / cls / f"{i:03d}.png")
-
-
 @pytest.fixture
 def folder(tmp_path: Path) -> Path:
-    _write_images(tmp_path / "imgs", {"cat": 4, "ant": 3, "dog": 5})
+    write_image_folder(tmp_path / "imgs", {"cat": 4, "ant": 3, "dog": 5})
     return tmp_path / "imgs"
 
 
@@ -212,7 +203,7 @@ def test_images_of_unknown_range_are_refused_by_name(tmp_path: Path, values: np.
 @pytest.mark.parametrize("folders", [2, 5])
 def test_class_folders_that_do_not_fit_the_model_are_refused(tmp_path: Path, folders: int) -> None:
     names = ["ant", "bee", "cat", "dog", "eel"][:folders]
-    _write_images(tmp_path / "imgs", dict.fromkeys(names, 1))
+    write_image_folder(tmp_path / "imgs", dict.fromkeys(names, 1))
     with pytest.raises(DataError, match=f"has {folders} class folders but the model has 3 classes.*--class-index"):
         ImageFolderDataset(tmp_path / "imgs", SPEC32)
     (tmp_path / "index.txt").write_text("\n".join(["eel", "ant", "bee", "cat", "dog"][:max(folders, 3)]))

@@ -182,3 +182,16 @@ def test_reports_name_their_images_by_digest_and_a_resume_refuses_an_input_file_
     monkeypatch.setattr(conftest, "tiny_bn_model", other_weights)  # the same model name, other weights
     with pytest.raises(RunDirError, match="the model 'conftest:tiny_bn_model' is not the one this run"):
         sadag.run(victims["genie_set"], resume=True, export=False)
+
+
+def test_a_resume_refuses_an_evaluation_folder_that_changed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from conftest import write_image_folder
+    from sadag.rundir import RunDirError
+
+    folder = tmp_path / "eval"
+    write_image_folder(folder, {f"c{k}": 2 for k in range(10)}, size=(16, 16))
+    cfg = tiny(tmp_path / "run", method="noise", eval_data=str(folder), calib=sadag.CalibConfig(iters=2))
+    _killed_at_calibration(monkeypatch, cfg)  # the FP accuracy on the folder is checkpointed by now
+    write_image_folder(folder, {"c0": 3}, size=(16, 16))  # one more image
+    with pytest.raises(RunDirError, match=r"eval_data \(--eval-data\) .* is not the one this run started from"):
+        sadag.run(cfg, resume=True, export=False)

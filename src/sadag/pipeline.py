@@ -240,7 +240,9 @@ def _run(cfg: RunConfig, model: nn.Module, spec: DataSpec, device: torch.device,
     rundir = stages.rundir
     report: dict[str, Any] = {"model": cfg.model, "method": cfg.method, "w_bits": cfg.quant.w_bits,
                               "a_bits": cfg.quant.a_bits, "seed": cfg.seed, "preset": cfg.preset}
-    if cfg.eval_data:
+    if cfg.eval_data:  # the FP result is checkpointed: the quantized model must meet the same images
+        listing = ImageFolderDataset(cfg.eval_data, spec, class_index=cfg.class_index, limit=cfg.eval_limit)
+        pin_input(rundir, "eval_data", listing.digest(), f"eval_data (--eval-data) {cfg.eval_data}")
         fp = rundir.load_state("fp_eval.pt")
         if fp is None:
             with stages.stage("fp_eval"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import torch
@@ -51,6 +52,14 @@ class ImageFolderDataset(Dataset):
         self.samples: list[tuple[Path, int]] = [
             (img, self.class_to_idx[f.name]) for f in folders for img in _images_in(f)[:limit]
         ]
+
+    def digest(self) -> str:
+        """The first 16 hex digits of the sha-256 of every sample's path (relative to the root), size and label:
+        a cheap fingerprint of the folder (no image is read)."""
+        digest = hashlib.sha256()
+        for path, label in self.samples:
+            digest.update(f"{path.relative_to(self.root)}\0{path.stat().st_size}\0{label}\n".encode())
+        return digest.hexdigest()[:16]
 
     def _class_folders(self) -> list[Path]:
         if not self.root.is_dir():
