@@ -302,6 +302,8 @@ def module_digest(module: torch.nn.Module) -> str:
     """The first 16 hex digits of the sha-256 of a module's state (names, shapes, dtypes, values)."""
     digest = hashlib.sha256()
     for name, value in sorted(module.state_dict().items()):
+        if not isinstance(value, Tensor):  # a module's _extra_state may be any object: not part of the weights
+            continue
         digest.update(f"{name}{tuple(value.shape)}{value.dtype}".encode())
         digest.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
     return digest.hexdigest()[:16]
