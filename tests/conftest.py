@@ -157,6 +157,28 @@ def write_image_folder(root: Path, per_class: dict[str, int], size: tuple[int, i
             Image.fromarray(arr).save(root / cls / f"{i:03d}.png")
 
 
+def run_killed_at(monkeypatch: pytest.MonkeyPatch, checkpoint: str, cfg, **kwargs) -> None:  # noqa: ANN001, ANN003
+    """``sadag.run(cfg, export=False, **kwargs)`` until it writes the checkpoint ``checkpoint`` (a file of the run's
+    state/), then die there, as a process killed right after that write would."""
+    import sadag
+    from sadag.rundir import RunDir
+
+    class Killed(Exception):
+        pass
+
+    original = RunDir.save_state
+
+    def save_then_die(self: RunDir, name: str, obj: object) -> None:
+        original(self, name, obj)
+        if name == checkpoint:
+            raise Killed
+
+    monkeypatch.setattr(RunDir, "save_state", save_then_die)
+    with pytest.raises(Killed):
+        sadag.run(cfg, export=False, **kwargs)
+    monkeypatch.setattr(RunDir, "save_state", original)
+
+
 TINY = ["--model", "conftest:tiny_bn_model", "--preset", "smoke"]  # the CLI's tiny model at the smoke budget
 
 

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 import sadag
-from conftest import TINY
+from conftest import TINY, run_killed_at
 from sadag import methods as registry
 from sadag.cli import build_parser
 from sadag.errors import ConfigError
@@ -122,26 +122,6 @@ def test_genie_from_a_saved_set_reuses_it_and_only_adds_the_lowpass(tmp_path: Pa
     assert torch.allclose(again, apply_lowpass(original, spec, 4.0), atol=1e-6)
 
 
-def _killed_at_calibration(monkeypatch: pytest.MonkeyPatch, cfg: sadag.RunConfig) -> None:
-    """Run ``cfg`` until its first calibrated unit is checkpointed, then die there."""
-    from sadag.rundir import RunDir
-
-    class Killed(Exception):
-        pass
-
-    original = RunDir.save_state
-
-    def die_at_calibration(self: RunDir, name: str, obj: object) -> None:
-        original(self, name, obj)
-        if name == "calib.pt":
-            raise Killed
-
-    monkeypatch.setattr(RunDir, "save_state", die_at_calibration)
-    with pytest.raises(Killed):
-        sadag.run(cfg, export=False)
-    monkeypatch.setattr(RunDir, "save_state", original)
-
-
 def test_reports_name_their_images_by_digest_and_a_resume_refuses_an_input_file_made_again(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from sadag.generation import images_digest
@@ -163,7 +143,7 @@ def test_reports_name_their_images_by_digest_and_a_resume_refuses_an_input_file_
                "calib_data": tiny(tmp_path / "v2", calib_data=str(genie_set), calib=calib),
                "warmup_model": tiny(tmp_path / "v3", method="sadag", gen=with_warmup, calib=calib)}
     for cfg in victims.values():
-        _killed_at_calibration(monkeypatch, cfg)
+        run_killed_at(monkeypatch, "calib.pt", cfg)
     sadag.run(tiny(tmp_path / "genie", method="genie", gen=GEN, calib=calib, seed=1), force=True, export=False)
     sadag.run(tiny(warmup.parent, method="noise", calib=calib, seed=1), force=True)
     for name, cfg in victims.items():
@@ -191,7 +171,7 @@ def test_a_resume_refuses_an_evaluation_folder_that_changed(tmp_path: Path, monk
     folder = tmp_path / "eval"
     write_image_folder(folder, {f"c{k}": 2 for k in range(10)}, size=(16, 16))
     cfg = tiny(tmp_path / "run", method="noise", eval_data=str(folder), calib=sadag.CalibConfig(iters=2))
-    _killed_at_calibration(monkeypatch, cfg)  # the FP accuracy on the folder is checkpointed by now
+    run_killed_at(monkeypatch, "calib.pt", cfg)  # the FP accuracy on the folder is checkpointed by now
     write_image_folder(folder, {"c0": 3}, size=(16, 16))  # one more image
     with pytest.raises(RunDirError, match=r"eval_data \(--eval-data\) .* is not the one this run started from"):
         sadag.run(cfg, resume=True, export=False)

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import sadag
-from conftest import TINY
+from conftest import TINY, run_killed_at
 from sadag.config import apply_preset, result_settings
 from sadag.generation import builtin
 from sadag.rundir import LOCK, MARKER, RunDir, RunDirError, check_plain
@@ -103,22 +103,9 @@ def sadag_images(tmp_path_factory: pytest.TempPathFactory) -> torch.Tensor:
 def test_a_run_killed_mid_batch_resumes_from_its_mid_stage_checkpoint(tmp_path: Path, stage: str,
                                                                       sadag_images: torch.Tensor,
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    gen, original = MID_STAGE, RunDir.save_state
+    gen, out = MID_STAGE, tmp_path / "victim"
     monkeypatch.setattr(builtin, "MID_BATCH_SECONDS", 0.0)  # save the batch in progress at every step
-
-    class Killed(Exception):
-        pass
-
-    def save_then_die(self: RunDir, name: str, obj: object) -> None:
-        original(self, name, obj)
-        if name == stage:
-            raise Killed
-
-    monkeypatch.setattr(RunDir, "save_state", save_then_die)
-    out = tmp_path / "victim"
-    with pytest.raises(Killed):
-        run(tiny(out, method="sadag", gen=gen))
-    monkeypatch.setattr(RunDir, "save_state", original)
+    run_killed_at(monkeypatch, stage, tiny(out, method="sadag", gen=gen))
     step = torch.load(out / "state" / stage, weights_only=True)
     assert step["iteration"] == 1 and (step.get("batch") == 0 or step.get("batches") == [0])
     run(tiny(out, method="sadag", gen=gen), resume=True)
@@ -128,21 +115,8 @@ def test_a_run_killed_mid_batch_resumes_from_its_mid_stage_checkpoint(tmp_path: 
 
 def test_a_run_killed_between_refinement_batches_resumes_bit_for_bit(tmp_path: Path, sadag_images: torch.Tensor,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    original = RunDir.save_state
-
-    class Killed(Exception):
-        pass
-
-    def save_then_die(self: RunDir, name: str, obj: object) -> None:
-        original(self, name, obj)
-        if name == "refined_0.pt":
-            raise Killed
-
-    monkeypatch.setattr(RunDir, "save_state", save_then_die)
     out = tmp_path / "victim"
-    with pytest.raises(Killed):
-        run(tiny(out, method="sadag", gen=MID_STAGE))
-    monkeypatch.setattr(RunDir, "save_state", original)
+    run_killed_at(monkeypatch, "refined_0.pt", tiny(out, method="sadag", gen=MID_STAGE))
     saved = torch.load(out / "state" / "refined_0.pt", weights_only=True)
     assert saved.keys() == {"images", "e", "h"}  # batch 1's diversity term compares with batch 0's e and h
     old = tmp_path / "old"  # the same kill, as a version that saved the images only left it

@@ -207,7 +207,6 @@ def _calibration_images(model: nn.Module, spec: DataSpec, cfg: RunConfig, rundir
         with stages.stage("load_calib"):
             num = cfg.num_calib if cfg.num_calib is not None or not _is_folder(cfg.calib_data) else cfg.gen.num_images
             images, meta = calibration_set(cfg.calib_data, spec, num, cfg.seed, cfg.class_index)
-        pin_input(rundir, "calib_data", images_digest(images), f"calib_data (--calib-data) {cfg.calib_data}")
         return images.to(device), str(meta.get("method", "saved")), {}
     images, artifacts = _synthesize(model, spec, cfg, rundir, stages, stages.progress)
     if rundir.writable:
@@ -252,7 +251,10 @@ def _run(cfg: RunConfig, model: nn.Module, spec: DataSpec, device: torch.device,
     images, method, source = _calibration_images(model, spec, cfg, rundir, stages, device)
     _check_finite(images, "calibration images")
     # the digests say by content which images a run calibrated on (and started from): paired runs can be checked
-    report.update(method=method, num_calib=int(images.shape[0]), calib_digest=images_digest(images), **source,
+    digest = images_digest(images)
+    if cfg.calib_data:  # read again on resume, after some units may be calibrated on it
+        pin_input(rundir, "calib_data", digest, f"calib_data (--calib-data) {cfg.calib_data}")
+    report.update(method=method, num_calib=int(images.shape[0]), calib_digest=digest, **source,
                   calib_near_duplicates=_count_near_duplicates(images, "calibration images"))
     with stages.stage("calibrate"):
         qmodel = calibrate(model, spec, images, cfg, rundir, progress=stages.progress, ranks=stages.ranks)
