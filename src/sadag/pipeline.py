@@ -85,9 +85,8 @@ class _Stages:
             self.user_progress(stage, step, total, metrics)
 
 
-def _evaluate(model: nn.Module, cfg: RunConfig, spec: DataSpec, device: torch.device, stages: _Stages,
-              stage: str) -> dict[str, float]:
-    dataset = ImageFolderDataset(cfg.eval_data, spec, class_index=cfg.class_index, limit=cfg.eval_limit)
+def _evaluate(model: nn.Module, dataset: ImageFolderDataset, cfg: RunConfig, device: torch.device,
+              stages: _Stages, stage: str) -> dict[str, float]:
     if stages.ranks.enabled:  # each rank a contiguous slice; evaluate all-reduces the counts
         part = stages.ranks.slice(len(dataset))
         dataset = torch.utils.data.Subset(dataset, range(part.start, part.stop))
@@ -239,13 +238,14 @@ def _run(cfg: RunConfig, model: nn.Module, spec: DataSpec, device: torch.device,
     rundir = stages.rundir
     report: dict[str, Any] = {"model": cfg.model, "method": cfg.method, "w_bits": cfg.quant.w_bits,
                               "a_bits": cfg.quant.a_bits, "seed": cfg.seed, "preset": cfg.preset}
+    eval_set = None
     if cfg.eval_data:  # the FP result is checkpointed: the quantized model must meet the same images
-        listing = ImageFolderDataset(cfg.eval_data, spec, class_index=cfg.class_index, limit=cfg.eval_limit)
-        pin_input(rundir, "eval_data", listing.digest(), f"eval_data (--eval-data) {cfg.eval_data}")
+        eval_set = ImageFolderDataset(cfg.eval_data, spec, class_index=cfg.class_index, limit=cfg.eval_limit)
+        pin_input(rundir, "eval_data", eval_set.digest(), f"eval_data (--eval-data) {cfg.eval_data}")
         fp = rundir.load_state("fp_eval.pt")
         if fp is None:
             with stages.stage("fp_eval"):
-                fp = _evaluate(model, cfg, spec, device, stages, "evaluate FP")
+                fp = _evaluate(model, eval_set, cfg, device, stages, "evaluate FP")
             rundir.save_state("fp_eval.pt", fp)
         report.update(fp_top1=fp["top1"], fp_top5=fp["top5"], eval_images=fp["num_images"])
     images, method, source = _calibration_images(model, spec, cfg, rundir, stages, device)
@@ -258,9 +258,9 @@ def _run(cfg: RunConfig, model: nn.Module, spec: DataSpec, device: torch.device,
                   calib_near_duplicates=_count_near_duplicates(images, "calibration images"))
     with stages.stage("calibrate"):
         qmodel = calibrate(model, spec, images, cfg, rundir, progress=stages.progress, ranks=stages.ranks)
-    if cfg.eval_data:
+    if eval_set is not None:
         with stages.stage("quant_eval"):
-            q = _evaluate(qmodel, cfg, spec, device, stages, "evaluate quantized")
+            q = _evaluate(qmodel, eval_set, cfg, device, stages, "evaluate quantized")
         report.update(quant_top1=q["top1"], quant_top5=q["top5"])
     if export and rundir.writable:
         with stages.stage("export"):
