@@ -299,8 +299,9 @@ def test_sadag_seeded_and_resumable() -> None:
     torch.testing.assert_close(resumed, full, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("batch", [0, 1])
-def test_sadag_resumes_mid_batch_exactly(tmp_path, batch: int) -> None:
+@pytest.mark.parametrize(("batch", "saved_as"), [(0, "group"), (1, "group"), (1, "one batch")])
+def test_sadag_resumes_mid_batch_exactly(tmp_path, batch: int, saved_as: str) -> None:
+    """saved_as "one batch": the checkpoint of a version before gen.refine_parallel, one batch's keys at the top."""
     fp, q, batches, cfg = _refine_setup(iters=7, plateau_patience=1)
     full = refine_sadag(fp, q, batches, SPEC, cfg, seed=0)
     done = {0: full[:4]} if batch == 1 else {}  # batch 1 killed in a run that resumed after batch 0
@@ -311,12 +312,14 @@ def test_sadag_resumes_mid_batch_exactly(tmp_path, batch: int) -> None:
 
     def save(state: dict) -> None:
         torch.save(state, tmp_path / "state.pt")
-        if (state["batch"], state["iteration"]) == (batch, 4):
+        if (state["batches"], state["iteration"]) == ([batch], 4):
             raise Killed
 
     with pytest.raises(Killed):
         refine_sadag(fp, q, batches, SPEC, cfg, seed=0, done=done, checkpoints=RefineCheckpoints(save, every=2))
     state = torch.load(tmp_path / "state.pt", weights_only=True)  # plain tensors and values only
+    if saved_as == "one batch":
+        state = {**state["per_batch"][0], "batch": batch, "iteration": state["iteration"]}
     got: list[int] = []
     resumed = refine_sadag(fp, q, batches, SPEC, cfg, seed=0, done=done, on_batch=lambda i, _x: got.append(i),
                            checkpoints=RefineCheckpoints(every=2, resume=state))

@@ -18,7 +18,7 @@ from sadag.generation import bn_layers, capture_bn_inputs, generate_genie, gradi
 from sadag.generation import sadag as sadag_module
 from sadag.generation.common import frozen_eval
 from sadag.generation.genie import load_batch_generator
-from sadag.generation.sadag import _PAIRS, _Nets, capture_linear_input, last_linear
+from sadag.generation.sadag import _PAIRS, _Latents, _Nets, capture_linear_input, last_linear
 from sadag.models.spec import DataSpec
 from sadag.quantization.prepare import freeze_, quantize, quantizers
 
@@ -55,7 +55,7 @@ def _measure(fp: nn.Module, q: nn.Module, spec: DataSpec, cfg: GenConfig, rho: f
             gen, z = load_batch_generator(batch, spec, cfg, torch.device("cpu"))
             images: list[Tensor] = []
             gen.register_forward_hook(lambda _m, _a, y, seen=images: seen.append(y.detach()))
-            _, _, e, h, e_n, h_n = pair(nets, gen, z, rho, torch.Generator().manual_seed(seed))
+            _, _, e, h, e_n, h_n = pair(nets, _Latents(gen, z, [torch.Generator().manual_seed(seed)]), rho)
             x, x_n = images[0], images[-1]
             out[mode] = (gradient_matching_loss(e, h, e_n, h_n).item(), _relative(e_n, e), _relative(x_n, x))
     return out
@@ -72,7 +72,7 @@ def _direction(fp: nn.Module, q: nn.Module, mode: str, seed: int) -> Tensor:
     seen: list[Tensor] = []
     handle = gen.register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach().clone()))
     with _nets(fp, q) as nets:
-        _PAIRS[mode](nets, gen, z, 0.7, torch.Generator().manual_seed(seed))
+        _PAIRS[mode](nets, _Latents(gen, z, [torch.Generator().manual_seed(seed)]), 0.7)
     handle.remove()
     assert torch.equal(seen[0], z.detach())
     return seen[-1] - seen[0]

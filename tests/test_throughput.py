@@ -11,17 +11,18 @@ from torch import nn
 
 from conftest import TinyNet, randomize_bn_
 from sadag.config import CalibConfig, QuantConfig
-from sadag.generation import generate_genie, generate_zeroq
+from sadag.generation import RefineCheckpoints, generate_genie, generate_zeroq, refine_sadag
 from sadag.generation.bn_stats import bn_layers, bn_statistics_losses, capture_bn_inputs, input_prior_losses
 from sadag.generation.generator import GenieGenerator, grouped_forward
 from sadag.generation.genie import auto_parallel_batches, batch_groups
+from sadag.generation.sadag import diversity_losses
 from sadag.quantization.fold import bn_fused_into_convs
 from sadag.quantization.modules import QuantConv2d, is_quant_layer
 from sadag.quantization.prepare import quantize
 from sadag.quantization.primitives import is_channels_last, keep_mask, rectified_sigmoid
 from sadag.quantization.quantizers import ActQuantizer, WeightQuantizer
 from sadag.reconstruction.reconstruct import MinibatchSampler, _optimizers, reconstruct_
-from test_generation import SPEC, small_cfg, tiny_model
+from test_generation import SPEC, perturbed, small_cfg, tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -360,3 +361,59 @@ def test_the_bn_loss_reads_channels_last_activations(float64) -> None:
 def test_genie_images_leave_in_the_standard_layout() -> None:
     batches = generate_genie(tiny_model(), SPEC, small_cfg(num_images=4, batch_size=4, genie_iters=2), seed=0)
     assert batches[0].images.is_contiguous()
+
+
+def _refinement(parallel: int, dtype: torch.dtype = torch.float32, num_images: int = 11, **kw):  # noqa: ANN202
+    """fp and quantized stand-ins, Genie batches of 3 images (the last one of 2 at 11), and a config refining
+    `parallel` at once."""
+    fp = tiny_model(dtype=dtype)
+    cfg = small_cfg(num_images=num_images, batch_size=3, genie_iters=2, refine_iters=6, plateau_patience=1,
+                    refine_lr_z=0.05, refine_lr_g=0.01, refine_parallel=parallel, **kw)
+    return fp, perturbed(fp), generate_genie(fp, SPEC, cfg, seed=3), cfg
+
+
+@pytest.mark.parametrize("neighbor", ["released", "random"])
+def test_parallel_refinement_without_diversity_matches_the_sequential_one(float64, neighbor: str) -> None:
+    """lambda_div = 0 leaves nothing that couples the batches of a pass: the grouped generators, stacked latents,
+    per-batch noise, BN losses and optimizers give each batch what it gets alone."""
+    fp, q, batches, cfg = _refinement(3, torch.float64, lambda_div=0.0, neighbor=neighbor)
+    passes = refine_sadag(fp, q, batches, SPEC, cfg, seed=1)
+    alone = refine_sadag(fp, q, batches, SPEC, replace(cfg, refine_parallel=1), seed=1)
+    assert not torch.allclose(alone, torch.cat([b.images for b in batches]))  # the refinement moved the images
+    torch.testing.assert_close(passes, alone, atol=1e-9, rtol=0)
+
+
+def test_diversity_of_a_pass_sees_its_other_batches() -> None:
+    e, h = torch.eye(4, 6), torch.ones(4, 5)  # orthogonal samples: no similarity within a batch of 4
+    assert diversity_losses(e, h, None, None, 0.0).tolist() == [0.0]
+    twice = diversity_losses(torch.cat([e, e]), torch.cat([h, h]), None, None, 0.0, groups=2)
+    torch.testing.assert_close(twice, torch.ones(2))  # each batch meets its copy in the other batch of the pass
+    fp, q, batches, cfg = _refinement(2, lambda_gm=0.0, lambda_div=10.0)
+    passes = refine_sadag(fp, q, batches, SPEC, cfg, seed=1)
+    alone = refine_sadag(fp, q, batches, SPEC, replace(cfg, refine_parallel=1), seed=1)
+    assert not torch.allclose(passes[:3], alone[:3], atol=1e-4)  # batch 0 now has batch 1 to differ from
+
+
+def test_parallel_refinement_resumes_mid_pass_exactly(tmp_path) -> None:
+    fp, q, batches, cfg = _refinement(2, num_images=12)
+    full = refine_sadag(fp, q, batches, SPEC, cfg, seed=1)
+    saved: dict = {}
+
+    class Killed(Exception):
+        pass
+
+    def save(state: dict) -> None:
+        torch.save(state, tmp_path / "state.pt")
+        if state["iteration"] == 4 and state["batches"] == [2, 3]:
+            raise Killed
+
+    with pytest.raises(Killed):  # the second pass killed at step 4, the first one's batches saved
+        refine_sadag(fp, q, batches, SPEC, cfg, seed=1, on_batch=saved.__setitem__,
+                     checkpoints=RefineCheckpoints(save, every=2))
+    assert sorted(saved) == [0, 1]
+    state = torch.load(tmp_path / "state.pt", weights_only=True)
+    got: list[int] = []
+    resumed = refine_sadag(fp, q, batches, SPEC, cfg, seed=1, done=saved, on_batch=lambda i, _x: got.append(i),
+                           checkpoints=RefineCheckpoints(every=2, resume=state))
+    assert got == [2, 3]
+    assert torch.equal(resumed, full)

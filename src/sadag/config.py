@@ -181,6 +181,11 @@ class GenConfig:
     warmup_calib_iters: int = setting(4000, flag="--warmup-calib-iters", min=0,
                                       help="SADAG stage B: reconstruction iterations per unit of the warm-up model")
     refine_iters: int = setting(500, flag="--refine-iters", min=0, help="SADAG stage C: iterations per batch")
+    refine_parallel: int = setting(1, flag="--refine-parallel", min=1,
+                                   help="SADAG stage C: batches refined in one pass. 1 = one by one, the paper's "
+                                        "diversity term (a batch against the finished earlier batches); more "
+                                        "changes it: a batch's term also sees the other batches of its pass at "
+                                        "their current step")
     refine_lr_z: float = setting(1e-5, min=0.0, help="SADAG refinement: latents' learning rate")
     refine_lr_g: float = setting(1e-4, min=0.0, help="SADAG refinement: generator learning rate")
     refine_min_lr_z: float = setting(1e-6, min=0.0, help="SADAG refinement: lowest latents' lr")

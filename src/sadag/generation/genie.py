@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -202,7 +202,7 @@ def _report_group(monitor: StageMonitor, indices: Sequence[int], it: int, iters:
             on_log(b, it, gens[k], zs[k].detach(), images)
 
 
-def batch_groups(sizes: Sequence[int], parallel: int, done: Collection[int],
+def batch_groups(sizes: Sequence[int] | Mapping[int, int], parallel: int, done: Collection[int],
                  only: Sequence[int] | None = None) -> list[list[int]]:
     """The batches still to do, in groups of `parallel` consecutive batches of equal size.
 

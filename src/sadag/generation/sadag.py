@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from ..config import GenConfig
 from ..errors import ConfigError, ModelError
 from ..models.spec import DataSpec
-from .bn_stats import bn_layers, bn_statistics_loss, capture_bn_inputs, input_prior_loss
+from .bn_stats import bn_layers, bn_statistics_losses, capture_bn_inputs, input_prior_losses
 from .common import (
     LOG_EVERY,
     CheckpointClock,
@@ -28,7 +28,8 @@ from .common import (
     model_device,
     tensor_lr_adam,
 )
-from .genie import GenieBatch, finished_images, load_batch_generator
+from .generator import GenieGenerator, grouped_forward
+from .genie import GenieBatch, batch_groups, finished_images, load_batch_generator
 
 log = logging.getLogger(__name__)
 
@@ -48,13 +49,21 @@ def gradient_cosine(e_a: Tensor, h_a: Tensor, e_b: Tensor, h_b: Tensor, *, pairw
     return (ea * eb).sum(1) * (ha * hb).sum(1)
 
 
+def gradient_matching_losses(e: Tensor, h: Tensor, e_n: Tensor, h_n: Tensor, groups: int = 1) -> Tensor:
+    """L_GM = 1 - mean_i cos(g_i, g'_i) between each sample and its neighbor, per batch of `groups` equal
+    batches concatenated along N: shape (groups,)."""
+    return 1.0 - gradient_cosine(e, h, e_n, h_n, pairwise=False).view(groups, -1).mean(1)
+
+
 def gradient_matching_loss(e: Tensor, h: Tensor, e_n: Tensor, h_n: Tensor) -> Tensor:
-    """L_GM = 1 - mean_i cos(g_i, g'_i) between each sample and its neighbor."""
-    return 1.0 - gradient_cosine(e, h, e_n, h_n, pairwise=False).mean()
+    """L_GM of one batch (a scalar): see gradient_matching_losses."""
+    return gradient_matching_losses(e, h, e_n, h_n).sum()
 
 
-def diversity_loss(e: Tensor, h: Tensor, pool_e: Tensor | None, pool_h: Tensor | None, zeta: float) -> Tensor:
-    """L_D = mean_i max_{j != i} relu(|cos(g_i, g_j)| - zeta), j over this batch and the pool.
+def diversity_losses(e: Tensor, h: Tensor, pool_e: Tensor | None, pool_h: Tensor | None, zeta: float,
+                     groups: int = 1) -> Tensor:
+    """L_D = mean_i max_{j != i} relu(|cos(g_i, g_j)| - zeta) per batch of `groups` equal batches concatenated
+    along N (shape (groups,)); j runs over all of e's rows (every batch of the group) and the pool.
 
     As in the SADAG code, the gradient flows through the rows only; the columns are detached.
     """
@@ -64,7 +73,12 @@ def diversity_loss(e: Tensor, h: Tensor, pool_e: Tensor | None, pool_h: Tensor |
     sim = torch.relu(gradient_cosine(e, h, cols_e, cols_h).abs() - zeta)
     mask = torch.ones_like(sim)
     mask[:, : e.shape[0]].fill_diagonal_(0.0)
-    return (sim * mask).max(dim=1).values.mean()
+    return (sim * mask).max(dim=1).values.view(groups, -1).mean(1)
+
+
+def diversity_loss(e: Tensor, h: Tensor, pool_e: Tensor | None, pool_h: Tensor | None, zeta: float) -> Tensor:
+    """L_D of one batch against the pool (a scalar): see diversity_losses."""
+    return diversity_losses(e, h, pool_e, pool_h, zeta).sum()
 
 
 def last_linear(model: nn.Module) -> nn.Linear:
@@ -102,9 +116,11 @@ class _Nets:
     bn_inputs: list[Tensor | None]
     h_slot: list[Tensor | None]
 
-    def forward(self, x: Tensor, bn_images: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
+    def forward(self, x: Tensor, bn_images: Tensor | None = None, groups: int = 1
+                ) -> tuple[Tensor, Tensor, Tensor | None]:
         """e = f_FP(x) - f_Q(x), h (the Q model's last linear input, flattened) and, given bn_images
-        = x[:n], L_BN of those n samples plus Genie's input prior (the SADAG code's BN loss has it).
+        = x[:n], L_BN plus Genie's input prior (the SADAG code's BN loss has it) of each of `groups` equal
+        batches in those n samples: shape (groups,).
 
         L_BN is taken right after the FP forward, before the Q model could re-trigger shared hooks.
         """
@@ -113,16 +129,37 @@ class _Nets:
         if bn_images is not None:
             n = bn_images.shape[0]
             rows = [a[:n] if a is not None else None for a in self.bn_inputs]
-            bn = bn_statistics_loss(rows, self.bn) + input_prior_loss(bn_images)
+            bn = bn_statistics_losses(rows, self.bn, groups) + input_prior_losses(bn_images, groups)
         q_out = self.q(x)
         h = self.h_slot[0]
         assert h is not None, "the quantized model's last nn.Linear was not called"
         return fp_out - q_out, h.flatten(1), bn
 
 
+@dataclass
+class _Latents:
+    """What a neighbor needs of the batches refined together: `images`, their generators as one function of
+    the latents z ((B, latent) for one batch, (G, B, latent) for G), and each batch's seeded noise."""
+
+    images: Callable[[Tensor], Tensor]
+    z: Tensor
+    noise: list[torch.Generator]
+
+    @property
+    def groups(self) -> int:
+        return len(self.noise)
+
+    def randn(self, shape: torch.Size) -> Tensor:
+        """Gaussian noise whose leading dimension is split equally among the batches, each part drawn from its
+        batch's generator (so a batch draws what it would alone)."""
+        part = (shape[0] // self.groups, *shape[1:])
+        draws = [torch.randn(part, generator=g, device=self.z.device, dtype=self.z.dtype) for g in self.noise]
+        return draws[0] if len(draws) == 1 else torch.cat(draws)
+
+
 # Neighbor directions (ALGORITHM.md section 3). Each returns (x, L_BN, e, h, e', h') with x' = G(z - rho d/||d||)
 # per sample; d is detached (no gradient flows through the choice of neighbor) and its randomness comes from
-# `noise`, the batch's seeded generator.
+# the batches' seeded generators.
 
 def _unit_outputs(e: Tensor, h: Tensor) -> Tensor:
     """(e/||e||, h/||h||) per sample: the gradient cosine cos(e, e') cos(h, h') sees nothing else."""
@@ -144,28 +181,27 @@ def _jvp(u: Tensor, z: Tensor, v: Tensor) -> Tensor:
     return jv
 
 
-def _step_to(nets: _Nets, gen: nn.Module, z: Tensor, rho: float, d: Tensor, x: Tensor, bn: Tensor | None,
-             e: Tensor, h: Tensor):
-    x_n = gen(z - rho * F.normalize(d.detach(), dim=1))
+def _step_to(nets: _Nets, lat: _Latents, rho: float, d: Tensor, x: Tensor, bn: Tensor | None, e: Tensor,
+             h: Tensor):
+    x_n = lat.images(lat.z - rho * F.normalize(d.detach(), dim=-1))
     e_n, h_n, _ = nets.forward(x_n)
     return x, bn, e, h, e_n, h_n
 
 
-def _random_pair(nets: _Nets, gen: nn.Module, z: Tensor, rho: float, noise: torch.Generator):
-    """Neighbor along a seeded isotropic unit direction in z; x and x' go through the models as one 2B batch.
+def _random_pair(nets: _Nets, lat: _Latents, rho: float):
+    """Neighbor along a seeded isotropic unit direction in z; x and x' go through the models as one batch.
 
-    The generator runs on z and z' separately: its BN uses batch statistics, so one 2B call would
-    change the images.
+    The generator runs on z and z' separately: its BN uses batch statistics, so one call would change the images.
     """
-    d = torch.randn(z.shape, generator=noise, device=z.device, dtype=z.dtype)
-    x = gen(z)
-    x_n = gen(z - rho * F.normalize(d, dim=1))
-    e2, h2, bn = nets.forward(torch.cat([x, x_n]), bn_images=x)
+    d = lat.randn(lat.z.shape)
+    x = lat.images(lat.z)
+    x_n = lat.images(lat.z - rho * F.normalize(d, dim=-1))
+    e2, h2, bn = nets.forward(torch.cat([x, x_n]), bn_images=x, groups=lat.groups)
     n = x.shape[0]
     return x, bn, e2[:n], h2[:n], e2[n:], h2[n:]
 
 
-def _released_pair(nets: _Nets, gen: nn.Module, z: Tensor, rho: float, noise: torch.Generator):
+def _released_pair(nets: _Nets, lat: _Latents, rho: float):
     """Neighbor along d = J^T r: seeded Gaussian noise r on the unit outputs (e/||e||, h/||h||), back-propagated
     through the models and the generator to z (one extra backward).
 
@@ -174,17 +210,16 @@ def _released_pair(nets: _Nets, gen: nn.Module, z: Tensor, rho: float, noise: to
     zero in exact arithmetic (normalization's Jacobian is orthogonal to u); what remains is float rounding noise
     at u, carried back to z by J^T. So d lies along the directions of z that move the outputs.
     """
-    x = gen(z)
-    e, h, bn = nets.forward(x, bn_images=x)
+    x = lat.images(lat.z)
+    e, h, bn = nets.forward(x, bn_images=x, groups=lat.groups)
     u = _unit_outputs(e, h)
-    r = torch.randn(u.shape, generator=noise, device=u.device, dtype=u.dtype)
-    return _step_to(nets, gen, z, rho, _vjp(u, z, r), x, bn, e, h)
+    return _step_to(nets, lat, rho, _vjp(u, lat.z, lat.randn(u.shape)), x, bn, e, h)
 
 
 ADVERSARIAL_POWER_STEPS = 2  # power-iteration steps from the released direction toward the top eigenvector
 
 
-def _adversarial_pair(nets: _Nets, gen: nn.Module, z: Tensor, rho: float, noise: torch.Generator):
+def _adversarial_pair(nets: _Nets, lat: _Latents, rho: float):
     """Neighbor that, to leading order, most lowers the gradient cosine cos(e, e') cos(h, h') (what the paper
     describes, under the loss actually optimized).
 
@@ -194,24 +229,23 @@ def _adversarial_pair(nets: _Nets, gen: nn.Module, z: Tensor, rho: float, noise:
     d <- J^T J d (each: one double backward for J d, one backward for J^T), normalized per sample, starting
     from the released direction J^T r. Each step costs about three backward passes.
     """
-    x = gen(z)
-    e, h, bn = nets.forward(x, bn_images=x)
+    x = lat.images(lat.z)
+    e, h, bn = nets.forward(x, bn_images=x, groups=lat.groups)
     u = _unit_outputs(e, h)
-    r = torch.randn(u.shape, generator=noise, device=u.device, dtype=u.dtype)
-    d = _vjp(u, z, r)
+    d = _vjp(u, lat.z, lat.randn(u.shape))
     for _ in range(ADVERSARIAL_POWER_STEPS):
-        d = _vjp(u, z, _jvp(u, z, F.normalize(d, dim=1)).detach())
-    return _step_to(nets, gen, z, rho, d, x, bn, e, h)
+        d = _vjp(u, lat.z, _jvp(u, lat.z, F.normalize(d, dim=-1)).detach())
+    return _step_to(nets, lat, rho, d, x, bn, e, h)
 
 
 _PAIRS = {"released": _released_pair, "random": _random_pair, "adversarial": _adversarial_pair}
 
 
-def _no_neighbor(nets: _Nets, gen: nn.Module, z: Tensor, rho: float, noise: torch.Generator):
+def _no_neighbor(nets: _Nets, lat: _Latents, rho: float):
     """lambda_gm = 0 (the diversity-only ablation): L_GM has no weight, so no neighbor is formed; the loss and
     its gradient are those of any pair, at about a third of the cost of a released-neighbor step."""
-    x = gen(z)
-    e, h, bn = nets.forward(x, bn_images=x)
+    x = lat.images(lat.z)
+    e, h, bn = nets.forward(x, bn_images=x, groups=lat.groups)
     return x, bn, e, h, None, None
 
 
@@ -232,9 +266,9 @@ class _Pool:
 
 @dataclass
 class RefineCheckpoints:
-    """Mid-batch checkpoints: ``save`` receives a batch's state every ``every`` steps, no more often than
-    :class:`CheckpointClock` allows with ``seconds`` (CPU tensors and plain values); passing the last one back
-    as ``resume`` continues that batch exactly where it was."""
+    """Mid-batch checkpoints: ``save`` receives the state of the batches in progress every ``every`` steps, no more
+    often than :class:`CheckpointClock` allows with ``seconds`` (CPU tensors and plain values); passing the last
+    one back as ``resume`` continues those batches exactly where they were."""
 
     save: Callable[[dict], None] | None = None
     every: int = 50
@@ -242,54 +276,109 @@ class RefineCheckpoints:
     seconds: float = 0.0
 
 
-def _refine_batch(nets: _Nets, batch: GenieBatch, pool: _Pool, spec: DataSpec, cfg: GenConfig, seed: int,
+@dataclass
+class _Group:
+    """Batches refined in one pass (gen.refine_parallel), each with its own generator, latents, optimizers,
+    plateau lr and noise, as it would have alone."""
+
+    indices: list[int]
+    gens: list[GenieGenerator] = field(default_factory=list)
+    zs: list[Tensor] = field(default_factory=list)
+    opts: list[tuple[torch.optim.Optimizer, torch.optim.Optimizer]] = field(default_factory=list)
+    plateaus: list[DevicePlateau] = field(default_factory=list)
+    noise: list[torch.Generator] = field(default_factory=list)
+
+    @classmethod
+    def start(cls, batches: list[GenieBatch], spec: DataSpec, cfg: GenConfig, seed: int,
+              device: torch.device) -> _Group:
+        group = cls([b.index for b in batches])
+        for batch in batches:
+            gen, z = load_batch_generator(batch, spec, cfg, device)
+            opt_z = tensor_lr_adam([z], cfg.refine_lr_z, device)
+            group.plateaus.append(DevicePlateau(opt_z.param_groups[0]["lr"], patience=cfg.plateau_patience,
+                                                min_lr=cfg.refine_min_lr_z))
+            group.opts.append((opt_z, torch.optim.Adam(gen.parameters(), lr=cfg.refine_lr_g)))
+            noise = torch.Generator(device=device)
+            noise.manual_seed(batch_seed(seed, batch.index, "sadag"))
+            group.gens.append(gen)
+            group.zs.append(z)
+            group.noise.append(noise)
+        return group
+
+    def latents(self) -> _Latents:
+        if len(self.gens) == 1:  # one batch: its generator called directly, the floats of a lone batch
+            return _Latents(self.gens[0], self.zs[0], self.noise)
+        return _Latents(lambda z: grouped_forward(self.gens, z), torch.stack(self.zs), self.noise)
+
+    def state(self, iteration: int) -> dict:
+        """Everything the group needs to continue exactly after `iteration` steps."""
+        per_batch = [{**latent_state(gen, z, opt_z, opt_g, p), "noise": g.get_state()}
+                     for gen, z, (opt_z, opt_g), p, g in zip(self.gens, self.zs, self.opts, self.plateaus,
+                                                               self.noise, strict=True)]
+        return {"batches": list(self.indices), "iteration": iteration, "per_batch": per_batch}
+
+    def load(self, state: dict) -> int:
+        for s, gen, z, (opt_z, opt_g), p, g in zip(state["per_batch"], self.gens, self.zs, self.opts,
+                                                    self.plateaus, self.noise, strict=True):
+            load_latent_state(s, gen, z, opt_z, opt_g, p)
+            g.set_state(s["noise"])
+        return int(state["iteration"])
+
+
+def _as_group_state(state: dict | None) -> dict | None:
+    """A mid-stage checkpoint as a group's state; one saved before groups existed (sadag before 2026-12-01,
+    one batch, its keys at the top level) becomes the state of that batch alone."""
+    if state is None or "batches" in state:
+        return state
+    return {"batches": [state["batch"]], "iteration": state["iteration"], "per_batch": [state]}
+
+
+def _refine_group(nets: _Nets, batches: list[GenieBatch], pool: _Pool, spec: DataSpec, cfg: GenConfig, seed: int,
                   monitor: StageMonitor, checkpoints: RefineCheckpoints, clock: CheckpointClock
-                  ) -> tuple[Tensor, Tensor, Tensor]:
-    """The refined images, and their e and h for the diversity pool of the later batches."""
-    device = model_device(nets.fp)
-    gen, z = load_batch_generator(batch, spec, cfg, device)
-    opt_z = tensor_lr_adam([z], cfg.refine_lr_z, device)
-    plateau = DevicePlateau(opt_z.param_groups[0]["lr"], patience=cfg.plateau_patience,
-                            min_lr=cfg.refine_min_lr_z)
-    opt_g = torch.optim.Adam(gen.parameters(), lr=cfg.refine_lr_g)
-    noise = torch.Generator(device=device)
-    noise.manual_seed(batch_seed(seed, batch.index, "sadag"))
-    pair = _pair_for(cfg)
-    iters, b, first = cfg.refine_iters, batch.index, 0
-    if checkpoints.resume is not None and checkpoints.resume["batch"] == b:
-        load_latent_state(checkpoints.resume, gen, z, opt_z, opt_g, plateau)
-        noise.set_state(checkpoints.resume["noise"])
-        first = int(checkpoints.resume["iteration"])
+                  ) -> tuple[list[Tensor], Tensor, Tensor]:
+    """The refined images of each batch, and the group's e and h for the diversity pool of later batches.
+
+    The loss is the sum of the batches' losses, so each batch's gradient, optimizer steps and plateau are those
+    of the batch alone but for its diversity term, whose columns hold every batch of the group at its current
+    step (the earlier batches' finished samples, in the pool, too).
+    """
+    group = _Group.start(batches, spec, cfg, seed, model_device(nets.fp))
+    pair, iters, count, first = _pair_for(cfg), cfg.refine_iters, len(batches), 0
+    resume = _as_group_state(checkpoints.resume)
+    if resume is not None and resume["batches"] == group.indices:
+        first = group.load(resume)
     x = e = h = None
     for it in range(first, iters):
-        opt_z.zero_grad(set_to_none=True)
-        opt_g.zero_grad(set_to_none=True)
-        x, bn, e, h, e_n, h_n = pair(nets, gen, z, cfg.rho, noise)
-        div = diversity_loss(e, h, pool.e, pool.h, cfg.zeta)
+        for opt_z, opt_g in group.opts:
+            opt_z.zero_grad(set_to_none=True)
+            opt_g.zero_grad(set_to_none=True)
+        x, bn, e, h, e_n, h_n = pair(nets, group.latents(), cfg.rho)
+        div = diversity_losses(e, h, pool.e, pool.h, cfg.zeta, count)
         if e_n is None:  # no neighbor, no L_GM
             terms = {"bn": bn, "div": div}
-            loss = bn + cfg.lambda_div * div
+            losses = bn + cfg.lambda_div * div
         else:
-            gm = gradient_matching_loss(e, h, e_n, h_n)
+            gm = gradient_matching_losses(e, h, e_n, h_n, count)
             terms = {"bn": bn, "gm": gm, "div": div}
-            loss = bn + cfg.lambda_gm * gm + cfg.lambda_div * div
-        loss.backward()
-        opt_z.step()
-        opt_g.step()
-        plateau.step(loss)
-        opt_g.param_groups[0]["lr"] = cfg.refine_lr_g * cfg.refine_g_decay ** (it + 1)
-        monitor.observe(loss)
+            losses = bn + cfg.lambda_gm * gm + cfg.lambda_div * div
+        losses.sum().backward()
+        for (opt_z, opt_g), plateau, loss in zip(group.opts, group.plateaus, losses, strict=True):
+            opt_z.step()
+            opt_g.step()
+            plateau.step(loss)
+            opt_g.param_groups[0]["lr"] = cfg.refine_lr_g * cfg.refine_g_decay ** (it + 1)
+        monitor.observe(losses.sum())
         if monitor.due(it, iters):
-            monitor.report(b, it, b * iters + it + 1, {"loss": loss, **terms, "lr_z": plateau.lr})
+            for k, b in enumerate(group.indices):
+                monitor.report(b, it, b * iters + it + 1, {"loss": losses[k], **{n: t[k] for n, t in terms.items()},
+                                                            "lr_z": group.plateaus[k].lr})
         if checkpoints.save is not None and clock.due(it + 1, iters):
-            clock.save(lambda done: checkpoints.save({**latent_state(gen, z, opt_z, opt_g, plateau),
-                                                      "noise": noise.get_state(), "batch": b, "iteration": done}),
-                       it + 1)
-    monitor.check(b, max(iters - 1, 0))
+            clock.save(lambda done: checkpoints.save(group.state(done)), it + 1)
+    monitor.check(group.indices[-1], max(iters - 1, 0))
     if x is None or e is None or h is None:  # zero iterations: the warm-up images unchanged
-        x = batch.images.to(device)
+        x = torch.cat([b.images for b in batches]).to(model_device(nets.fp))
         e, h = _outputs(nets, x, cfg.batch_size)
-    return finished_images(x), e.detach(), h.detach()
+    return [finished_images(part) for part in x.chunk(count)], e.detach(), h.detach()
 
 
 def _finished_batch(nets: _Nets, entry: Tensor | dict[str, Tensor], device: torch.device,
@@ -348,8 +437,10 @@ def refine_sadag(
 ) -> Tensor:
     """Refine each Genie batch from its generator state and latents; returns (N, 3, S, S) float32 CPU.
 
-    Batches are refined in index order; the diversity term of batch b compares against the finished
-    samples of batches < b. Both models are used frozen and in eval mode; their flags are restored afterwards.
+    Batches are refined in index order, cfg.refine_parallel at a time (1: one by one, as the paper); the
+    diversity term of a batch compares against the finished samples of the earlier batches and, in a pass of
+    several, the other batches of its pass at their current step. Both models are used frozen and in eval mode;
+    their flags are restored afterwards.
     `on_batch` receives each newly refined batch as {"images", "e", "h"} (CPU; e and h: its diversity-pool
     entry); passed back in `done`, those batches are not refined again and a resumed run equals an unbroken
     one bit for bit. `checkpoints` saves and resumes the batch in progress.
@@ -367,14 +458,27 @@ def refine_sadag(
     with (frozen_eval(fp_model, q_model), torch.enable_grad(), capture_bn_inputs(fp_model) as bn_inputs,
           capture_linear_input(last_linear(q_model)) as h_slot):
         nets = _Nets(fp_model, q_model, bn_layers(fp_model), bn_inputs, h_slot)
-        for batch in ordered:
-            if batch.index in done:
-                images, e, h = _finished_batch(nets, done[batch.index], device, cfg.batch_size)
-            else:
-                images, e, h = _refine_batch(nets, batch, pool, spec, cfg, seed, monitor, checkpoints, clock)
+        for group in _groups(ordered, cfg.refine_parallel):
+            if all(b.index in done for b in group):
+                for batch in group:
+                    images, e, h = _finished_batch(nets, done[batch.index], device, cfg.batch_size)
+                    pool.add(e, h)
+                    out.append(images)
+                continue
+            refined, e, h = _refine_group(nets, group, pool, spec, cfg, seed, monitor, checkpoints, clock)
+            for batch, images, e_b, h_b in zip(group, refined, e.chunk(len(group)), h.chunk(len(group)),
+                                               strict=True):
                 log.info("sadag: batch %d refined (%d images)", batch.index, images.shape[0])
                 if on_batch is not None:
-                    on_batch(batch.index, {"images": images, "e": e.cpu(), "h": h.cpu()})
+                    on_batch(batch.index, {"images": images, "e": e_b.cpu(), "h": h_b.cpu()})
             pool.add(e, h)
-            out.append(images)
+            out.extend(refined)
     return torch.cat(out)
+
+
+def _groups(ordered: list[GenieBatch], parallel: int) -> list[list[GenieBatch]]:
+    """The batches in passes of `parallel` consecutive ones of equal size, cut the same whatever a resumed run
+    finds done (a pass is refined again whole unless all of its batches are)."""
+    by_index = {b.index: b for b in ordered}
+    cuts = batch_groups({b.index: b.images.shape[0] for b in ordered}, parallel, (), only=list(by_index))
+    return [[by_index[i] for i in cut] for cut in cuts]
