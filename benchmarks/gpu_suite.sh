@@ -4,8 +4,8 @@
 # Usage: SADAG_SHARED=/path/to/shared [PYTHON=python3] benchmarks/gpu_suite.sh OUT_DIR [DEADLINE_SECONDS] [PLAN]
 # PLAN "lease3" (one <= 9 minute H200 lease, DEADLINE_SECONDS default 560): benchmarks/protocol.py on ResNet-20 W2A2
 # after benchmarks/throughput.py --device cuda --units 2 --lower-precision alone (at most 170 s; adds bf16 Genie-D
-# and TF32 reconstruction rows): real, genie, sadag, genie-bf16, genie-lowpass x seeds 0-4, 25 processes under MPS (SADAG starts
-# when its seed's genie set is written), eager reconstruction, until 25 s before the deadline. OUT_DIR gets protocol_resnet20_cifar10_h200.json,
+# and TF32 reconstruction rows): real, genie, sadag, sadag-pass, genie-bf16, genie-lowpass x seeds 0-4, 30 processes under MPS
+# (SADAG starts when its seed's genie set is written), eager reconstruction, until 25 s before the deadline. OUT_DIR gets protocol_resnet20_cifar10_h200.json,
 # throughput_cuda.json, the logs and the runs' reports (protocol_reports.tgz).
 # PLAN "throughput" (one <= 9 minute H200 lease, DEADLINE_SECONDS default 510 there): (a) benchmarks/throughput.py
 # --device cuda (reference vs fast engines, about 2 minutes), then (b) ResNet-20 SADAG W4A4 at the `paper` preset
@@ -64,8 +64,8 @@ if [ "$plan" = throughput ] || [ "$plan" = lease3 ]; then
     proto=(--model resnet20_cifar10 --bits 2/2 --seeds 0 1 2 3 4 --work /tmp/sadag_protocol --tag h200)
     mps_on
     echo "== protocol at $SECONDS s"
-    timeout -k 5 $((deadline - 25 - SECONDS)) "$py" benchmarks/protocol.py "${proto[@]}" --methods real genie sadag genie-bf16 genie-lowpass \
-        --jobs 25 --device cuda --engine eager --threads 1 >"$out/protocol.log" 2>&1
+    timeout -k 5 $((deadline - 25 - SECONDS)) "$py" benchmarks/protocol.py "${proto[@]}" --methods real genie sadag sadag-pass genie-bf16 genie-lowpass \
+        --jobs 30 --device cuda --engine eager --threads 1 >"$out/protocol.log" 2>&1
     pkill -f benchmarks/protocol.py; sleep 2; mps_off
     "$py" benchmarks/protocol.py "${proto[@]}" --collect 2>&1 | tee "$out/protocol_collect.log"
     cp benchmarks/results/protocol_resnet20_cifar10_h200.json "$out"/ 2>/dev/null

@@ -9,6 +9,8 @@ bits (what `sadag run` does). Methods (the same seed gives the same Genie-D batc
   sadag           SADAG with the released neighbor and the paper's lambdas (1, 1)
   sadag-div-only  SADAG with lambda_gm = 0
   sadag-gm-only   SADAG with lambda_div = 0
+  sadag-pass      SADAG with all batches refined in one pass (gen.refine_parallel; each batch's diversity term
+                  then sees the other batches at their current step): paired with sadag as well as with genie
   genie-lowpass   Genie-D, then SynQ's Gaussian low-pass filter (gen.lowpass = D0)
   genie-setbn     Genie-D with BatchNorm statistics matched over the whole set (gen.bn_scope = set, DGH)
   genie-bf16      Genie-D with the FP model under bf16 autocast (gen.precision = bf16; a speed setting)
@@ -70,6 +72,7 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "sadag": ("sadag", {"neighbor": "released"}),
     "sadag-div-only": ("sadag", {"neighbor": "released", "lambda_gm": 0.0}),
     "sadag-gm-only": ("sadag", {"neighbor": "released", "lambda_div": 0.0}),
+    "sadag-pass": ("sadag", {"neighbor": "released"}),  # gen.refine_parallel = the number of batches
     "genie-lowpass": ("genie", {}),  # gen.lowpass is added from --lowpass
     "genie-setbn": ("genie", {"bn_scope": "set"}),
     "genie-bf16": ("genie", {"precision": "bf16"}),  # issue 12: is bf16 Genie-D as good a set?
@@ -77,16 +80,18 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "genie-bytes": ("genie", {}),  # a calibration variant
     "genie-fused": ("genie", {}),  # a calibration variant
 }
-FROM_GENIE_SET = ("sadag", "sadag-div-only", "sadag-gm-only", "genie-lowpass", "genie-wide", "genie-bytes",
-                  "genie-fused")
+FROM_GENIE_SET = ("sadag", "sadag-div-only", "sadag-gm-only", "sadag-pass", "genie-lowpass", "genie-wide",
+                  "genie-bytes", "genie-fused")
 # methods that calibrate the genie set differently (no set of their own): calib settings, and "wide_ranks", the
 # ranks of a wide split (issue 13)
 CALIBRATION_VARIANTS: dict[str, dict[str, Any]] = {"genie-wide": {"wide_ranks": 2},
                                                    "genie-bytes": {"drop_draw": "bytes"},
                                                    "genie-fused": {"engine": "fused"}}
 BASE = "genie"
-GEN_KEYS = ("genie_iters", "warmup_calib_iters", "refine_iters", "neighbor", "lambda_gm", "lambda_div", "lowpass",
-            "bn_scope", "precision")
+# methods that also pair with another one than genie: the variant of a method against the method itself
+VERSUS = {"sadag-pass": "sadag"}
+GEN_KEYS = ("genie_iters", "warmup_calib_iters", "refine_iters", "refine_parallel", "neighbor", "lambda_gm",
+            "lambda_div", "lowpass", "bn_scope", "precision")
 # Two-sided 95% Student t quantiles t_{0.975, df}, df = 1..30 (tests/test_protocol_stats.py checks them
 # against a numerical integral of the t density).
 T975 = (12.706205, 4.302653, 3.182446, 2.776445, 2.570582, 2.446912, 2.364624, 2.306004, 2.262157, 2.228139,
@@ -148,6 +153,10 @@ def tables(rows: list[dict[str, Any]]) -> str:
         cells = [format_summary(summarize(paired_differences(rows, m, b))) for b in bits_list]
         label = f"{m} (headroom)" if m == "real" else m
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    for m, base in VERSUS.items():
+        if any(r["method"] == m for r in rows):
+            cells = [format_summary(summarize(paired_differences(rows, m, b, base))) for b in bits_list]
+            lines.append(f"| {m} minus {base} | " + " | ".join(cells) + " |")
     genie = [f"{statistics.mean(v):.2f}" if (v := [r["top1"] for r in rows if r["method"] == BASE
                                                     and r["bits"] == b]) else "-" for b in bits_list]
     lines.append("| genie top-1 (mean) | " + " | ".join(genie) + " |")
@@ -196,6 +205,8 @@ def run_config(args: argparse.Namespace, bits: str, method: str, seed: int, inpu
     gen = {**b["gen"], **gen_extra}
     if method == "genie-lowpass":
         gen["lowpass"] = lowpass_d0(args, input_size)
+    if method == "sadag-pass":
+        gen["refine_parallel"] = math.ceil(args.num_images / gen["batch_size"])
     if (source := genie_source(args, bits, method)) is not None:
         gen["genie_set"] = str(run_dir(Path(args.work), args.model, source, BASE, seed) / "synthetic")
     calib = dict(b["calib"])
@@ -408,8 +419,10 @@ def collect(args: argparse.Namespace) -> Path:
             # read from the runs, not from this collect's flags: True only if every run repeats bit for bit
             "deterministic": all(r["deterministic"] is True for r in rows),
             "pairs": pairs,
-            "paired": {f"{m} {b}": summarize(paired_differences(paired, m, b)) for m in METHODS if m != BASE
-                       for b in bits}}
+            "paired": {**{f"{m} {b}": summarize(paired_differences(paired, m, b)) for m in METHODS if m != BASE
+                          for b in bits},
+                       **{f"{m} vs {base} {b}": summarize(paired_differences(paired, m, b, base))
+                          for m, base in VERSUS.items() for b in bits}}}
     # without --probe the recorded probe stays; with it, the probe of the sets in --work replaces theirs
     probe = merge_rows(recorded["meta"].get("probe", []), probe_rows(args) if args.probe else [],
                        ("bits", "seed", "set"))
