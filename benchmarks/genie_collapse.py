@@ -112,7 +112,7 @@ def run_variant(args: argparse.Namespace) -> dict[str, Any]:
         out = Path(args.work) / "runs" / f"{set_dir.name}_w{bits.replace('/', 'a')}"
         rcfg = base_config(args.model, out, method="genie", bits=bits, preset="fast", seed=args.seed,
                            calib_data=str(set_dir), device=args.device,
-                           calib=sadag.CalibConfig(iters=args.calib_iters))
+                           calib=sadag.CalibConfig(iters=args.calib_iters, batch_size=min(32, args.batch)))
         accuracy[bits] = run_row(rcfg)["quant_top1"]
     return {"variant": args.variant, "overrides": VARIANTS[args.variant], "seed": args.seed, "iters": args.iters,
             "batch": args.batch, "calib_iters": args.calib_iters, "generate_seconds": seconds, "top1": accuracy,

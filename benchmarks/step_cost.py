@@ -50,7 +50,7 @@ def main() -> None:
     batches = generate_genie(model, spec, replace(base, genie_iters=args.k1), seed=0)
     example = torch.zeros(1, 3, spec.input_size, spec.input_size, device=device)
     qmodel = reconstruct_(sadag.quantize(model, sadag.QuantConfig(4, 4), example), batches[0].images.to(device),
-                          sadag.CalibConfig(iters=0))
+                          sadag.CalibConfig(iters=0, batch_size=min(32, args.batch)))
     def genie(k: int, swing: bool = True) -> None:
         generate_genie(model, spec, replace(base, genie_iters=k, swing=swing), 0)
 
