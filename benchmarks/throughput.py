@@ -153,9 +153,11 @@ def refine_pass_rows(model, qmodel, batches: list, spec, args, device) -> dict: 
     fns = {name: (lambda k, p=parallel: refine_sadag(model, qmodel, batches, spec,
                                                      replace(cfg, refine_iters=k, refine_parallel=p), 0))
            for name, parallel in (("one_by_one", 1), ("one_pass", count))}
-    sec = interleaved(fns, args.k1, args.k2, device, args.repeats)
+    # --quick: one round of one step (the full run alternates them args.repeats times): it stays under 5 minutes
+    k1, k2, repeats = (1, 2, 1) if args.quick else (args.k1, args.k2, args.repeats)
+    sec = interleaved(fns, k1, k2, device, repeats)
     return {**{name: {"image_steps_per_s": images / s} for name, s in sec.items()}, "batches": count,
-            "batch": args.batch}
+            "batch": args.batch, "k": [k1, k2], "repeats": repeats}
 
 
 # engine -> (calib.engine, calib.drop_draw, calib.tf32): the reference is the eager step with QDrop's masks from
