@@ -113,6 +113,13 @@ class DevicePlateau:
         self.bad = torch.where(reduce, torch.zeros_like(bad), bad)
 
 
+def plateau_adam(params: list[Tensor], lr: float, device: torch.device, *, patience: int,
+                 min_lr: float) -> tuple[torch.optim.Adam, DevicePlateau]:
+    """tensor_lr_adam with a DevicePlateau on its lr (the latents' and ZeroQ's pixels' schedule)."""
+    opt = tensor_lr_adam(params, lr, device)
+    return opt, DevicePlateau(opt.param_groups[0]["lr"], patience=patience, min_lr=min_lr)
+
+
 class CheckpointClock:
     """When a stage saves its mid-batch state: at iterations that are multiples of ``every``, and with ``seconds``
     > 0 no sooner than ``seconds`` after the last save nor than 20 times that save's own duration, so that saving

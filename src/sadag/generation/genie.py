@@ -27,7 +27,7 @@ from .common import (
     latent_state,
     load_latent_state,
     model_device,
-    tensor_lr_adam,
+    plateau_adam,
 )
 from .generator import GenieGenerator, grouped_forward
 from .swing import swing_model
@@ -109,9 +109,8 @@ def _new_group(spec: DataSpec, cfg: GenConfig, seed: int, indices: Sequence[int]
     gens, zs, opts, plateaus = [], [], [], []
     for b in indices:
         gen, z = init_batch(spec, cfg, seed, b, size, device)
-        opt_z = tensor_lr_adam([z], cfg.lr_z, device)
-        plateaus.append(DevicePlateau(opt_z.param_groups[0]["lr"], patience=cfg.plateau_patience,
-                                      min_lr=cfg.min_lr_z))
+        opt_z, plateau = plateau_adam([z], cfg.lr_z, device, patience=cfg.plateau_patience, min_lr=cfg.min_lr_z)
+        plateaus.append(plateau)
         opts.append((opt_z, torch.optim.Adam(gen.parameters(), lr=cfg.lr_g)))
         gens.append(gen)
         zs.append(z)
@@ -127,18 +126,20 @@ class _Hooks:
 
 
 def group_state(indices: Sequence[int], it: int, gens: list[GenieGenerator], zs: list[Tensor], opts: list,
-                plateaus: list[DevicePlateau], offsets: list[torch.Generator]) -> dict:
-    """Everything a group needs to continue exactly after `it` iterations: CPU tensors and plain values only."""
-    per_batch = [{**latent_state(gen, z, opt_z, opt_g, p), "swing": g.get_state()}
-                 for gen, z, (opt_z, opt_g), p, g in zip(gens, zs, opts, plateaus, offsets, strict=True)]
+                plateaus: list[DevicePlateau], rngs: list[torch.Generator], rng_key: str = "swing") -> dict:
+    """Everything a group of batches needs to continue exactly after `it` iterations, each batch's random
+    generator (Genie-D's swing offsets, SADAG's neighbor noise) under `rng_key`: CPU tensors and plain values."""
+    per_batch = [{**latent_state(gen, z, opt_z, opt_g, p), rng_key: g.get_state()}
+                 for gen, z, (opt_z, opt_g), p, g in zip(gens, zs, opts, plateaus, rngs, strict=True)]
     return {"batches": list(indices), "iteration": it, "per_batch": per_batch}
 
 
-def _load_group_state(state: dict, gens: list[GenieGenerator], zs: list[Tensor], opts: list,
-                      plateaus: list[DevicePlateau], offsets: list[torch.Generator]) -> int:
-    for s, gen, z, (opt_z, opt_g), p, g in zip(state["per_batch"], gens, zs, opts, plateaus, offsets, strict=True):
+def load_group_state(state: dict, gens: list[GenieGenerator], zs: list[Tensor], opts: list,
+                     plateaus: list[DevicePlateau], rngs: list[torch.Generator], rng_key: str = "swing") -> int:
+    """Restore :func:`group_state` in place; returns the iteration to continue from."""
+    for s, gen, z, (opt_z, opt_g), p, g in zip(state["per_batch"], gens, zs, opts, plateaus, rngs, strict=True):
         load_latent_state(s, gen, z, opt_z, opt_g, p)
-        g.set_state(s["swing"])
+        g.set_state(s[rng_key])
     return int(state["iteration"])
 
 
@@ -157,7 +158,7 @@ def _genie_group(net: nn.Module, layers: list[nn.BatchNorm2d], captured: list, o
     offsets[:] = [cpu_generator(batch_seed(seed, b, "swing")) for b in indices]
     count, iters, x, first = len(indices), cfg.genie_iters, None, 0
     if hooks.resume is not None and hooks.resume["batches"] == list(indices):
-        first = _load_group_state(hooks.resume, gens, zs, opts, plateaus, offsets)
+        first = load_group_state(hooks.resume, gens, zs, opts, plateaus, offsets)
     for it in range(first, iters):
         for opt_z, opt_g in opts:
             opt_z.zero_grad(set_to_none=True)

@@ -23,13 +23,11 @@ from .common import (
     StageMonitor,
     batch_seed,
     frozen_eval,
-    latent_state,
-    load_latent_state,
     model_device,
-    tensor_lr_adam,
+    plateau_adam,
 )
 from .generator import GenieGenerator, grouped_forward
-from .genie import GenieBatch, batch_groups, finished_images, load_batch_generator
+from .genie import GenieBatch, batch_groups, finished_images, group_state, load_batch_generator, load_group_state
 
 log = logging.getLogger(__name__)
 
@@ -294,9 +292,9 @@ class _Group:
         group = cls([b.index for b in batches])
         for batch in batches:
             gen, z = load_batch_generator(batch, spec, cfg, device)
-            opt_z = tensor_lr_adam([z], cfg.refine_lr_z, device)
-            group.plateaus.append(DevicePlateau(opt_z.param_groups[0]["lr"], patience=cfg.plateau_patience,
-                                                min_lr=cfg.refine_min_lr_z))
+            opt_z, plateau = plateau_adam([z], cfg.refine_lr_z, device, patience=cfg.plateau_patience,
+                                          min_lr=cfg.refine_min_lr_z)
+            group.plateaus.append(plateau)
             group.opts.append((opt_z, torch.optim.Adam(gen.parameters(), lr=cfg.refine_lr_g)))
             noise = torch.Generator(device=device)
             noise.manual_seed(batch_seed(seed, batch.index, "sadag"))
@@ -312,17 +310,11 @@ class _Group:
 
     def state(self, iteration: int) -> dict:
         """Everything the group needs to continue exactly after `iteration` steps."""
-        per_batch = [{**latent_state(gen, z, opt_z, opt_g, p), "noise": g.get_state()}
-                     for gen, z, (opt_z, opt_g), p, g in zip(self.gens, self.zs, self.opts, self.plateaus,
-                                                               self.noise, strict=True)]
-        return {"batches": list(self.indices), "iteration": iteration, "per_batch": per_batch}
+        return group_state(self.indices, iteration, self.gens, self.zs, self.opts, self.plateaus, self.noise,
+                           "noise")
 
     def load(self, state: dict) -> int:
-        for s, gen, z, (opt_z, opt_g), p, g in zip(state["per_batch"], self.gens, self.zs, self.opts,
-                                                    self.plateaus, self.noise, strict=True):
-            load_latent_state(s, gen, z, opt_z, opt_g, p)
-            g.set_state(s["noise"])
-        return int(state["iteration"])
+        return load_group_state(state, self.gens, self.zs, self.opts, self.plateaus, self.noise, "noise")
 
 
 def _as_group_state(state: dict | None) -> dict | None:

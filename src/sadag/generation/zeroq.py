@@ -13,14 +13,13 @@ from ..models.spec import DataSpec
 from .bn_stats import BN_STD_EPS, bn_layers, bn_targets, capture_bn_inputs
 from .common import (
     LOG_EVERY,
-    DevicePlateau,
     Progress,
     StageMonitor,
     batch_seed,
     cpu_generator,
     frozen_eval,
     model_device,
-    tensor_lr_adam,
+    plateau_adam,
 )
 from .genie import auto_parallel_batches, batch_groups, batch_sizes
 
@@ -88,9 +87,8 @@ def _zeroq_group(model: nn.Module, layers: list[nn.BatchNorm2d], captured: list,
     s, count = spec.input_size, len(indices)
     xs = [torch.randn(size, 3, s, s, generator=cpu_generator(batch_seed(seed, b, "zeroq"))).to(device).requires_grad_()
           for b in indices]
-    opts = [tensor_lr_adam([x], cfg.zeroq_lr, device) for x in xs]
-    plateaus = [DevicePlateau(o.param_groups[0]["lr"], patience=cfg.plateau_patience, min_lr=cfg.min_lr_z)
-                for o in opts]
+    opts, plateaus = zip(*[plateau_adam([x], cfg.zeroq_lr, device, patience=cfg.plateau_patience,
+                                        min_lr=cfg.min_lr_z) for x in xs], strict=True)
     iters = cfg.zeroq_iters
     for it in range(iters):
         for opt in opts:
