@@ -334,7 +334,8 @@ def _refine_group(nets: _Nets, batches: list[GenieBatch], pool: _Pool, spec: Dat
     of the batch alone but for its diversity term, whose columns hold every batch of the group at its current
     step (the earlier batches' finished samples, in the pool, too).
     """
-    group = _Group.start(batches, spec, cfg, seed, model_device(nets.fp))
+    device = model_device(nets.fp)
+    group = _Group.start(batches, spec, cfg, seed, device)
     pair, iters, count, first = _pair_for(cfg), cfg.refine_iters, len(batches), 0
     resume = _as_group_state(checkpoints.resume)
     if resume is not None and resume["batches"] == group.indices:
@@ -368,7 +369,7 @@ def _refine_group(nets: _Nets, batches: list[GenieBatch], pool: _Pool, spec: Dat
             clock.save(lambda done: checkpoints.save(group.state(done)), it + 1)
     monitor.check(group.indices[-1], max(iters - 1, 0))
     if x is None or e is None or h is None:  # zero iterations: the warm-up images unchanged
-        x = torch.cat([b.images for b in batches]).to(model_device(nets.fp))
+        x = torch.cat([b.images for b in batches]).to(device)
         e, h = _outputs(nets, x, cfg.batch_size)
     return [finished_images(part) for part in x.chunk(count)], e.detach(), h.detach()
 
