@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from conftest import TINY
@@ -110,6 +111,11 @@ def test_resolution_is_idempotent_and_keeps_explicitness() -> None:
     (["--threads", "-1"], "threads (--threads)", ">= 1"),
     (["--device", "tpu"], "device (--device)", "auto, cpu, cuda, cuda:N (N a GPU index), mps"),
     (["--seed", "-3"], "seed (--seed)", ">= 0"),
+    (["--seed", "4294967296"], "seed (--seed)", "<= 4294967295"),  # would make seed 0's images
+    # settings this run would not read are refused, not dropped
+    (["--num-calib", "8"], "num_calib (--num-calib) 8", "this run has none"),
+    (["--genie-set", "S"], "gen.genie_set (--genie-set)", "this run uses method 'noise': drop it"),
+    (["--warmup-model", "W"], "gen.warmup_model (--warmup-model)", "read by method sadag"),
     # the minibatch is never silently shrunk to the set: refused before anything is generated
     (["--num-images", "8"], "calib.batch_size (--calib-batch-size)", "at most 8 or calibrate on more images"),
     (["--calib-data", "set", "--num-calib", "8", "--calib-batch-size", "9"], "calib.batch_size (--calib-batch-size)",
@@ -118,7 +124,7 @@ def test_resolution_is_idempotent_and_keeps_explicitness() -> None:
 def test_bad_flag_values_are_refused_before_the_run_directory(tmp_path: Path, cli, flags, field, allowed) -> None:
     out = tmp_path / "run"
     code, _, err = cli(["run", *TINY, "--method", "noise", "--out", out, *flags])
-    assert code == 2 and f"{field}: got " in err and allowed in err, err
+    assert code == 2 and field in err and allowed in err, err
     assert not out.exists()
 
 
@@ -145,12 +151,31 @@ def test_generate_refuses_a_small_set_only_where_it_calibrates(tmp_path: Path, c
     ("method: magic\n", "method (--method): got 'magic'; allowed: noise, zeroq, genie, sadag, real"),
     ("calib: {drop_prob: 1.5}\n", "calib.drop_prob: got 1.5; allowed: a number >= 0.0 and <= 1.0"),
     ("quant: {w_bits: true}\n", "quant.w_bits: got True; allowed: an integer"),
+    ("1: a\nfoo: b\n", "config: unknown keys 1, foo"),  # keys of two types
+    # p = 0 scores every clip alike; an export of it would be refused by `sadag evaluate --quantized`
+    ("quant: {clip_search_p: 0}\n", "quant.clip_search_p: got 0.0; allowed: a number > 0.0"),
 ])
 def test_bad_config_files_are_refused_before_the_run_directory(tmp_path: Path, cli, text, message) -> None:
     out = tmp_path / "run"
     code, _, err = cli(["run", *TINY, "--out", out, "--config", write(tmp_path, text)])
     assert code == 2 and message in err, err
     assert not out.exists()
+
+
+def test_calibrate_without_images_is_refused_from_flags_or_file(tmp_path: Path, cli) -> None:
+    config = write(tmp_path, "calib: {iters: 2}\n")  # a file, but no calib_data in it
+    for extra in ([], ["--config", config]):
+        code, _, err = cli(["calibrate", *TINY, "--out", tmp_path / "run", *extra])
+        assert code == 2 and "calibrate needs --calib-data" in err, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_binary_file_given_as_config_is_refused(tmp_path: Path, cli) -> None:
+    weights = tmp_path / "weights.th"
+    weights.write_bytes(b"PK\x03\x04\xff\xfe binary")
+    code, _, err = cli(["run", *TINY, "--out", tmp_path / "run", "--config", weights])
+    assert code == 2 and "is not a text file" in err and "give a YAML config" in err, err
+    assert not (tmp_path / "run").exists()
 
 
 def test_yaml_alias_bomb_is_refused_not_expanded(tmp_path: Path, cli) -> None:
@@ -222,3 +247,14 @@ def test_run_writes_a_config_that_reruns_identically(tmp_path: Path, cli) -> Non
     assert code == 0, err
     assert (again / "config.yaml").read_text() == saved.read_text().replace(str(out), str(again))
     assert first.calib.iters == 2 and first.model == "conftest:tiny_bn_model"
+
+
+def test_a_gpu_index_past_the_machine_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    from sadag.pipeline import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert resolve_device("cuda:0") == torch.device("cuda:0")
+    with pytest.raises(ConfigError, match=r"'cuda:1' requested but this machine has 1 CUDA device\(s\), cuda:0 to "
+                                          r"cuda:0"):
+        resolve_device("cuda:1")

@@ -37,6 +37,8 @@ def test_ranks_share_a_gpu_only_when_asked(monkeypatch: pytest.MonkeyPatch) -> N
         rank_device(Ranks(3, 4, 3), "cuda")
     assert rank_device(Ranks(3, 4, 3), "cuda", shared=True) == torch.device("cuda", 1)
     assert rank_device(Ranks(3, 4, 3), "cpu", shared=True) == torch.device("cpu")
+    with pytest.raises(ConfigError, match="device 'mps' under torchrun"):  # not quietly the CPU
+        rank_device(Ranks(0, 2, 0), "mps")
     assert share_gpu({}) is False and share_gpu({"SADAG_SHARE_GPU": "1"}) is True
     with pytest.raises(ConfigError, match="SADAG_SHARE_GPU='yes': set it to 1"):
         share_gpu({"SADAG_SHARE_GPU": "yes"})

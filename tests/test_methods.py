@@ -120,6 +120,12 @@ def test_genie_from_a_saved_set_reuses_it_and_only_adds_the_lowpass(tmp_path: Pa
     again = load_synthetic_set(filtered)[0]
     assert not torch.equal(again, original)
     assert torch.allclose(again, apply_lowpass(original, spec, 4.0), atol=1e-6)
+    # the filtered set is not Genie-D's output any more: reused as a Genie set it would be filtered twice
+    # (genie) or refined from images its generators do not make (sadag)
+    for method in ("genie", "sadag"):
+        gen = sadag.GenConfig(genie_iters=3, warmup_calib_iters=2, refine_iters=2, genie_set=str(filtered))
+        with pytest.raises(ConfigError, match="was low-pass filtered when it was made"):
+            sadag.run(tiny(tmp_path / f"twice_{method}", method=method, gen=gen), export=False)
 
 
 def test_reports_name_their_images_by_digest_and_a_resume_refuses_an_input_file_made_again(
@@ -137,8 +143,8 @@ def test_reports_name_their_images_by_digest_and_a_resume_refuses_an_input_file_
     # killed mid-calibration, then the file each reads again on resume is made again
     warmup = tmp_path / "w" / "quantized.safetensors"
     sadag.run(tiny(warmup.parent, method="noise", calib=calib))
-    with_warmup = sadag.GenConfig(genie_iters=3, refine_iters=2, genie_set=str(tmp_path / "lowpass" / "synthetic"),
-                                  warmup_model=str(warmup))  # a set not made again below
+    kept_set = sadag.generate_set(tiny(tmp_path / "kept", method="genie", gen=GEN, seed=2))  # not made again below
+    with_warmup = sadag.GenConfig(genie_iters=3, refine_iters=2, genie_set=str(kept_set), warmup_model=str(warmup))
     victims = {"genie_set": tiny(tmp_path / "v1", method="genie", gen=gen, calib=calib),
                "calib_data": tiny(tmp_path / "v2", calib_data=str(genie_set), calib=calib),
                "warmup_model": tiny(tmp_path / "v3", method="sadag", gen=with_warmup, calib=calib)}

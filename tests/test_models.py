@@ -161,7 +161,13 @@ def test_zip_download_is_unpacked_and_sha1_checked(tmp_path: Path, monkeypatch: 
     with zipfile.ZipFile(tmp_path / "m.pth.zip", "w") as zf:
         zf.write(pth, "m.pth")
     local = download((tmp_path / "m.pth.zip").as_uri(), sha1_prefix=sha1[:8])
-    assert local == tmp_path / "home" / "weights" / "m.pth" and local.read_bytes() == pth.read_bytes()
+    assert local.parent.parent == tmp_path / "home" / "weights" and local.name == "m.pth"
+    assert local.read_bytes() == pth.read_bytes()
+    # another URL ending in the same file name is another file, not the cached one
+    (tmp_path / "other").mkdir()
+    torch.save(CifarResNet(32).state_dict(), tmp_path / "other" / "m.pth")
+    second = download((tmp_path / "other" / "m.pth").as_uri())
+    assert second != local and second.read_bytes() == (tmp_path / "other" / "m.pth").read_bytes()
 
 
 def test_offline_download_says_what_to_do(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -315,3 +321,24 @@ def test_non_finite_weights_are_refused_by_name(tmp_path: Path, value: float) ->
     with pytest.raises(ModelError, match=r"NaN or infinite values in 2 tensors \(layer2\.1\.bn1\.running_var, "
                                          r"linear\.bias\)"):
         load_checkpoint(CifarResNet(20), tmp_path / "nan.th")
+
+
+def test_torchvision_weights_load_safely(monkeypatch: pytest.MonkeyPatch) -> None:
+    """torchvision's weights go through torch.hub, whose defaults unpickle anything in its cache, unchecked:
+    sadag asks for the safe loader and the hash check (a stand-in for torchvision, which the suite does not need)."""
+    from types import SimpleNamespace
+
+    from sadag.models import torchvision_models
+
+    asked: dict = {}
+    model = CifarResNet(20)
+
+    def get_state_dict(**kwargs) -> dict:  # noqa: ANN003
+        asked.update(kwargs)
+        return model.state_dict()
+
+    weights = SimpleNamespace(url="https://example.invalid/resnet18-f37072fd.pth", get_state_dict=get_state_dict)
+    fake = SimpleNamespace(models=SimpleNamespace(get_weight=lambda name: weights))
+    monkeypatch.setattr(torchvision_models, "_torchvision", lambda: fake)
+    torchvision_models._pretrained("ResNet18_Weights.IMAGENET1K_V1")(CifarResNet(20))
+    assert asked["weights_only"] is True and asked["check_hash"] is True

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from conftest import R20_WEIGHTS, TinyNet, needs_shared, randomize_bn_
-from sadag.config import QuantConfig, parse_bits
+from sadag.config import CalibConfig, QuantConfig, parse_bits
 from sadag.errors import ConfigError
 from sadag.quantization.fold import fold_bn_
 from sadag.quantization.prepare import float_copy, quantize, quantizers
@@ -21,6 +21,7 @@ from sadag.quantization.primitives import (
 )
 from sadag.quantization.quantizers import ActQuantizer, WeightQuantizer
 from sadag.quantization.units import find_units, register_unit_type
+from sadag.reconstruction.reconstruct import reconstruct_
 
 X = torch.zeros(2, 3, 16, 16)
 P = QuantConfig().clip_search_p
@@ -163,6 +164,31 @@ def test_units_tiny_and_override(tiny_net: nn.Module) -> None:
     assert units == ["stem", "block", "head.0", "fc"]  # uncovered layers become their own units
     with pytest.raises(ConfigError, match="unknown unit"):
         find_units(tiny_net, X, ["nope"])
+    with pytest.raises(ConfigError, match="'block.conv1' lies inside unit 'block'"):
+        find_units(tiny_net, X, ["block", "block.conv1"])  # would quantize the block's input twice
+    with pytest.raises(ConfigError, match="twice"):
+        find_units(tiny_net, X, ["block", "block"])
+
+
+class WithUnusedLayer(TinyNet):
+    """TinyNet holding a layer its forward never calls (an auxiliary head, say)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.aux = nn.Linear(16, 3)
+
+
+def test_unit_never_called_is_left_out_or_refused(caplog: pytest.LogCaptureFixture) -> None:
+    model = randomize_bn_(WithUnusedLayer())
+    with caplog.at_level("WARNING"):
+        assert find_units(model, X) == ["stem.0", "block", "head.0", "fc"]
+    assert "not calibrated: aux" in caplog.text
+    with pytest.raises(ConfigError, match="aux are never called"):
+        find_units(model, X, ["block", "aux"])  # a unit the user names is honoured or refused
+    # and calibration runs through (a unit without inputs used to end it, after all the others, in torch.cat)
+    q = quantize(model, QuantConfig(w_bits=4, a_bits=4), X)
+    reconstruct_(q, torch.randn(16, 3, 16, 16), CalibConfig(iters=2, batch_size=8))
+    assert q.sadag_plan.units == ["stem.0", "block", "head.0", "fc"]
 
 
 class Sequential2(nn.Module):

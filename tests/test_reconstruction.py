@@ -105,3 +105,17 @@ def test_a_minibatch_larger_than_the_set_is_refused_not_shrunk(tiny_net: nn.Modu
     q = quantize(tiny_net, QuantConfig(w_bits=4, a_bits=4), X)
     with pytest.raises(ConfigError, match="got 8, more than the 6 calibration images; set it to at most 6"):
         reconstruct_(q, torch.randn(6, 3, 16, 16), _small_calib(), seed=0)
+
+
+def test_public_calibrate_resolves_bits_and_preset(tiny_net: nn.Module) -> None:
+    """sadag.calibrate resolves its RunConfig as every entry point does: `bits` and the preset are honoured."""
+    import sadag
+    from sadag.models.spec import DataSpec
+
+    seen: dict[str, int] = {}
+    spec = DataSpec(mean=(0.5,) * 3, std=(0.25,) * 3, input_size=16, num_classes=10)
+    cfg = sadag.RunConfig(model="unused", bits="2/4", preset="smoke")
+    q = sadag.calibrate(tiny_net, spec, torch.randn(16, 3, 16, 16), cfg, None,
+                        progress=lambda stage, step, total, metrics: seen.setdefault("total", total))
+    assert (q.sadag_plan.config["w_bits"], q.sadag_plan.config["a_bits"]) == (2, 4)
+    assert seen["total"] == 20  # the smoke preset's iterations per unit, not the paper's 20,000

@@ -104,9 +104,12 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    return _run(config_from_args(args), args)
+
+
+def _run(cfg: RunConfig, args: argparse.Namespace) -> int:
     from .pipeline import run
 
-    cfg = config_from_args(args)
     report = run(cfg, resume=args.resume, force=args.force, progress=ProgressPrinter(), export=not args.no_export)
     if distributed.ranks_from_env().is_main:  # under torchrun rank 0 speaks for all
         print(json.dumps(report, indent=2))
@@ -114,9 +117,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_calibrate(args: argparse.Namespace) -> int:
-    if not getattr(args, "calib_data", None) and not args.config:
-        raise ConfigError("calibrate needs --calib-data (a real image folder or a set saved by `sadag generate`)")
-    return _cmd_run(args)
+    cfg = config_from_args(args)  # flags and config file merged: either may give the images
+    if not cfg.calib_data:
+        raise ConfigError("calibrate needs --calib-data (a real image folder or a set saved by `sadag generate`), "
+                          "or calib_data in the config file; `sadag run` generates the images instead")
+    return _run(cfg, args)
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
@@ -154,13 +159,13 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from .export import export_model, get_exporter, load_quantized
+    from .export import export_model, get_exporter, infer_exporter, load_quantized
     from .models import DataSpec
 
     source = Path(args.run) / "quantized.safetensors" if args.run else Path(args.quantized)
     model, meta = load_quantized(source, allow_import=args.allow_import)
     spec = DataSpec.from_dict(meta["spec"])
-    fmt = args.format or _format_of(args.to)
+    fmt = args.format or infer_exporter(args.to).name
     options = {"spec": spec, "opset": args.opset} if fmt == "onnx" else {}
     if fmt == "safetensors":
         from .config import QuantConfig
@@ -189,16 +194,6 @@ def _export_formats() -> list[str]:
     from .export import list_exporters
 
     return [e.name for e in list_exporters()]
-
-
-def _format_of(path: str) -> str:
-    from .export import list_exporters
-
-    found = [e.name for e in list_exporters() if path.endswith(e.suffix)]
-    if len(found) != 1:
-        raise ConfigError(f"cannot tell the export format from {path!r}: give --format "
-                          f"({', '.join(e.name for e in list_exporters())})")
-    return found[0]
 
 
 def _cmd_models(_args: argparse.Namespace) -> int:

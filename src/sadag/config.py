@@ -35,7 +35,7 @@ _DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
 
 def setting(default: Any = dataclasses.MISSING, *, help: str, flag: str | None = None, **checks: Any) -> Any:  # noqa: A002
-    """A config field. ``flag`` makes it a command-line flag; ``checks``: min, max, below (exclusive max),
+    """A config field. ``flag`` makes it a command-line flag; ``checks``: min, max, above and below (exclusive),
     choices (a callable returning the allowed values), csv (flag takes a comma list), const (flag stores this
     value, no argument), result=False (cannot change the result: not fingerprinted), trust=True (grants trust:
     never read from a config file, never written to one), before (what runs made before this setting existed
@@ -92,7 +92,8 @@ class QuantConfig:
                                          "first layer W8 with FP input, second layer's input A8, last layer W8A8)")
     fold_bn: bool = setting(False, flag="--fold-bn", const=True,
                             help="fold BatchNorm into the preceding conv before quantizing (deployable)")
-    clip_search_p: float = setting(2.4, help="exponent p of the |w - Q(w)|^p clip-search error", min=0.0)
+    clip_search_p: float = setting(2.4, help="exponent p of the |w - Q(w)|^p clip-search error",
+                                   above=0.0)  # at 0 every clip scores the same
     units: list[str] | None = setting(None, flag="--units", csv=True,
                                       help="comma-separated module names of the reconstruction units (default: "
                                            "detected)")
@@ -264,7 +265,7 @@ class RunConfig:
                                      help="evaluate on at most this many images per class")
     out: str | None = setting(None, flag="--out", result=False,
                               help="run directory (never overwritten without --resume/--force)")
-    seed: int = setting(0, flag="--seed", min=0, help="seed of every random choice")
+    seed: int = setting(0, flag="--seed", min=0, max=2**32 - 1, help="seed of every random choice")
     device: str = setting("auto", flag="--device", pattern=(_DEVICE, DEVICE_FORMS), help=f"one of {DEVICE_FORMS}")
     threads: int | None = setting(None, flag="--threads", min=1, result=False, help="CPU threads for torch")
     allow_import: bool = setting(False, flag="--allow-import", const=True, result=False, trust=True,
@@ -353,11 +354,12 @@ def _check_field(f: dataclasses.Field, hint: Any, value: Any, path: str) -> Any:
         raise _bad(f, path, value, _describe(hint) + (f" or {meta['none_word']!r}" if "none_word" in meta else ""))
     if value is None or isinstance(value, bool):
         return value
-    lo, hi, below = meta.get("min"), meta.get("max"), meta.get("below")
+    lo, hi, above, below = meta.get("min"), meta.get("max"), meta.get("above"), meta.get("below")
     if isinstance(value, int | float) and ((lo is not None and value < lo) or (hi is not None and value > hi)
+                                           or (above is not None and value <= above)
                                            or (below is not None and value >= below)):
         bounds = [f">= {lo}" if lo is not None else "", f"<= {hi}" if hi is not None else "",
-                  f"< {below}" if below is not None else ""]
+                  f"> {above}" if above is not None else "", f"< {below}" if below is not None else ""]
         raise _bad(f, path, value, f"{_describe(hint)} " + " and ".join(b for b in bounds if b))
     if "choices" in meta and value not in meta["choices"]():
         raise _bad(f, path, value, ", ".join(meta["choices"]()))
@@ -472,6 +474,24 @@ def apply_preset(cfg: RunConfig) -> RunConfig:
     return out
 
 
+# settings only some generation methods read: with any other source of images they would be ignored
+_METHOD_SETTINGS = {"genie_set": ("--genie-set", ("genie", "sadag")), "warmup_model": ("--warmup-model", ("sadag",))}
+
+
+def check_unused_settings(cfg: RunConfig) -> None:
+    """Refuse a setting that this run would not read (a setting given is honoured or refused, never dropped)."""
+    if cfg.num_calib is not None and not cfg.calib_data:
+        raise ConfigError(f"num_calib (--num-calib) {cfg.num_calib}: it counts the images taken from --calib-data, "
+                          "and this run has none; a synthetic set's size is gen.num_images (--num-images)")
+    for name, (flag, methods) in _METHOD_SETTINGS.items():
+        if getattr(cfg.gen, name) is None:
+            continue
+        source = f"calibrates on --calib-data {cfg.calib_data}" if cfg.calib_data else f"uses method {cfg.method!r}"
+        if cfg.calib_data or cfg.method not in methods:
+            raise ConfigError(f"gen.{name} ({flag}) is read by method {' and '.join(methods)} when it generates "
+                              f"images; this run {source}: drop it")
+
+
 def check_calibration_minibatch(cfg: RunConfig) -> None:
     """For a resolved config that will calibrate: refuse a minibatch larger than the calibration set where the
     config alone tells its size, before any image is generated (a saved set's size is known when it is loaded:
@@ -499,7 +519,7 @@ def _build(cls: type, data: Any, path: str) -> Any:
     if not isinstance(data, Mapping):
         raise ConfigError(f"{path}: got {data!r}; allowed: a mapping of {cls.__name__} fields")
     known = {f.name for f in fields(cls)}
-    unknown = sorted(set(data) - known)
+    unknown = sorted(set(data) - known, key=str)  # keys of any YAML type (1: a) beside strings
     if unknown:
         raise ConfigError(f"{path}: unknown keys {', '.join(map(str, unknown))}; valid: {', '.join(sorted(known))}")
     return cls(**data)
@@ -595,10 +615,14 @@ def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
     if not p.is_file():
         raise ConfigError(f"config file {p} not found")
     try:
-        with p.open() as f:
+        with p.open(encoding="utf-8") as f:
             data = yaml.load(f, Loader=_StrictLoader)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{p} is not valid YAML: {exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{p} is not a text file ({exc.reason} at byte {exc.start}): give a YAML config") from exc
+    except OSError as exc:
+        raise ConfigError(f"config file {p} cannot be read: {exc.strerror}") from exc
     return {} if data is None else data
 
 

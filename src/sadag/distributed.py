@@ -100,6 +100,9 @@ def rank_device(ranks: Ranks, requested: str, shared: bool = False) -> torch.dev
     if requested.startswith("cuda"):
         raise ConfigError(f"device {requested!r} under torchrun: use --device auto or cuda (each rank takes "
                           "cuda:LOCAL_RANK), or cpu")
+    if requested == "mps":  # gloo moves no MPS tensors: refused rather than run on the CPU unasked
+        raise ConfigError("device 'mps' under torchrun: the ranks cannot exchange MPS tensors; use --device cpu, "
+                          "or run one process without torchrun on MPS")
     return torch.device("cpu")
 
 

@@ -26,6 +26,7 @@ from .config import (
     bits_label,
     check_calibration_minibatch,
     check_device,
+    check_unused_settings,
     method_options,
     result_settings,
     to_dict,
@@ -56,13 +57,17 @@ def resolve_device(name: str) -> torch.device:
         raise ConfigError(f"device {name!r} requested but CUDA is not available; use --device cpu")
     if name == "mps" and not torch.backends.mps.is_available():
         raise ConfigError("device 'mps' requested but MPS is not available; use --device cpu")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"device {name!r} requested but this machine has {torch.cuda.device_count()} CUDA "
+                          f"device(s), cuda:0 to cuda:{torch.cuda.device_count() - 1}; pick one of those")
+    return device
 
 
 class _Stages:
     """Times stages and forwards progress to the metrics log and the user's callback (rank 0 only)."""
 
-    def __init__(self, rundir: RunDir, progress: Progress | None, ranks: Ranks = SINGLE):
+    def __init__(self, rundir: RunDir, progress: Progress | None, ranks: Ranks = SINGLE) -> None:
         self.rundir, self.ranks = rundir, ranks
         self.user_progress = progress if ranks.is_main else None
         self.seconds: dict[str, float] = rundir.load_state("seconds.pt") or {}
@@ -99,7 +104,9 @@ def calibrate(model: nn.Module, spec: DataSpec, images: Tensor, cfg: RunConfig, 
               iters: int | None = None, state_name: str = "calib.pt", progress: Progress | None = None, *,
               ranks: Ranks = SINGLE) -> nn.Module:
     """quantize + reconstruct_, checkpointing after every unit when a run directory is given (data-parallel
-    over ``ranks``: every rank holds all images and takes its slice of each minibatch)."""
+    over ``ranks``: every rank holds all images and takes its slice of each minibatch). ``cfg`` is resolved
+    here (preset, bits) as by every entry point."""
+    cfg = apply_preset(cfg)
     example = torch.zeros(2, 3, spec.input_size, spec.input_size, device=images.device)
     qmodel = quantize(model, cfg.quant, example)
     calib_cfg = cfg.calib if iters is None else replace(cfg.calib, iters=iters)
@@ -149,7 +156,9 @@ def _synthesize(model: nn.Module, spec: DataSpec, cfg: RunConfig, rundir: RunDir
 
 def synthesize(model: nn.Module, spec: DataSpec, cfg: RunConfig, progress: Progress | None = None) -> Tensor:
     """Calibration images of a zero-shot method, (N, 3, S, S) on the model's device (no run directory)."""
-    return _synthesize(model, spec, apply_preset(cfg), None, None, progress)[0]
+    cfg = apply_preset(cfg)
+    check_unused_settings(cfg)
+    return _synthesize(model, spec, cfg, None, None, progress)[0]
 
 
 def _prepare(cfg: RunConfig, resume: bool, force: bool, calibrates: bool) -> tuple[RunConfig, nn.Module, DataSpec,
@@ -157,6 +166,7 @@ def _prepare(cfg: RunConfig, resume: bool, force: bool, calibrates: bool) -> tup
     """Resolve and check the config, join torchrun's process group if launched by it, load the model, then
     (nothing written before) open the run directory: rank 0 writes it, the other ranks read it."""
     cfg = apply_preset(cfg)
+    check_unused_settings(cfg)
     if calibrates:
         check_calibration_minibatch(cfg)
     if not cfg.out:

@@ -4,17 +4,34 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import TextIO
+
+import torch
+from torch import Tensor
 
 # progress(stage, step, total, metrics): the one callback type of the library
 Progress = Callable[[str, int, int, dict[str, float]], None]
 LOG_EVERY = 50  # iterations between progress reports / metrics.jsonl records of the iterative stages
 
 
+def widest_float(device: torch.device) -> torch.dtype:
+    """float64, except on Apple's MPS, which has none."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
+def host_floats(values: Mapping[str, Tensor | float]) -> dict[str, float]:
+    """Scalar metrics (device tensors or numbers) as Python floats, through one host sync."""
+    device = next((v.device for v in values.values() if isinstance(v, Tensor)), torch.device("cpu"))
+    dtype = widest_float(device)
+    stacked = torch.stack([torch.as_tensor(v, device=device).detach().to(dtype).reshape(()) for v in values.values()])
+    return dict(zip(values, stacked.tolist(), strict=True))
+
+
 class ProgressPrinter:
     """A progress(stage, step, total, metrics) callback that redraws one line per stage on stderr."""
 
-    def __init__(self, stream=sys.stderr, min_interval: float = 0.5):  # noqa: ANN001
+    def __init__(self, stream: TextIO = sys.stderr, min_interval: float = 0.5) -> None:
         self.stream = stream
         self.min_interval = min_interval
         self.stage: str | None = None

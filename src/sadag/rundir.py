@@ -119,7 +119,7 @@ class RunDir:
     """
 
     def __init__(self, root: str | os.PathLike, settings: Mapping[str, Any], *, resume: bool = False,
-                 force: bool = False, read_only: bool = False):
+                 force: bool = False, read_only: bool = False) -> None:
         self.root = Path(root)
         self.settings = dict(settings)
         self._lock_file: Any = None
@@ -287,15 +287,6 @@ def pin_input(store: StateStore, key: str, digest: str, label: str) -> None:
                           "restore it, or start the run again with --force")
     if key not in pinned:
         store.save_state(INPUTS, {**pinned, key: digest})
-
-
-def file_digest(path: str | os.PathLike) -> str:
-    """The first 16 hex digits of the sha-256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:16]
 
 
 def module_digest(module: torch.nn.Module) -> str:

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import pickle
-import shutil
 import tarfile
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +12,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ..errors import DataError
+from ..files import fetch, file_digest
 from ..models.spec import DataSpec
 from .transforms import normalize
 
@@ -35,14 +33,6 @@ def _source(variant: str) -> tuple:
     return CIFAR_SOURCES[variant]
 
 
-def _md5(path: Path) -> str:
-    h = hashlib.md5()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def download_cifar(root: str | Path, variant: str = "cifar10") -> Path:
     """Download, md5-check and extract the archive under ``root``; return the extracted folder."""
     url, md5, folder, *_ = _source(variant)
@@ -51,28 +41,15 @@ def download_cifar(root: str | Path, variant: str = "cifar10") -> Path:
         return root / folder
     root.mkdir(parents=True, exist_ok=True)
     archive = root / url.rsplit("/", 1)[1]
-    if not archive.is_file() or _md5(archive) != md5:
-        _fetch(url, archive)
-    if _md5(archive) != md5:
-        raise DataError(f"{archive} has md5 {_md5(archive)}, expected {md5}: delete it and download again")
+    if not archive.is_file() or file_digest(archive, "md5") != md5:
+        fetch(url, archive, DataError, f"download it by hand and extract it under {root}")
+    if (found := file_digest(archive, "md5")) != md5:
+        raise DataError(f"{archive} has md5 {found}, expected {md5}: delete it and download again")
     with tarfile.open(archive) as tar:
         # The "data" filter refuses absolute paths and links out of root (Python >= 3.10.12 / 3.11.4).
         kwargs = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
         tar.extractall(root, **kwargs)
     return root / folder
-
-
-def _fetch(url: str, dest: Path) -> None:
-    log.info("downloading %s to %s", url, dest)
-    tmp = dest.with_name(dest.name + ".part")
-    try:
-        with urllib.request.urlopen(url, timeout=60) as r, open(tmp, "wb") as f:
-            shutil.copyfileobj(r, f)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise DataError(f"could not download {url}: {e}; download it by hand and extract it under "
-                        f"{dest.parent}") from e
-    tmp.replace(dest)
 
 
 # The only classes a CIFAR batch pickle needs: numpy arrays (how numpy pickles them) and their dtypes.

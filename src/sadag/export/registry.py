@@ -52,11 +52,13 @@ def get_exporter(name: str) -> Exporter:
     return _EXPORTERS[name]
 
 
-def _infer(path: Path) -> Exporter:
-    found = [e for e in _EXPORTERS.values() if path.name.endswith(e.suffix)]
+def infer_exporter(path: str | Path) -> Exporter:
+    """The exporter whose suffix ends ``path``'s name; refused when none or several do."""
+    name = Path(path).name
+    found = [e for e in _EXPORTERS.values() if name.endswith(e.suffix)]
     if len(found) != 1:
         known = ", ".join(f"{e.name} ({e.suffix})" for e in list_exporters())
-        raise ConfigError(f"cannot tell the export format from {path.name!r}; pass the format ({known})")
+        raise ConfigError(f"cannot tell the export format from {name!r}; give the format (--format): {known}")
     return found[0]
 
 
@@ -67,7 +69,7 @@ def export_model(qmodel: nn.Module, path: str | Path, fmt: str | None = None, **
     ``quant_config`` for safetensors). Returns the written file.
     """
     path = Path(path)
-    exporter = get_exporter(fmt) if fmt is not None else _infer(path)
+    exporter = get_exporter(fmt) if fmt is not None else infer_exporter(path)
     try:
         inspect.signature(exporter.writer).bind(qmodel, path, **options)
     except TypeError as e:

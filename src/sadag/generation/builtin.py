@@ -18,8 +18,9 @@ from torch import Tensor, nn
 from ..config import bits_label
 from ..distributed import barrier, broadcast_tensors, share_items
 from ..errors import ConfigError
+from ..files import file_digest
 from ..methods import register_method
-from ..rundir import file_digest, pin_input
+from ..rundir import pin_input
 from .context import GenerationContext
 from .genie import GenieBatch, auto_parallel_batches, batch_sizes, generate_genie
 from .io import images_digest, load_synthetic_set
@@ -136,6 +137,10 @@ def genie_set_batches(ctx: GenerationContext) -> list[GenieBatch]:
     if meta.get("model") not in (None, ctx.cfg.model):
         raise ConfigError(f"gen.genie_set (--genie-set): {path} was generated for model {meta['model']!r}, this run "
                           f"is for {ctx.cfg.model!r}")
+    if ((meta.get("gen") or {}).get("lowpass") or 0) > 0:  # its images are not its generators' any more
+        raise ConfigError(f"gen.genie_set (--genie-set): {path} was low-pass filtered when it was made (gen.lowpass "
+                          f"{meta['gen']['lowpass']}); a Genie set is reused as Genie-D made it: make it without "
+                          "--lowpass and give --lowpass to the run that reuses it")
     sizes = batch_sizes(ctx.gen.num_images, ctx.gen.batch_size)
     found = [int(s["z"].shape[0]) for s in states]
     if found != sizes or images.shape[0] != sum(sizes):
@@ -158,7 +163,7 @@ def load_warmup_model(ctx: GenerationContext) -> nn.Module:
 
     path = ctx.gen.warmup_model
     qmodel, meta = load_quantized(path, model=copy.deepcopy(ctx.model))
-    pin_input(ctx, "gen.warmup_model", file_digest(path), f"gen.warmup_model (--warmup-model) {path}")
+    pin_input(ctx, "gen.warmup_model", file_digest(path)[:16], f"gen.warmup_model (--warmup-model) {path}")
     wanted, found = bits_label(ctx.cfg.quant), f"{meta.get('w_bits')}/{meta.get('a_bits') or 'fp'}"
     if meta.get("model_name") != ctx.cfg.model or found != wanted:
         raise ConfigError(f"gen.warmup_model (--warmup-model): {path} is {meta.get('model_name')!r} at W/A {found}; "

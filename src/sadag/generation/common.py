@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import NumericalError
-from ..progress import LOG_EVERY, Progress
+from ..progress import LOG_EVERY, Progress, host_floats, widest_float
 
 # The first stages' tags, kept so that their seeds (and results) never change; any other stage name gets a
 # tag from a hash of the name, above 2**32 so that it never meets these.
@@ -69,10 +69,6 @@ def lr_dtype(device: torch.device) -> torch.dtype:
     return torch.float64 if device.type == "cpu" else torch.float32
 
 
-def _best_dtype(device: torch.device) -> torch.dtype:
-    return torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
-
-
 def tensor_lr_adam(params: list[Tensor], lr: float, device: torch.device) -> torch.optim.Adam:
     """Adam whose lr is a device tensor, so a scheduler can change it without a host sync.
 
@@ -97,7 +93,7 @@ class DevicePlateau:
         self.lr = lr
         self.factor, self.patience, self.min_lr = factor, patience, min_lr
         self.threshold, self.eps = threshold, eps
-        self.best = torch.full((), math.inf, dtype=_best_dtype(lr.device), device=lr.device)
+        self.best = torch.full((), math.inf, dtype=widest_float(lr.device), device=lr.device)
         self.bad = torch.zeros((), dtype=torch.int64, device=lr.device)
 
     def step(self, loss: Tensor) -> None:
@@ -194,12 +190,7 @@ class StageMonitor:
 
     def report(self, batch: int, it: int, step: int, metrics: dict[str, Tensor | float]) -> None:
         """Check for NaN/inf and emit progress; the only place the loop touches host values."""
-        names = list(metrics)
-        dev = next((v.device for v in metrics.values() if isinstance(v, Tensor)), torch.device("cpu"))
-        stacked = torch.stack([torch.as_tensor(metrics[n], device=dev).detach().to(torch.float64).reshape(())
-                               for n in names])
-        values = stacked.tolist()  # one host sync for all metrics
-        out = dict(zip(names, values, strict=True))
+        out = host_floats(metrics)
         self.check(batch, it, out.get("loss", 0.0))
         out["batch"] = float(batch)
         self.log.debug("%s batch %d iteration %d: %s", self.stage, batch, it + 1,

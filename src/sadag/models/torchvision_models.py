@@ -34,7 +34,9 @@ def _pretrained(weights_enum: str) -> PretrainedLoader:
     def load(model: nn.Module) -> None:
         weights = _torchvision().models.get_weight(weights_enum)
         try:
-            state_dict = weights.get_state_dict(progress=False)
+            # torch.hub's defaults unpickle anything in its cache unchecked: the safe loader, and the sha256
+            # prefix in torchvision's file names checked
+            state_dict = weights.get_state_dict(progress=False, weights_only=True, check_hash=True)
         except OSError as e:
             raise ModelError(f"could not download {weights.url}: {e}; download it by hand and pass "
                              f"--weights PATH") from e

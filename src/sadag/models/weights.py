@@ -9,7 +9,6 @@ import os
 import pickle
 import re
 import shutil
-import urllib.request
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -19,6 +18,7 @@ import torch
 from torch import nn
 
 from ..errors import ModelError
+from ..files import fetch, file_digest
 
 log = logging.getLogger(__name__)
 
@@ -37,14 +37,6 @@ def is_url(path_or_url: str) -> bool:
     return path_or_url.startswith(("http://", "https://", "file://"))
 
 
-def file_digest(path: Path, algo: str = "sha256") -> str:
-    h = hashlib.new(algo)
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def verify_hash(path: Path, expected: str | None, algo: str = "sha256") -> None:
     """Check that the file's hex digest starts with ``expected`` (a full digest or a prefix)."""
     if not expected:
@@ -58,36 +50,23 @@ def verify_hash(path: Path, expected: str | None, algo: str = "sha256") -> None:
 
 
 def download(url: str, sha256_prefix: str | None = None, sha1_prefix: str | None = None) -> Path:
-    """Download ``url`` into ``$SADAG_HOME/weights`` once, verify it and return the local file.
+    """Download ``url`` into ``$SADAG_HOME/weights/<digest of url>/`` once, verify it and return the local file.
 
     A ``.zip`` (the pytorchcv release format) is unpacked and the checkpoint inside is returned;
     hashes are checked on the checkpoint itself, as its publisher does.
     """
-    cache = sadag_home() / "weights"
+    # one folder per URL: two URLs ending in the same file name never share a cached file
+    cache = sadag_home() / "weights" / hashlib.sha256(url.encode()).hexdigest()[:16]
     name = url.rsplit("/", 1)[-1]
     final = cache / name.removesuffix(".zip")
     if not final.exists():
         cache.mkdir(parents=True, exist_ok=True)
-        _fetch(url, cache / name)
+        fetch(url, cache / name, ModelError, "download it by hand and pass --weights PATH")
         if name.endswith(".zip"):
             _unzip_single(cache / name, final)
     verify_hash(final, sha256_prefix, "sha256")
     verify_hash(final, sha1_prefix, "sha1")
     return final
-
-
-def _fetch(url: str, dest: Path) -> None:
-    tmp = dest.with_name(dest.name + ".part")  # never leave a half-written file under the final name
-    log.info("downloading %s to %s", url, dest)
-    try:
-        with urllib.request.urlopen(url, timeout=60) as r, open(tmp, "wb") as f:
-            shutil.copyfileobj(r, f)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise ModelError(
-            f"could not download {url}: {e}; download it by hand and pass --weights PATH"
-        ) from e
-    tmp.replace(dest)
 
 
 def _unzip_single(archive: Path, dest: Path) -> None:

@@ -51,7 +51,7 @@ class WeightQuantizer(nn.Module):
     ``p`` is the clip-search exponent that picks the initial step size (QuantConfig.clip_search_p).
     """
 
-    def __init__(self, weight: Tensor, bits: int, *, p: float):
+    def __init__(self, weight: Tensor, bits: int, *, p: float) -> None:
         super().__init__()
         self.bits = bits
         self.qmax = 2**bits - 1
@@ -110,7 +110,7 @@ class ActQuantizer(nn.Module):
     element's quantized value with that probability and its FP value otherwise (calibration only).
     """
 
-    def __init__(self, bits: int | None, *, p: float):
+    def __init__(self, bits: int | None, *, p: float) -> None:
         super().__init__()
         self.bits = bits
         self.qmax = 2**bits - 1 if bits else 0

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from ..config import CalibConfig, check_minibatch
 from ..distributed import SINGLE, Ranks, all_reduce_gradients_, all_reduce_sum
 from ..errors import ConfigError, NumericalError
-from ..progress import LOG_EVERY, Progress
+from ..progress import LOG_EVERY, Progress, host_floats
 from ..quantization.fold import bn_fused_into_convs
 from ..quantization.modules import is_quant_layer
 from ..quantization.prepare import float_copy, freeze_
@@ -300,10 +300,8 @@ def _train(step, compiled: bool, optim: tuple[list, list, list[Tensor]], sampler
 
 def _report(stage: str, step: int, total: int, rec: Tensor, loss: Tensor, progress: Progress | None,
             extra: dict[str, float | Tensor]) -> None:
-    names = list(extra)
-    values = [rec, loss, *(torch.as_tensor(extra[k], device=rec.device) for k in names)]
-    rec_v, loss_v, *rest = torch.stack([v.double() for v in values]).tolist()  # one host sync
-    extra = dict(zip(names, rest, strict=True))
+    values = host_floats({**extra, "rec_loss": rec, "loss": loss})
+    rec_v, loss_v = values.pop("rec_loss"), values.pop("loss")
     if not math.isfinite(loss_v):
         raise NumericalError(
             f"{stage}, iteration {step}: the loss is {loss_v}; the calibration images or learning rates "
@@ -311,4 +309,4 @@ def _report(stage: str, step: int, total: int, rec: Tensor, loss: Tensor, progre
         )
     log.debug("%s %d/%d rec %.4g loss %.4g", stage, step, total, rec_v, loss_v)
     if progress is not None:
-        progress(stage, step, total, {"rec_loss": rec_v, "loss": loss_v, **extra})
+        progress(stage, step, total, {"rec_loss": rec_v, "loss": loss_v, **values})
