@@ -62,3 +62,14 @@ def test_report_survives_missing_stages_and_odd_lines(tmp_path: Path) -> None:
     with Image.open(rundir.path("loss_curves.png")) as png:
         assert png.size == (2 * 520, 360)
     assert "## Stages" not in report_markdown({**REPORT, "seconds": {}}, [])
+
+
+def test_metrics_reach_the_host_in_one_dtype_the_device_has() -> None:
+    """Progress metrics are stacked on their device before one host sync: in float64, except on Apple's MPS,
+    which has none (a float64 conversion there raised at the first progress report)."""
+    from sadag.progress import host_floats, widest_float
+
+    assert widest_float(torch.device("mps")) == torch.float32
+    assert widest_float(torch.device("cpu")) == widest_float(torch.device("cuda")) == torch.float64
+    out = host_floats({"loss": torch.tensor(0.25), "lr": 0.1, "step": torch.tensor(3)})
+    assert out == {"loss": 0.25, "lr": 0.1, "step": 3.0} and list(out) == ["loss", "lr", "step"]

@@ -24,7 +24,8 @@ def host_floats(values: Mapping[str, Tensor | float]) -> dict[str, float]:
     """Scalar metrics (device tensors or numbers) as Python floats, through one host sync."""
     device = next((v.device for v in values.values() if isinstance(v, Tensor)), torch.device("cpu"))
     dtype = widest_float(device)
-    stacked = torch.stack([torch.as_tensor(v, device=device).detach().to(dtype).reshape(()) for v in values.values()])
+    stacked = torch.stack([v.detach().to(dtype).reshape(()) if isinstance(v, Tensor)
+                           else torch.tensor(float(v), dtype=dtype, device=device) for v in values.values()])
     return dict(zip(values, stacked.tolist(), strict=True))
 
 
