@@ -6,12 +6,11 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from conftest import TINY
 from sadag import CalibConfig, GenConfig, QuantConfig, RunConfig, apply_preset
 from sadag.cli import build_parser, config_from_args
-from sadag.config import explicit_fields, load_config, to_dict
+from sadag.config import dump_yaml, explicit_fields, load_config, to_dict
 from sadag.errors import ConfigError
 
 
@@ -112,6 +111,10 @@ def test_resolution_is_idempotent_and_keeps_explicitness() -> None:
     (["--device", "tpu"], "device (--device)", "auto, cpu, cuda, cuda:N (N a GPU index), mps"),
     (["--seed", "-3"], "seed (--seed)", ">= 0"),
     (["--seed", "4294967296"], "seed (--seed)", "<= 4294967295"),  # would make seed 0's images
+    (["--lr-z", "nan"], "gen.lr_z (--lr-z): got nan", "a finite number"),  # NaN fails every bound check
+    (["--lr-z", "inf"], "gen.lr_z (--lr-z): got inf", "a finite number"),
+    (["--device", "cpu\n"], "device (--device)", "auto, cpu, cuda"),  # $ also matches before a newline
+    (["--eval-limit", "5"], "eval_limit (--eval-limit) 5", "this run has none"),
     # settings this run would not read are refused, not dropped
     (["--num-calib", "8"], "num_calib (--num-calib) 8", "this run has none"),
     (["--genie-set", "S"], "gen.genie_set (--genie-set)", "this run uses method 'noise': drop it"),
@@ -154,6 +157,13 @@ def test_generate_refuses_a_small_set_only_where_it_calibrates(tmp_path: Path, c
     ("1: a\nfoo: b\n", "config: unknown keys 1, foo"),  # keys of two types
     # p = 0 scores every clip alike; an export of it would be refused by `sadag evaluate --quantized`
     ("quant: {clip_search_p: 0}\n", "quant.clip_search_p: got 0.0; allowed: a number > 0.0"),
+    # NaN would quantize every weight to zero (no clip error compares lower than NaN)
+    ("quant: {clip_search_p: .nan}\n", "quant.clip_search_p: got nan; allowed: a finite number"),
+    ("calib: {drop_prob: .nan}\n", "calib.drop_prob: got nan; allowed: a finite number"),
+    ("calib: {lr_round: .inf}\n", "calib.lr_round: got inf; allowed: a finite number"),
+    # PyYAML would keep the second block only: W4 A8 from a file that also says w_bits 2
+    ("quant: {w_bits: 2}\nquant: {a_bits: 8}\n", "key 'quant' appears twice in one mapping (line 2); keep one"),
+    ("calib: {iters: 2, iters: 3}\n", "key 'iters' appears twice"),
 ])
 def test_bad_config_files_are_refused_before_the_run_directory(tmp_path: Path, cli, text, message) -> None:
     out = tmp_path / "run"
@@ -225,11 +235,13 @@ def test_trust_checkpoint_flag_reaches_the_config() -> None:
 # --- the saved config loads back ------------------------------------------------------------------
 
 def test_saved_config_loads_back_to_the_same_config(tmp_path: Path) -> None:
+    # strings that YAML 1.2 reads as numbers ("1e3") are quoted, or the file would not load back
     cfg = apply_preset(RunConfig(model="resnet56_cifar10", bits="3/fp", preset="smoke", seed=4, eval_limit=3, out="x",
+                                 calib_data="2.5", eval_data="-1.5e-2",
                                  quant=QuantConfig(units=["layer1.0", "layer2.0"], fold_bn=True),
                                  calib=CalibConfig(beta=(10, 1), lr_round=2e-3), gen=GenConfig(neighbor="adversarial")))
     path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    path.write_text(dump_yaml(to_dict(cfg)))
     assert from_cli("--config", str(path)) == cfg
     assert apply_preset(load_config(path)) == cfg
     # and it wins over a different preset on the command line: every value in it is explicit

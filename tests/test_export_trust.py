@@ -15,8 +15,9 @@ from safetensors.torch import load_file, save_file
 
 from conftest import TinyNet, tiny_bn_model
 from sadag.config import QuantConfig
+from sadag.errors import ConfigError
 from sadag.export import ExportFormatError, export_model, load_quantized, save_quantized
-from sadag.quantization.prepare import quantize
+from sadag.quantization.prepare import quantize, set_quant_state_
 from sadag.quantization.quantizers import ActQuantizer
 
 FACTORY = "conftest:tiny_bn_model"
@@ -245,3 +246,40 @@ def test_a_model_with_non_finite_scales_is_never_written(tmp_path: Path) -> None
         save_quantized(qmodel, tmp_path / "q.safetensors", model_name=FACTORY, spec=tiny_bn_model()[1],
                        quant_config=cfg)
     assert not any(tmp_path.iterdir())
+
+
+def test_switched_off_quantization_is_neither_written_nor_read(export_dir: Path, tmp_path: Path) -> None:
+    qmodel, cfg = _calibrated(4, 4)
+    set_quant_state_(qmodel, weights=True, acts=False)  # a W4A4-labelled file would run FP activations
+    with pytest.raises(ConfigError, match="quantization is switched off in .*switch it on"):
+        save_quantized(qmodel, tmp_path / "off.safetensors", model_name=FACTORY, spec=tiny_bn_model()[1],
+                       quant_config=cfg)
+    assert not (tmp_path / "off.safetensors").exists()
+    src = export_dir / "w4a4.safetensors"
+    act = next(n for n, info in _meta(src)["act_quantizers"].items() if info["bits"] == 4)
+    bad = _tamper(src, tmp_path / "bad.safetensors", meta=lambda m: m["act_quantizers"][act].update(active=False))
+    with pytest.raises(ExportFormatError, match=f"activation quantizer {act} is declared 4-bit and switched off"):
+        _load(bad)
+    layer = _four_bit_layer(src)
+    bad = _tamper(src, tmp_path / "bad.safetensors", meta=lambda m: m["layers"][layer].update(quantize_weight=False))
+    with pytest.raises(ExportFormatError, match=f"layer {layer} is declared 4-bit with its quantization switched"):
+        _load(bad)
+
+
+def test_a_failed_re_export_leaves_the_earlier_one_intact(export_dir: Path, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    from sadag.export import safetensors_io
+
+    path = tmp_path / "q.safetensors"
+    qmodel, cfg = _calibrated(4, 4)
+    save_quantized(qmodel, path, model_name=FACTORY, spec=tiny_bn_model()[1], quant_config=cfg)
+    before = path.read_bytes()
+
+    def half_written(tensors, filename, metadata=None):  # noqa: ANN001, ANN202
+        Path(filename).write_bytes(b"\x00" * 10)  # what an old safetensors leaves when the disk fills
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(safetensors_io, "save_file", half_written)
+    with pytest.raises(ExportFormatError, match="No space left"):
+        save_quantized(qmodel, path, model_name=FACTORY, spec=tiny_bn_model()[1], quant_config=cfg)
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["q.safetensors"]

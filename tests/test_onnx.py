@@ -177,3 +177,17 @@ def test_onnx_through_the_registry_uses_the_attached_spec(r20_w4a4, tmp_path, ca
     bare = torch.nn.Sequential(*qmodel.children())  # no spec attached
     with pytest.raises(ConfigError, match="needs the model's DataSpec"):
         export_onnx(bare, tmp_path / "bare.onnx")
+
+
+@pytest.mark.slow
+def test_onnx_w2a2_opset25_loads_in_onnxruntime(r20_spec, cifar_test_slice, tmp_path) -> None:
+    """2-bit weights in UINT2, 2-bit activations in UINT8: onnxruntime's full graph optimization moves an
+    activation's DequantizeLinear past the shortcut's Slice, which has no UINT2 kernel (it refused to load)."""
+    pytest.importorskip("onnxruntime")
+    qmodel, _ = calibrated_r20(2, 2, iters=4)
+    path = export_onnx(qmodel, tmp_path / "r20_w2a2_25.onnx", r20_spec, opset=25)
+    types, ops = _onnx_summary(path)
+    assert types["layer2.0.conv2.weight_quantized"] == "UINT2"
+    assert types["layer2.0.conv2.input_quantizer.zero_point"] == "UINT8"
+    assert ops["Clip"] == sum(a.bits == 2 for a in _active_acts(qmodel).values()) > 0
+    _check_onnx_against_torch(path, qmodel, cifar_test_slice, "W2A2 opset 25", matching=0.5, mean_diff=0.3)

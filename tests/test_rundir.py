@@ -257,3 +257,16 @@ def test_python_m_sadag_runs_the_cli() -> None:
                          text=True, timeout=120, env=env)
     assert bad.returncode == 2 and "device (--device): got 'tpu'" in bad.stderr
 
+
+
+def test_atomic_files_get_the_mode_open_would_give(tmp_path: Path) -> None:
+    from sadag.rundir import atomic_write_text
+
+    old = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "report.json", "{}")
+        (tmp_path / "plain.json").write_text("{}")
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()}
+    assert modes["report.json"] == modes["plain.json"] == 0o644  # mkstemp alone gives 0600

@@ -14,6 +14,7 @@ import dataclasses
 import functools
 import hashlib
 import json
+import math
 import os
 import re
 import types
@@ -31,7 +32,7 @@ Precision = Literal["fp32", "bf16"]  # generation/genie.py: the FP model's arith
 BNScope = Literal["batch", "set"]  # generation/genie.py: over which images Genie-D matches BatchNorm statistics
 SECTIONS = ("quant", "calib", "gen")
 DEVICE_FORMS = "auto, cpu, cuda, cuda:N (N a GPU index), mps"
-_DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+_DEVICE = re.compile(r"(auto|cpu|mps|cuda(:\d+)?)")
 
 
 def setting(default: Any = dataclasses.MISSING, *, help: str, flag: str | None = None, **checks: Any) -> Any:  # noqa: A002
@@ -354,6 +355,8 @@ def _check_field(f: dataclasses.Field, hint: Any, value: Any, path: str) -> Any:
         raise _bad(f, path, value, _describe(hint) + (f" or {meta['none_word']!r}" if "none_word" in meta else ""))
     if value is None or isinstance(value, bool):
         return value
+    if isinstance(value, float) and not math.isfinite(value):  # NaN fails every comparison: refuse it first
+        raise _bad(f, path, value, "a finite number")
     lo, hi, above, below = meta.get("min"), meta.get("max"), meta.get("above"), meta.get("below")
     if isinstance(value, int | float) and ((lo is not None and value < lo) or (hi is not None and value > hi)
                                            or (above is not None and value <= above)
@@ -363,7 +366,7 @@ def _check_field(f: dataclasses.Field, hint: Any, value: Any, path: str) -> Any:
         raise _bad(f, path, value, f"{_describe(hint)} " + " and ".join(b for b in bounds if b))
     if "choices" in meta and value not in meta["choices"]():
         raise _bad(f, path, value, ", ".join(meta["choices"]()))
-    if "pattern" in meta and not meta["pattern"][0].match(value):
+    if "pattern" in meta and not meta["pattern"][0].fullmatch(value):
         raise _bad(f, path, value, meta["pattern"][1])
     return value
 
@@ -483,6 +486,9 @@ def check_unused_settings(cfg: RunConfig) -> None:
     if cfg.num_calib is not None and not cfg.calib_data:
         raise ConfigError(f"num_calib (--num-calib) {cfg.num_calib}: it counts the images taken from --calib-data, "
                           "and this run has none; a synthetic set's size is gen.num_images (--num-images)")
+    if cfg.eval_limit is not None and not cfg.eval_data:
+        raise ConfigError(f"eval_limit (--eval-limit) {cfg.eval_limit}: it limits the images of --eval-data, and "
+                          "this run has none: give --eval-data or drop it")
     for name, (flag, methods) in _METHOD_SETTINGS.items():
         if getattr(cfg.gen, name) is None:
             continue
@@ -601,12 +607,32 @@ class _StrictLoader(yaml.SafeLoader):
                               f"{event.start_mark.line + 1}; write the values out")
         return super().compose_node(parent, index)
 
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        # PyYAML keeps the last of two equal keys: a second `quant:` block would silently drop the first
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if not isinstance(key, str | int | float | bool):
+                continue  # an unhashable key: the base class refuses it
+            if key in seen:
+                raise ConfigError(f"{self.name}: key {key!r} appears twice in one mapping (line "
+                                  f"{key_node.start_mark.line + 1}); keep one")
+            seen.add(key)
+        return super().construct_mapping(node, deep)
 
-_StrictLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:\d+\.\d*|\.\d+|\d+)(?:[eE][-+]?\d+)$|^[-+]?\d+\.\d*$|^[-+]?\.\d+$"),
-    list("-+0123456789."),
-)
+
+class _Dumper(yaml.SafeDumper):
+    """SafeDumper that quotes every string :class:`_StrictLoader` would read as a number (``"1e3"``)."""
+
+
+_YAML12_FLOAT = re.compile(r"^[-+]?(?:\d+\.\d*|\.\d+|\d+)(?:[eE][-+]?\d+)$|^[-+]?\d+\.\d*$|^[-+]?\.\d+$")
+for _cls in (_StrictLoader, _Dumper):
+    _cls.add_implicit_resolver("tag:yaml.org,2002:float", _YAML12_FLOAT, list("-+0123456789."))
+
+
+def dump_yaml(data: Mapping[str, Any]) -> str:
+    """YAML text that :func:`read_yaml` reads back to ``data``, keys in their order."""
+    return yaml.dump(dict(data), Dumper=_Dumper, sort_keys=False)
 
 
 def read_yaml(path: str | os.PathLike) -> dict[str, Any]:

@@ -1,12 +1,14 @@
-"""Files from outside: their digests, and downloads that never leave a half-written file."""
+"""Files in and out: digests, downloads and writes that never leave a half-written file."""
 
 from __future__ import annotations
 
 import hashlib
 import logging
 import os
+import secrets
 import shutil
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 from .errors import SadagError
@@ -34,3 +36,18 @@ def fetch(url: str, dest: Path, error: type[SadagError], hint: str) -> None:
         tmp.unlink(missing_ok=True)
         raise error(f"could not download {url}: {e}; {hint}") from e
     tmp.replace(dest)
+
+
+def write_atomically(path: Path, write: Callable[[str], object]) -> None:
+    """``write(tmp)`` to a temporary file in the same folder, then os.replace: never a half-written file under
+    ``path``, and an earlier file there survives a failed write. The file gets the mode open() would give."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = str(path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp")
+    # created as open() would (mode 0666 less the umask); mkstemp's 0600 would hide run files from the group
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)

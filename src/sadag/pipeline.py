@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from torch import Tensor, nn
 
 from . import distributed
@@ -27,6 +26,7 @@ from .config import (
     check_calibration_minibatch,
     check_device,
     check_unused_settings,
+    dump_yaml,
     method_options,
     result_settings,
     to_dict,
@@ -195,7 +195,7 @@ def _open_rundir(cfg: RunConfig, resume: bool, force: bool, ranks: Ranks, device
     try:
         rundir = RunDir(cfg.out, result_settings(cfg, device.type), resume=resume, force=force)
         try:
-            rundir.path("config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+            rundir.path("config.yaml").write_text(dump_yaml(to_dict(cfg)))
             rundir.write_json("environment.json", {**environment(device), "seed": cfg.seed,
                                                    "world_size": ranks.world_size})
         except BaseException:

@@ -15,7 +15,6 @@ import json
 import os
 import platform
 import shutil
-import tempfile
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -25,6 +24,7 @@ import torch
 from torch import Tensor
 
 from .errors import SadagError
+from .files import write_atomically
 
 STATE = "state"
 MARKER = "sadag-run.json"
@@ -68,13 +68,9 @@ def check_plain(obj: Any, what: str) -> None:
 
 
 def atomic_write(path: Path, write: Any) -> None:
-    """Write through a temporary file in the same folder, then os.replace: never a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    """A run file written atomically (:func:`sadag.files.write_atomically`); a full disk says how to resume."""
     try:
-        write(tmp)
-        os.replace(tmp, path)
+        write_atomically(path, write)
     except OSError as exc:
         if exc.errno == errno.ENOSPC:
             raise SadagError(
@@ -82,9 +78,6 @@ def atomic_write(path: Path, write: Any) -> None:
                 "the same command with --resume"
             ) from exc
         raise
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def atomic_save(obj: Any, path: Path) -> None:

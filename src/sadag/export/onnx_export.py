@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError
+from ..files import write_atomically
 from ..models import DataSpec
 from ..quantization.quantizers import ActQuantizer, WeightQuantizer
 from .registry import unwritable, writable_target
@@ -52,13 +53,15 @@ class _QTensor:
     q: np.ndarray | None = None  # integer weights; None for activations
 
 
-def onnx_int_type(bits: int, opset: int) -> int:
-    """The ONNX element type holding a ``bits``-bit unsigned grid at ``opset`` (UINT8 as the container)."""
+def onnx_int_type(bits: int, opset: int, *, activation: bool = False) -> int:
+    """The ONNX element type holding a ``bits``-bit unsigned grid at ``opset`` (UINT8 as the container).
+    UINT2 for weights only: onnxruntime's optimizer moves an activation's DequantizeLinear past ops such as
+    the shortcut's Slice, which have no UINT2 kernel (a W2A2 ResNet-20 would not load)."""
     import onnx
 
     if bits == 4 and opset >= 21:
         return onnx.TensorProto.UINT4
-    if bits == 2 and opset >= 25:
+    if bits == 2 and opset >= 25 and not activation:
         return onnx.TensorProto.UINT2
     return onnx.TensorProto.UINT8
 
@@ -185,7 +188,7 @@ class _Lowering:
         from onnx import TensorProto, helper
 
         qt = self.acts[_index(node)]
-        dtype = onnx_int_type(qt.bits, self.opset)
+        dtype = onnx_int_type(qt.bits, self.opset, activation=True)
         x, out, nodes = node.input[0], node.output[0], []
         scale = self._init(f"{qt.name}.scale", qt.scale)
         zp = self._init(f"{qt.name}.zero_point", qt.zero_point, dtype)
@@ -276,7 +279,7 @@ def export_onnx(qmodel: nn.Module, path: str | Path, spec: DataSpec | None = Non
     proto = _lower(onnx.load_from_string(_torch_export(model, spec, opset)), weights, acts, opset)
     onnx.checker.check_model(proto, full_check=True)
     try:
-        onnx.save_model(proto, str(path))
+        write_atomically(Path(path), lambda tmp: onnx.save_model(proto, tmp))
     except OSError as e:
         raise unwritable(path, e) from e
     log.info("exported %d quantized weights and %d activation quantizers to %s (opset %d)",

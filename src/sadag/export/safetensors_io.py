@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from ..config import QuantConfig
 from ..errors import ConfigError, ExportFormatError, ModelError, NumericalError
+from ..files import write_atomically
 from ..models import DataSpec, get_model_info, load_model
 from ..models.registry import is_import_path
 from ..quantization.modules import is_quant_layer
@@ -54,11 +55,19 @@ def quantized_parts(qmodel: nn.Module) -> tuple[dict[str, nn.Module], dict[str, 
 
 
 def check_frozen(qmodel: nn.Module) -> None:
-    """Soft (AdaRound) rounding is not integer: only a calibrated, frozen model can be exported."""
+    """Soft (AdaRound) rounding is not integer: only a calibrated, frozen model can be exported, and only with
+    its quantization switched on (the export is labelled with the plan's bits)."""
     soft = [n for n, m in qmodel.named_modules() if isinstance(m, WeightQuantizer) and m.mode == "soft"]
     if soft:
         raise ConfigError(f"weight quantizers of {soft[:3]} are still in soft rounding mode; "
                           f"finish calibration (reconstruct_ / freeze_) before exporting")
+    layers, acts = quantized_parts(qmodel)
+    off = [n for n, m in layers.items() if m.weight_quantizer.bits is not None and not m.quantize_weight]
+    off += [n for n, a in acts.items() if a.bits is not None and not a.active]
+    if off:
+        raise ConfigError(f"quantization is switched off in {', '.join(off[:3])}{' ...' if len(off) > 3 else ''}: "
+                          "the export would carry their bits and run them in full precision; switch it on "
+                          "(sadag.quantization.prepare.set_quant_state_(model)) before exporting")
 
 
 def _owned_keys(qmodel: nn.Module) -> set[str]:
@@ -141,10 +150,11 @@ def save_quantized(qmodel: nn.Module, path: str | Path, *, model_name: str, spec
 
 
 def _write(path: Path, tensors: dict[str, Tensor], text: str) -> Path:
-    """safetensors writes a temporary file and renames it, so a failed write leaves no partial export."""
+    """Through a temporary file (safetensors before 0.8 truncates the target first): a failed write leaves an
+    earlier export intact and no partial one."""
     writable_target(path)
     try:
-        save_file(tensors, str(path), metadata={META_KEY: text})
+        write_atomically(path, lambda tmp: save_file(tensors, tmp, metadata={META_KEY: text}))
     except (OSError, SafetensorError) as e:
         raise unwritable(path, e) from e
     return path
@@ -216,9 +226,10 @@ def _fill_layer(name: str, layer: nn.Module, tensors: dict[str, Tensor], info: d
     _check_integers(f"w.{name}.q", q, wq.qmax)
     _check_integers(f"w.{name}.zero_point", zero_point, wq.qmax)
     _check_scale(f"w.{name}.scale", scale, signed=True)
-    quantize_weight = bool(info.get("quantize_weight", True))
-    if quantize_weight:
-        _check_uses_its_bits(name, q, wq.bits)
+    if info.get("quantize_weight", True) is not True:  # the exporter refuses to write it (check_frozen)
+        raise ExportFormatError(f"layer {name} is declared {wq.bits}-bit with its quantization switched off, "
+                                "which sadag never writes: the metadata was changed")
+    _check_uses_its_bits(name, q, wq.bits)
     q = q.to(layer.weight.device, layer.weight.dtype)
     wq.scale.copy_(scale.reshape(wq.scale.shape))
     wq.zero_point.copy_(zero_point.reshape(wq.zero_point.shape))
@@ -226,7 +237,7 @@ def _fill_layer(name: str, layer: nn.Module, tensors: dict[str, Tensor], info: d
     wq.alpha.fill_(-1.0)
     wq.mode = "hard"
     layer.weight.copy_((q - wq.zero_point) * wq.scale)
-    layer.quantize_weight = quantize_weight
+    layer.quantize_weight = True
 
 
 def _check_uses_its_bits(name: str, q: Tensor, bits: int) -> None:
@@ -243,7 +254,10 @@ def _fill_act(name: str, act: ActQuantizer, tensors: dict[str, Tensor], info: di
     if info.get("bits") != act.bits:
         raise ExportFormatError(f"activation quantizer {name}: the file has bits {info.get('bits')}, "
                                 f"the rebuilt model {act.bits}")
-    act.active = bool(info.get("active", True))
+    if act.bits is not None and info.get("active", True) is not True:  # the exporter refuses to write it
+        raise ExportFormatError(f"activation quantizer {name} is declared {act.bits}-bit and switched off, "
+                                "which sadag never writes: the metadata was changed")
+    act.active = True
     if act.bits is None or not info.get("initialized", False):
         return
     scale = _take(tensors, f"a.{name}.scale", (), torch.float32)
