@@ -375,7 +375,7 @@ def probe_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
 
     fp, spec = sadag.load_model(args.model, weights=base_config(args.model, Path(".")).weights)
     fp.eval()
-    real = load_calibration_data(EVAL[args.model][0], spec, args.probe_real, seed=0, class_index=EVAL[args.model][1])
+    real = load_calibration_data(EVAL[args.model][0], spec, args.probe_real, seed=0)
     # the reference gradient is taken on test images: fine for a diagnostic, never for calibration
     rows = []
     for bits in args.bits:

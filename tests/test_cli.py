@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -221,3 +222,37 @@ def test_evaluate_passes_the_import_opt_in_and_checks_its_options(tmp_path: Path
     assert code == 2 and "device (--device): got 'tpu'; allowed: auto, cpu, cuda, cuda:N" in err
     with pytest.raises(SystemExit):
         cli(["evaluate", "--model", "resnet20_cifar10", "--data", tmp_path, "--limit", "0"])
+
+
+def test_flag_combinations_that_would_be_ignored_are_refused(tmp_path: Path, cli) -> None:
+    q = tmp_path / "q.safetensors"  # never read: every refusal comes first
+    refusals = [
+        (["evaluate", "--quantized", q, "--model", "resnet56_cifar10", "--data", tmp_path], "--model: an exported"),
+        (["evaluate", "--quantized", q, "--weights", "w.th", "--data", tmp_path], "--weights: an exported model"),
+        (["export", "--quantized", q, "--to", tmp_path / "m.safetensors", "--verify-data", tmp_path],
+         "--verify-data compares onnxruntime with PyTorch"),
+        (["export", "--quantized", q, "--to", tmp_path / "m.onnx", "--limit", "3"], "--limit choose the images"),
+        (["export", "--quantized", q, "--to", tmp_path / "m.onnx", "--verify-data", tmp_path / "absent"],
+         "--verify-data folder .*absent does not exist"),
+    ]
+    for argv, message in refusals:
+        code, _, err = cli(argv)
+        assert code == 2 and re.search(message, err), (argv, err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # nothing written
+    with pytest.raises(SystemExit):  # argparse: not allowed with argument --resume
+        cli(["run", *TINY, "--out", tmp_path / "r", "--resume", "--force"])
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--calib-data", "absent"], "calib_data (--calib-data) absent does not exist"),
+    (["--eval-data", "c.yaml"], "eval_data (--eval-data) c.yaml is a file; it must be a folder"),
+    (["--eval-data", ".", "--class-index", "."], "class_index (--class-index) . is a folder; it must be a file"),
+    (["--class-index", "c.yaml"], "class_index (--class-index) c.yaml: it applies to the images of --eval-data"),
+    (["--method", "sadag", "--warmup-model", "absent.safetensors"], "gen.warmup_model (--warmup-model) absent"),
+])
+def test_a_mistyped_input_path_leaves_no_run_directory(tmp_path: Path, cli, monkeypatch, flags, message) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "c.yaml").write_text("{}\n")
+    code, _, err = cli(["run", *TINY, "--out", "run", *flags])
+    assert code == 2 and message in err, err
+    assert not (tmp_path / "run").exists()  # the corrected command can use the same --out

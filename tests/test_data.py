@@ -232,3 +232,38 @@ def test_cifar_pickle_with_code_is_refused_and_never_runs(tmp_path: Path) -> Non
     with pytest.raises(DataError, match="refused to load builtins.exec"):
         CifarDataset(tmp_path, SPEC32)
     assert not marker.exists()
+
+
+def test_a_flat_folder_calibrates_but_does_not_evaluate(tmp_path: Path) -> None:
+    write_image_folder(tmp_path / "nested", {"x": 5})
+    flat = tmp_path / "nested" / "x"  # five images, no class folders
+    assert sample_calibration_images(flat, SPEC32, 5, seed=0).shape == (5, 3, 32, 32)
+    with pytest.raises(DataError, match="no images found under .*expected .*<class>/<image>.jpg \\("):
+        ImageFolderDataset(flat, SPEC32)
+    with pytest.raises(DataError, match="is a file, not a folder"):
+        ImageFolderDataset(next(flat.iterdir()), SPEC32, labelled=False)
+
+
+@pytest.mark.parametrize(("text", "match"), [
+    ("ant\ncat\ndog\nant\n", "lists 'ant' twice \\(lines 1 and 4\\)"),  # the last line would win: ant -> 3
+    ("ant\n\ncat\ndog\n", "blank line at line 2"),  # every later label would be off by one
+    (b"\x80\x81\xfe binary", "is not a text file"),
+])
+def test_class_index_files_that_would_mislabel_are_refused(folder: Path, tmp_path: Path, text, match) -> None:
+    index = tmp_path / "index.txt"
+    index.write_bytes(text if isinstance(text, bytes) else text.encode())
+    with pytest.raises(DataError, match=match):
+        ImageFolderDataset(folder, SPEC4, class_index=index)
+    index.write_text("ant\ncat\ndog\n\n\n")  # trailing blank lines are fine
+    assert ImageFolderDataset(folder, SPEC4, class_index=index).class_to_idx == {"ant": 0, "cat": 1, "dog": 2}
+
+
+def test_a_saved_set_of_another_normalization_is_refused(tmp_path: Path) -> None:
+    from sadag.generation import save_synthetic_set
+
+    images = torch.randn(4, 3, 32, 32)
+    save_synthetic_set(tmp_path / "set", images, SPEC32, {"model": "other"})
+    assert torch.equal(load_calibration_data(tmp_path / "set", SPEC4), images)  # same normalization, more classes
+    cifar = DataSpec(mean=(0.49, 0.48, 0.45), std=(0.2, 0.2, 0.2), input_size=32, num_classes=3)
+    with pytest.raises(DataError, match="made for 'other'.* normalized with mean .*generate a set for this model"):
+        load_calibration_data(tmp_path / "set", cifar)

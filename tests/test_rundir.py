@@ -260,13 +260,20 @@ def test_python_m_sadag_runs_the_cli() -> None:
 
 
 def test_atomic_files_get_the_mode_open_would_give(tmp_path: Path) -> None:
+    from sadag.files import write_atomically
     from sadag.rundir import atomic_write_text
+
+    def private_replace(tmp: str) -> None:  # as safetensors >= 0.8 writes: its own 0600 file renamed over tmp
+        Path(tmp + ".x").write_text("{}")
+        os.chmod(tmp + ".x", 0o600)
+        os.replace(tmp + ".x", tmp)
 
     old = os.umask(0o022)
     try:
         atomic_write_text(tmp_path / "report.json", "{}")
+        write_atomically(tmp_path / "model.safetensors", private_replace)
         (tmp_path / "plain.json").write_text("{}")
     finally:
         os.umask(old)
     modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()}
-    assert modes["report.json"] == modes["plain.json"] == 0o644  # mkstemp alone gives 0600
+    assert modes == {"report.json": 0o644, "model.safetensors": 0o644, "plain.json": 0o644}  # mkstemp gives 0600

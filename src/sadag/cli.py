@@ -72,8 +72,9 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
 
 def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML file of run settings (config.yaml of a run loads back); flags win over it")
-    p.add_argument("--resume", action="store_true", help="continue the interrupted run in --out (same settings)")
-    p.add_argument("--force", action="store_true", help="replace the sadag run in --out (its contents are deleted)")
+    again = p.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true", help="continue the interrupted run in --out (same settings)")
+    again.add_argument("--force", action="store_true", help="replace the sadag run in --out (its contents are deleted)")
     _add_config_flags(p)
 
 
@@ -141,6 +142,11 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
     device = resolve_device(args.device)
     if args.quantized:
+        given = [flag for flag, value in (("--model", args.model), ("--weights", args.weights),
+                                          ("--trust-checkpoint", args.trust_checkpoint)) if value]
+        if given:
+            raise ConfigError(f"{', '.join(given)}: an exported model carries its architecture and weights, so "
+                              "--quantized reads neither; drop them (or drop --quantized to evaluate an FP model)")
         from .export import load_quantized
         from .models import DataSpec
 
@@ -163,9 +169,10 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from .models import DataSpec
 
     source = Path(args.run) / "quantized.safetensors" if args.run else Path(args.quantized)
+    fmt = args.format or infer_exporter(args.to).name
+    _check_verify_args(args, fmt)  # before anything is written
     model, meta = load_quantized(source, allow_import=args.allow_import)
     spec = DataSpec.from_dict(meta["spec"])
-    fmt = args.format or infer_exporter(args.to).name
     options = {"spec": spec, "opset": args.opset} if fmt == "onnx" else {}
     if fmt == "safetensors":
         from .config import QuantConfig
@@ -174,20 +181,28 @@ def _cmd_export(args: argparse.Namespace) -> int:
     written = export_model(model, args.to, fmt, **options)
     print(f"wrote {written} ({get_exporter(fmt).description}) from {source}")
     if args.verify_data:
-        if fmt != "onnx":
-            raise ConfigError("--verify-data compares onnxruntime with PyTorch: it needs --format onnx")
-        import torch
-
         from .data import ImageFolderDataset
         from .export import verify_onnx
 
-        data = ImageFolderDataset(args.verify_data, spec, class_index=args.class_index, limit=args.limit)
+        data = ImageFolderDataset(args.verify_data, spec, class_index=args.class_index, limit=args.limit or 20)
         images, labels = zip(*(data[i] for i in range(len(data))), strict=True)
         r = verify_onnx(written, model, torch.stack(images), torch.tensor(labels))
         print(f"onnxruntime vs PyTorch on {r['num_images']} images: max |logit diff| {r['max_abs_diff']:.3g}, "
               f"top-1 agreement {100 * r['top1_agreement']:.2f}%, top-1 PyTorch {100 * r['top1_torch']:.2f}% "
               f"/ ONNX {100 * r['top1_onnx']:.2f}%")
     return 0
+
+
+def _check_verify_args(args: argparse.Namespace, fmt: str) -> None:
+    if args.verify_data and fmt != "onnx":
+        raise ConfigError("--verify-data compares onnxruntime with PyTorch: it needs --format onnx")
+    if not args.verify_data and (args.class_index or args.limit is not None):
+        given = " and ".join(f for f, v in (("--class-index", args.class_index), ("--limit", args.limit)) if v)
+        raise ConfigError(f"{given} choose the images of --verify-data, which is not given: add it or drop them")
+    if args.verify_data:
+        from .data.folder import check_folder
+
+        check_folder(Path(args.verify_data), "--verify-data folder")
 
 
 def _export_formats() -> list[str]:
@@ -259,7 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--opset", type=_positive, default=21, help="ONNX opset (21: UINT4 grids; 25: also UINT2)")
     p.add_argument("--verify-data", help="labelled image folder: compare onnxruntime with PyTorch on it")
     p.add_argument("--class-index")
-    p.add_argument("--limit", type=_positive, default=20, help="images per class for --verify-data (default 20)")
+    p.add_argument("--limit", type=_positive, help="images per class for --verify-data (default 20)")
     p.add_argument("--threads", type=_positive)
     p.set_defaults(func=_cmd_export)
     p = sub.add_parser("models", help="list the model zoo")

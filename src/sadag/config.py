@@ -486,9 +486,11 @@ def check_unused_settings(cfg: RunConfig) -> None:
     if cfg.num_calib is not None and not cfg.calib_data:
         raise ConfigError(f"num_calib (--num-calib) {cfg.num_calib}: it counts the images taken from --calib-data, "
                           "and this run has none; a synthetic set's size is gen.num_images (--num-images)")
-    if cfg.eval_limit is not None and not cfg.eval_data:
-        raise ConfigError(f"eval_limit (--eval-limit) {cfg.eval_limit}: it limits the images of --eval-data, and "
-                          "this run has none: give --eval-data or drop it")
+    for name, flag, value in (("eval_limit", "--eval-limit", cfg.eval_limit),
+                              ("class_index", "--class-index", cfg.class_index)):
+        if value is not None and not cfg.eval_data:  # calibration ignores labels
+            raise ConfigError(f"{name} ({flag}) {value}: it applies to the images of --eval-data, and this run has "
+                              "none: give --eval-data or drop it")
     for name, (flag, methods) in _METHOD_SETTINGS.items():
         if getattr(cfg.gen, name) is None:
             continue
@@ -496,6 +498,24 @@ def check_unused_settings(cfg: RunConfig) -> None:
         if cfg.calib_data or cfg.method not in methods:
             raise ConfigError(f"gen.{name} ({flag}) is read by method {' and '.join(methods)} when it generates "
                               f"images; this run {source}: drop it")
+
+
+def check_input_paths(cfg: RunConfig) -> None:
+    """The files and folders a run reads exist and are of the right kind: checked before the run directory is
+    made, so that a typo does not leave a directory that blocks the corrected command."""
+    wanted = (("calib_data", "--calib-data", cfg.calib_data, None),
+              ("eval_data", "--eval-data", cfg.eval_data, "folder"),
+              ("class_index", "--class-index", cfg.class_index, "file"),
+              ("gen.genie_set", "--genie-set", cfg.gen.genie_set, None),
+              ("gen.warmup_model", "--warmup-model", cfg.gen.warmup_model, "file"))
+    for name, flag, value, kind in wanted:
+        if value is None:
+            continue
+        p = Path(value)
+        if not p.exists():
+            raise ConfigError(f"{name} ({flag}) {value} does not exist")
+        if (kind == "file" and not p.is_file()) or (kind == "folder" and not p.is_dir()):
+            raise ConfigError(f"{name} ({flag}) {value} is a {'folder' if p.is_dir() else 'file'}; it must be a {kind}")
 
 
 def check_calibration_minibatch(cfg: RunConfig) -> None:

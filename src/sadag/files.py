@@ -45,8 +45,10 @@ def write_atomically(path: Path, write: Callable[[str], object]) -> None:
     tmp = str(path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp")
     # created as open() would (mode 0666 less the umask); mkstemp's 0600 would hide run files from the group
     os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    mode = os.stat(tmp).st_mode & 0o777
     try:
         write(tmp)
+        os.chmod(tmp, mode)  # a writer that replaces the file itself (safetensors >= 0.8) leaves 0600
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

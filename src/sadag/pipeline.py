@@ -25,6 +25,7 @@ from .config import (
     bits_label,
     check_calibration_minibatch,
     check_device,
+    check_input_paths,
     check_unused_settings,
     dump_yaml,
     method_options,
@@ -169,6 +170,7 @@ def _prepare(cfg: RunConfig, resume: bool, force: bool, calibrates: bool) -> tup
     check_unused_settings(cfg)
     if calibrates:
         check_calibration_minibatch(cfg)
+    check_input_paths(cfg)
     if not cfg.out:
         raise ConfigError("a run needs an output directory (--out RUN_DIR)")
     if cfg.threads is not None:
@@ -215,7 +217,7 @@ def _calibration_images(model: nn.Module, spec: DataSpec, cfg: RunConfig, rundir
     if cfg.calib_data:
         with stages.stage("load_calib"):
             num = cfg.num_calib if cfg.num_calib is not None or not _is_folder(cfg.calib_data) else cfg.gen.num_images
-            images, meta = calibration_set(cfg.calib_data, spec, num, cfg.seed, cfg.class_index)
+            images, meta = calibration_set(cfg.calib_data, spec, num, cfg.seed)
         return images.to(device), str(meta.get("method", "saved")), {}
     images, artifacts = _synthesize(model, spec, cfg, rundir, stages, stages.progress)
     if rundir.writable:

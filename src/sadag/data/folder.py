@@ -15,12 +15,38 @@ from .transforms import load_and_preprocess
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
 
 
+def check_folder(path: Path, what: str) -> None:
+    """A clear error for a folder that is absent or is a file."""
+    if not path.exists():
+        raise DataError(f"{what} {path} does not exist")
+    if not path.is_dir():
+        raise DataError(f"{what} {path} is a file, not a folder: give the folder that holds the images")
+
+
 def read_class_index(path: str | Path) -> list[str]:
-    """One class name per line; a class's label is its (0-based) line number."""
+    """One class name per line; a class's label is its (0-based) line number. Blank lines after the last name
+    are ignored; a blank line before it or a name given twice would shift or merge labels, and is refused."""
     p = Path(path)
     if not p.is_file():
-        raise DataError(f"class index file {p} does not exist")
-    return [line.strip() for line in p.read_text().splitlines() if line.strip()]
+        raise DataError(f"class index file {p} {'is a folder' if p.is_dir() else 'does not exist'}: give a text "
+                        "file of class names, one per line in label order")
+    try:
+        lines = [line.strip() for line in p.read_text(encoding="utf-8").splitlines()]
+    except UnicodeDecodeError as exc:
+        raise DataError(f"class index file {p} is not a text file ({exc.reason} at byte {exc.start}): give a text "
+                        "file of class names, one per line in label order") from exc
+    while lines and not lines[-1]:
+        lines.pop()
+    if "" in lines:
+        raise DataError(f"class index file {p} has a blank line at line {lines.index('') + 1}: every line before "
+                        "the last name is a label, so remove it")
+    first: dict[str, int] = {}
+    for number, name in enumerate(lines, 1):
+        if name in first:
+            raise DataError(f"class index file {p} lists {name!r} twice (lines {first[name]} and {number}): each "
+                            "class name must appear once")
+        first[name] = number
+    return lines
 
 
 def _images_in(folder: Path) -> list[Path]:
@@ -37,20 +63,22 @@ class ImageFolderDataset(Dataset):
     ``labelled=True`` (evaluation) refuses labels that cannot be the model's: without a class index
     the folders must be exactly ``spec.num_classes`` (a subset of classes, or more folders than
     classes, has no label order to follow), and a class index may list at most that many names.
-    ``labelled=False`` (calibration, which ignores labels) reads any folder.
+    ``labelled=False`` (calibration, which ignores labels) reads any folder: its class folders and the images
+    directly under the root (a flat folder of images), labelled by their folder's position.
     """
 
     def __init__(self, root: str | Path, spec: DataSpec, class_index: str | Path | None = None,
                  limit: int | None = None, *, labelled: bool = True) -> None:
         self.root = Path(root)
         self.spec = spec
-        folders = self._class_folders()
+        folders = self._class_folders(labelled)
         self.classes = [f.name for f in folders]
         if labelled:
             self._check_label_space(class_index)
-        self.class_to_idx = self._labels(self.classes, class_index)
+            self.class_to_idx = self._labels(self.classes, class_index)
+        labels = [self.class_to_idx[f.name] for f in folders] if labelled else range(len(folders))
         self.samples: list[tuple[Path, int]] = [
-            (img, self.class_to_idx[f.name]) for f in folders for img in _images_in(f)[:limit]
+            (img, label) for f, label in zip(folders, labels, strict=True) for img in _images_in(f)[:limit]
         ]
 
     def digest(self) -> str:
@@ -61,12 +89,14 @@ class ImageFolderDataset(Dataset):
             digest.update(f"{path.relative_to(self.root)}\0{path.stat().st_size}\0{label}\n".encode())
         return digest.hexdigest()[:16]
 
-    def _class_folders(self) -> list[Path]:
-        if not self.root.is_dir():
-            raise DataError(f"image folder {self.root} does not exist")
+    def _class_folders(self, labelled: bool) -> list[Path]:
+        check_folder(self.root, "image folder")
         folders = sorted(d for d in self.root.iterdir() if d.is_dir() and _images_in(d))
+        if not labelled and _images_in(self.root):
+            folders.insert(0, self.root)
         if not folders:
-            raise DataError(f"no images found under {self.root}: expected {self.root}/<class>/<image>.jpg "
+            flat = "" if labelled else f" or {self.root}/<image>.jpg"
+            raise DataError(f"no images found under {self.root}: expected {self.root}/<class>/<image>.jpg{flat} "
                             f"(one sub-folder per class, extensions {', '.join(IMAGE_EXTENSIONS)})")
         return folders
 
