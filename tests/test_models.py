@@ -323,22 +323,51 @@ def test_non_finite_weights_are_refused_by_name(tmp_path: Path, value: float) ->
         load_checkpoint(CifarResNet(20), tmp_path / "nan.th")
 
 
-def test_torchvision_weights_load_safely(monkeypatch: pytest.MonkeyPatch) -> None:
-    """torchvision's weights go through torch.hub, whose defaults unpickle anything in its cache, unchecked:
-    sadag asks for the safe loader and the hash check (a stand-in for torchvision, which the suite does not need)."""
+def test_torchvision_weights_come_through_sadags_checked_download(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stand-in torchvision names a file:// URL in its naming scheme (name-<sha256 prefix>.pth): the file is
+    cached under $SADAG_HOME, loaded, and refused once the cached copy changes (torch.hub checks only on download)."""
     from types import SimpleNamespace
 
     from sadag.models import torchvision_models
 
-    asked: dict = {}
+    monkeypatch.setenv("SADAG_HOME", str(tmp_path / "home"))
+    state = CifarResNet(20).state_dict()
+    raw = tmp_path / "raw.pth"
+    torch.save(state, raw)
+    published = tmp_path / f"resnet20-{hashlib.sha256(raw.read_bytes()).hexdigest()[:8]}.pth"
+    raw.rename(published)
+    weights = SimpleNamespace(url=published.as_uri())
+    stand_in = SimpleNamespace(models=SimpleNamespace(get_weight=lambda name: weights))
+    monkeypatch.setattr(torchvision_models, "_torchvision", lambda: stand_in)
     model = CifarResNet(20)
+    torchvision_models._pretrained("ResNet20_Weights.X")(model)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+    cached = next((tmp_path / "home" / "weights").rglob("*.pth"))
+    data = bytearray(cached.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one byte of a cached file changed: still a checkpoint, not the published one
+    cached.write_bytes(bytes(data))
+    with pytest.raises(ModelError, match="sha256 of .* expected it to start with"):
+        torchvision_models._pretrained("ResNet20_Weights.X")(CifarResNet(20))
 
-    def get_state_dict(**kwargs) -> dict:  # noqa: ANN003
-        asked.update(kwargs)
-        return model.state_dict()
 
-    weights = SimpleNamespace(url="https://example.invalid/resnet18-f37072fd.pth", get_state_dict=get_state_dict)
-    fake = SimpleNamespace(models=SimpleNamespace(get_weight=lambda name: weights))
-    monkeypatch.setattr(torchvision_models, "_torchvision", lambda: fake)
-    torchvision_models._pretrained("ResNet18_Weights.IMAGENET1K_V1")(CifarResNet(20))
-    assert asked["weights_only"] is True and asked["check_hash"] is True
+def test_a_zip_download_that_is_not_a_zip_says_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SADAG_HOME", str(tmp_path / "home"))
+    (tmp_path / "m.pth.zip").write_text("<html>rate limited</html>")
+    with pytest.raises(ModelError, match="is not a readable zip archive .*delete"):
+        download((tmp_path / "m.pth.zip").as_uri())
+
+
+@pytest.mark.parametrize(("edit", "match"), [
+    (lambda sd: sd.update({"conv1.weight": sd["conv1.weight"].long()}), "conv1.weight: torch.int64"),
+    (lambda sd: sd.update({"conv1.weight": sd["conv1.weight"].to_sparse()}), "torch.sparse_coo"),
+    (lambda sd: sd.update({"conv1.weight": torch.empty_like(sd["conv1.weight"], device="meta")}), "meta"),
+    (lambda sd: sd.update({"module.conv1.weight": sd["conv1.weight"]}), "with and without the DataParallel"),
+])
+def test_checkpoint_tensors_of_another_kind_are_refused(tmp_path: Path, edit, match: str) -> None:
+    from sadag.models.weights import load_state_dict_strict, unwrap_state_dict
+
+    sd = CifarResNet(20).state_dict()
+    edit(sd)
+    with pytest.raises(ModelError, match=match):
+        load_state_dict_strict(CifarResNet(20), unwrap_state_dict(sd, "ckpt"), "ckpt")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from types import ModuleType
 
 from torch import nn
@@ -9,9 +10,10 @@ from torch import nn
 from ..errors import ModelError
 from ..quantization.units import register_unit_type
 from .registry import IMAGENET_SPEC, PretrainedLoader, register_model
-from .weights import load_state_dict_strict
+from .weights import load_checkpoint
 
 _SOURCE = "torchvision"
+_HASH_IN_NAME = re.compile(r"-([0-9a-f]{8,})\.pth$")  # resnet18-f37072fd.pth: the file's sha256 starts so
 
 # Reconstruction units by qualified name: torchvision stays unimported until a model is built, and a
 # torchvision ResNet or MobileNetV2 the user builds and passes to sadag.quantize gets its blocks as units.
@@ -29,18 +31,14 @@ def _torchvision() -> ModuleType:
 
 
 def _pretrained(weights_enum: str) -> PretrainedLoader:
-    """Loader for torchvision's own published weights (downloaded by torchvision into its cache)."""
+    """Loader for torchvision's published weights, fetched by sadag's own download: cached under $SADAG_HOME,
+    the sha256 prefix in torchvision's file name checked on every load (torch.hub checks it only when it
+    downloads, so a replaced cached file would load unchecked), read with the safe loader."""
 
     def load(model: nn.Module) -> None:
-        weights = _torchvision().models.get_weight(weights_enum)
-        try:
-            # torch.hub's defaults unpickle anything in its cache unchecked: the safe loader, and the sha256
-            # prefix in torchvision's file names checked
-            state_dict = weights.get_state_dict(progress=False, weights_only=True, check_hash=True)
-        except OSError as e:
-            raise ModelError(f"could not download {weights.url}: {e}; download it by hand and pass "
-                             f"--weights PATH") from e
-        load_state_dict_strict(model, state_dict, weights.url)
+        url = _torchvision().models.get_weight(weights_enum).url
+        published = _HASH_IN_NAME.search(url)
+        load_checkpoint(model, url, sha256_prefix=published.group(1) if published else None)
 
     return load
 

@@ -70,12 +70,18 @@ def download(url: str, sha256_prefix: str | None = None, sha1_prefix: str | None
 
 
 def _unzip_single(archive: Path, dest: Path) -> None:
-    with zipfile.ZipFile(archive) as zf:
-        members = [m for m in zf.namelist() if m.endswith((".pth", ".pt", ".th", ".tar"))]
-        if len(members) != 1:
-            raise ModelError(f"{archive} should hold exactly one checkpoint, found {zf.namelist()}")
-        with zf.open(members[0]) as src, open(dest, "wb") as out:
-            shutil.copyfileobj(src, out)
+    try:
+        with zipfile.ZipFile(archive) as zf:
+            members = [m for m in zf.namelist() if m.endswith((".pth", ".pt", ".th", ".tar"))]
+            if len(members) != 1:
+                raise ModelError(f"{archive} should hold exactly one checkpoint, found {zf.namelist()}")
+            with zf.open(members[0]) as src, open(dest, "wb") as out:
+                shutil.copyfileobj(src, out)
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError) as e:
+        dest.unlink(missing_ok=True)
+        raise ModelError(f"{archive} is not a readable zip archive ({e}): the download was probably an error page; "
+                         f"delete {archive} and try again, or download the weights by hand and pass --weights PATH"
+                         ) from e
     archive.unlink()
 
 
@@ -143,7 +149,12 @@ def unwrap_state_dict(obj: object, source: str = "checkpoint") -> dict[str, torc
     sd = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
     if not sd:
         raise ModelError(f"{source} contains no tensors (keys: {list(obj)[:_SHOW]})")
-    return {k.removeprefix("module."): v for k, v in sd.items()}
+    unwrapped = {k.removeprefix("module."): v for k, v in sd.items()}
+    if len(unwrapped) < len(sd):  # "module.x" and "x" both present: which one is the model's is unknowable
+        twice = sorted(k for k in unwrapped if k in sd and f"module.{k}" in sd)
+        raise ModelError(f"{source} holds {_listing('tensors', twice)} both with and without the DataParallel "
+                         "prefix 'module.': save the one state_dict you mean")
+    return unwrapped
 
 
 def load_state_dict_strict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str) -> None:
@@ -166,8 +177,21 @@ def load_state_dict_strict(model: nn.Module, state_dict: Mapping[str, torch.Tens
             + "; ".join(p for p in parts if p)
             + ". Check that the model name matches the checkpoint"
         )
+    check_tensor_kinds(own, state_dict, source)
     check_finite(state_dict, source)
     model.load_state_dict(state_dict, strict=True)
+
+
+def check_tensor_kinds(own: Mapping[str, torch.Tensor], tensors: Mapping[str, torch.Tensor], source: str) -> None:
+    """Dense tensors of the model's kind: load_state_dict would cast int64 or complex values into float weights
+    silently, and a sparse or meta tensor fails deep inside torch."""
+    odd = [f"{k}: {v.dtype}" + ("" if v.layout == torch.strided else f", {v.layout}") + (", meta" if v.is_meta else "")
+           for k, v in tensors.items()
+           if v.layout != torch.strided or v.is_meta or v.is_complex()
+           or v.is_floating_point() != own[k].is_floating_point()]
+    if odd:
+        raise ModelError(f"{source} holds {_listing('tensors of another kind than the model', odd)}: a checkpoint "
+                         "of this model stores dense float weights (and integer counters); use the published file")
 
 
 def check_finite(tensors: Mapping[str, torch.Tensor], source: str) -> None:
