@@ -31,6 +31,7 @@ from sadag.models import DataSpec
 VAL500 = IMAGENET_VAL
 SPEC32 = DataSpec(mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.5), input_size=32, num_classes=3)
 SPEC4 = DataSpec(mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.5), input_size=32, num_classes=4)
+SPEC10 = DataSpec(mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.5), input_size=32, num_classes=10)
 SPEC224 = DataSpec(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), input_size=224, num_classes=1000,
                    resize=256)
 
@@ -129,13 +130,35 @@ def _fake_cifar(root: Path, folder: str, file: str, label_key: str, n: int) -> n
 ])
 def test_cifar_pickle(tmp_path: Path, variant: str, folder: str, file: str, key: str) -> None:
     data = _fake_cifar(tmp_path, folder, file, key, 5)
-    ds = CifarDataset(tmp_path, SPEC32, variant=variant)
+    ds = CifarDataset(tmp_path, SPEC10, variant=variant)
     assert len(ds) == 5 and ds[3][1] == 3
     x, _ = ds[2]
     # Channel-major rows: the first 1024 bytes are the red plane in row order.
     expected_red = torch.from_numpy(data[2, :1024].reshape(32, 32)).float() / 255
-    assert torch.allclose(denormalize(x[None], SPEC32)[0, 0], expected_red, atol=1e-5)
-    assert len(CifarDataset(tmp_path / folder, SPEC32, variant=variant)) == 5
+    assert torch.allclose(denormalize(x[None], SPEC10)[0, 0], expected_red, atol=1e-5)
+    assert len(CifarDataset(tmp_path / folder, SPEC10, variant=variant)) == 5
+    with pytest.raises(DataError, match="labels 0..4, the model has 3 classes"):  # CIFAR-100 data, CIFAR-10 model
+        CifarDataset(tmp_path, SPEC32, variant=variant)
+
+
+@pytest.mark.parametrize(("data", "labels", "match"), [
+    (np.zeros((10, 3072), np.uint8), list(range(3)), r"10 images but 'labels' holds int64 of shape \(3,\)"),
+    (np.zeros((10, 3072), np.float32), list(range(10)), "must be uint8 rows of 3072 pixels, got float32"),
+    (np.zeros((10, 3000), np.uint8), list(range(10)), r"got uint8 of shape \(10, 3000\)"),
+    (np.zeros((2, 3072), np.uint8), ["cat", "dog"], "expected one integer label per image"),
+])
+def test_malformed_cifar_batches_are_refused(tmp_path: Path, data, labels, match: str) -> None:
+    (tmp_path / "cifar-10-batches-py").mkdir()
+    with open(tmp_path / "cifar-10-batches-py" / "test_batch", "wb") as f:
+        pickle.dump({b"data": data, b"labels": labels}, f)
+    with pytest.raises(DataError, match=match):
+        CifarDataset(tmp_path, SPEC10)
+
+
+def test_a_very_elongated_image_is_refused_before_resizing(tmp_path: Path) -> None:
+    Image.fromarray(np.zeros((1, 3000, 3), np.uint8)).save(tmp_path / "strip.png")  # 256 x 768,000 once resized
+    with pytest.raises(DataError, match="too elongated"):
+        load_and_preprocess(tmp_path / "strip.png", SPEC224)
 
 
 def test_cifar_missing_data_error(tmp_path: Path) -> None:

@@ -76,11 +76,17 @@ def read_cifar_batch(path: Path, label_key: str) -> tuple[np.ndarray, np.ndarray
         raise DataError(f"cannot read CIFAR batch {path}: {e}") from e
     if not isinstance(d, dict):
         raise DataError(f"{path} is not a CIFAR batch: it holds a {type(d).__name__}, not a dict")
-    d = {k.decode() if isinstance(k, bytes) else k: v for k, v in d.items()}
+    d = {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in d.items()}
     if "data" not in d or label_key not in d:
         raise DataError(f"{path} is not a CIFAR batch: expected keys 'data' and {label_key!r}, got {list(d)}")
-    images = np.asarray(d["data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
-    return images, np.asarray(d[label_key], dtype=np.int64)
+    data, labels = np.asarray(d["data"]), np.asarray(d[label_key])
+    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+        raise DataError(f"{path} is not a CIFAR batch: 'data' must be uint8 rows of 3072 pixels, got "
+                        f"{data.dtype} of shape {data.shape}")
+    if labels.ndim != 1 or len(labels) != len(data) or not np.issubdtype(labels.dtype, np.integer):
+        raise DataError(f"{path} is not a CIFAR batch: {len(data)} images but {label_key!r} holds "
+                        f"{labels.dtype} of shape {labels.shape}; expected one integer label per image")
+    return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), labels.astype(np.int64)
 
 
 class CifarDataset(Dataset):
@@ -97,6 +103,9 @@ class CifarDataset(Dataset):
         images = torch.from_numpy(np.concatenate([b[0] for b in batches])).permute(0, 3, 1, 2)
         self.images = normalize(images.float().div_(255.0), spec)
         self.labels = torch.from_numpy(np.concatenate([b[1] for b in batches]))
+        if len(self.labels) and not 0 <= int(self.labels.min()) <= int(self.labels.max()) < spec.num_classes:
+            raise DataError(f"{base} has labels {int(self.labels.min())}..{int(self.labels.max())}, the model has "
+                            f"{spec.num_classes} classes: is it {variant} data for a {variant} model?")
         self.spec = spec
 
     @staticmethod

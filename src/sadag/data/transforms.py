@@ -68,6 +68,9 @@ def resize_and_crop(img: Image.Image, spec: DataSpec) -> Image.Image:
     w, h = img.size
     short, long = (w, h) if w <= h else (h, w)
     new_long = int(spec.resize * long / short)
+    if Image.MAX_IMAGE_PIXELS and new_long * spec.resize > Image.MAX_IMAGE_PIXELS:  # a 1 x 30000 strip: gigabytes
+        raise DataError(f"image of {w}x{h} pixels is too elongated: its shorter side resized to {spec.resize} "
+                        f"makes {spec.resize}x{new_long} pixels; crop it closer to square")
     img = img.resize((spec.resize, new_long) if w <= h else (new_long, spec.resize), Image.BILINEAR)
     return center_crop(img, size)
 
