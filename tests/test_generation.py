@@ -424,3 +424,29 @@ def test_refine_requires_matching_done_shapes() -> None:
     for entry in ({"images": images}, {"images": images, "e": torch.zeros(4, 10), "h": torch.zeros(3, 8)}):
         with pytest.raises(ConfigError, match="checkpointed SADAG batch 0 is not a refined batch"):
             refine_sadag(fp, q, batches, SPEC, cfg, seed=0, done={0: entry})
+
+
+def _bn_after_global_pool() -> nn.Module:
+    """A valid head: BatchNorm on the pooled 1x1 features, one value per channel and image."""
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                         nn.BatchNorm2d(8), nn.Flatten(), nn.Linear(8, 10)).eval()
+
+
+@pytest.mark.parametrize(("make", "cfg"), [
+    (generate_zeroq, GenConfig(num_images=4, batch_size=4, zeroq_iters=3)),  # per-sample std of a 1x1 map
+    (generate_genie, GenConfig(num_images=1, batch_size=1, genie_iters=3)),  # batch std of one value
+    (generate_genie, GenConfig(num_images=5, batch_size=4, genie_iters=3)),  # a last batch of one image
+])
+def test_one_value_per_channel_gives_no_nan(make, cfg: GenConfig) -> None:
+    torch.manual_seed(0)
+    spec = DataSpec(mean=(0.5,) * 3, std=(0.25,) * 3, input_size=8, num_classes=10)
+    out = make(_bn_after_global_pool(), spec, cfg, 0)
+    images = out if isinstance(out, torch.Tensor) else torch.cat([b.images for b in out])
+    assert images.shape[0] == cfg.num_images and bool(images.isfinite().all())
+
+
+def test_generation_restores_each_submodules_mode() -> None:
+    model = tiny_model().train()
+    model.bn1.eval()  # a caller's mixed modes (e.g. frozen BN statistics while fine-tuning)
+    generate_genie(model, SPEC, small_cfg(num_images=2, batch_size=2, genie_iters=1), 0)
+    assert model.training and not model.bn1.training and model.bn2.training

@@ -158,6 +158,33 @@ def test_fold_bn_keeps_outputs(tiny_net: nn.Module) -> None:
     assert len(q.sadag_plan.folded) == 4
 
 
+class _ConvUsedTwice(nn.Module):
+    """conv -> BN, plus the conv output read again by a functional add: invisible to the module trace."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn, self.fc = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.Linear(8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        return self.fc((self.bn(y) + y).mean((2, 3)))
+
+
+@pytest.mark.parametrize("make", [
+    lambda: nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(inplace=True), nn.BatchNorm2d(8),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10)),  # changed in place first
+    _ConvUsedTwice,
+])
+def test_fold_bn_leaves_a_bn_whose_fold_would_change_the_model(make, caplog) -> None:
+    model = randomize_bn_(make()).eval()
+    x = torch.randn(4, 3, 16, 16)
+    ref = model(x.clone())
+    with caplog.at_level("WARNING"):
+        assert fold_bn_(model, X) == []
+    assert "not folding BatchNorm" in caplog.text
+    assert torch.equal(model(x.clone()), ref) and any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+
+
 def test_units_tiny_and_override(tiny_net: nn.Module) -> None:
     assert find_units(tiny_net, X) == ["stem.0", "block", "head.0", "fc"]
     units = find_units(tiny_net, X, ["stem", "block"])

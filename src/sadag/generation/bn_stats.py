@@ -68,7 +68,14 @@ def _shifted_moments(x: Tensor, center: Tensor, groups: int) -> tuple[Tensor, Te
     s2 = y.square().sum(dim=dims)
     shifted_mean = s1 / n
     var = (s2 - s1 * shifted_mean) / max(n - 1, 1)
-    return shifted_mean + center, var.clamp_min(0).sqrt()
+    return shifted_mean + center, _sqrt_zero_grad_at_zero(var)
+
+
+def _sqrt_zero_grad_at_zero(var: Tensor) -> Tensor:
+    """sqrt of a variance, with gradient 0 where it is 0 or negative (rounding): one value per channel (a batch
+    of one at 1x1) or a constant channel, where sqrt's infinite slope times a zero gradient makes NaN."""
+    positive = var > 0
+    return torch.where(positive, var.where(positive, 1.0).sqrt(), 0.0)
 
 
 def bn_statistics_losses(inputs: Sequence[Tensor | None], bn_layers: Sequence[nn.BatchNorm2d],

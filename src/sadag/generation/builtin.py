@@ -107,7 +107,9 @@ def _genie_sharded(ctx: GenerationContext, done: dict[int, GenieBatch], count: i
     parallel = gen.parallel_batches or auto_parallel_batches(ctx.model, ctx.spec, gen.batch_size, count)
     finished, step = dict(done), ranks.world_size * parallel
     for start in range(0, count, step):
-        todo = [b for b in range(start, min(start + step, count)) if b not in done]
+        todo = list(range(start, min(start + step, count)))  # a round is made again whole unless all of it is done
+        if all(b in done for b in todo):
+            continue
         mine = ranks.owned(todo)
         made = generate_genie(ctx.model, ctx.spec, gen, ctx.seed, done=done, progress=ctx.progress,
                               only=mine) if mine else []

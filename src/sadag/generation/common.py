@@ -49,18 +49,20 @@ def model_device(model: nn.Module) -> torch.device:
 
 @contextlib.contextmanager
 def frozen_eval(*modules: nn.Module) -> Iterator[None]:
-    """Eval mode and requires_grad=False for the duration; the caller's flags are restored after."""
-    saved = [(m, m.training, [(p, p.requires_grad) for p in m.parameters()]) for m in modules]
+    """Eval mode and requires_grad=False for the duration; the caller's flags (each submodule's mode too) are
+    restored after."""
+    modes = [(sub, sub.training) for m in modules for sub in m.modules()]
+    flags = [(p, p.requires_grad) for m in modules for p in m.parameters()]
     try:
         for m in modules:
             m.eval()
             m.requires_grad_(False)
         yield
     finally:
-        for m, training, flags in saved:
-            m.train(training)
-            for p, flag in flags:
-                p.requires_grad_(flag)
+        for sub, training in modes:
+            sub.training = training
+        for p, flag in flags:
+            p.requires_grad_(flag)
 
 
 def lr_dtype(device: torch.device) -> torch.dtype:

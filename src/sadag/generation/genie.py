@@ -205,11 +205,12 @@ def _report_group(monitor: StageMonitor, indices: Sequence[int], it: int, iters:
 
 def batch_groups(sizes: Sequence[int] | Mapping[int, int], parallel: int, done: Collection[int],
                  only: Sequence[int] | None = None) -> list[list[int]]:
-    """The batches still to do, in groups of `parallel` consecutive batches of equal size.
+    """The groups still to do, each of `parallel` consecutive batches of equal size.
 
     Groups are cut from all batches (or all of `only`: this rank's share), done or not, so a run resumed
-    after a kill repeats the groups of the original run (and its floats): a group finishes, and is
-    checkpointed, together.
+    after a kill repeats the groups of the original run (and its floats). A group is done only when all of its
+    batches are: a kill between the checkpoints of one group's batches leaves it to be made again whole, since
+    its batches were optimized together (one pass, and with bn_scope "set" one objective).
     """
     out: list[list[int]] = []
     for b in range(len(sizes)) if only is None else only:
@@ -217,7 +218,7 @@ def batch_groups(sizes: Sequence[int] | Mapping[int, int], parallel: int, done: 
             out[-1].append(b)
         else:
             out.append([b])
-    return [todo for group in out if (todo := [b for b in group if b not in done])]
+    return [group for group in out if not all(b in done for b in group)]
 
 
 def generate_genie(

@@ -35,7 +35,7 @@ def _per_sample_stat_loss(x: Tensor, mean: Tensor, std: Tensor, groups: int = 1)
     mu_i, sigma_i are each sample's spatial mean and sqrt(unbiased var + 1e-6).
     """
     flat = x.flatten(2)
-    var, m = torch.var_mean(flat, dim=2)
+    var, m = torch.var_mean(flat, dim=2, correction=1 if flat.shape[2] > 1 else 0)  # 1x1 maps: variance 0
     s = torch.sqrt(var + BN_STD_EPS)
     per_sample = (m - mean).square().sum(1) + (s - std).square().sum(1)
     return per_sample.view(groups, -1).mean(1)

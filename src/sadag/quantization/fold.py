@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -32,13 +32,51 @@ def bn_affine(bn: nn.BatchNorm2d, conv_bias: Tensor | None) -> tuple[Tensor, Ten
     return gain.reshape(-1, 1, 1, 1).detach(), ((bias - bn.running_mean) * gain + shift).detach()
 
 
+@torch.no_grad()
 def fold_bn_(model: nn.Module, example: Tensor) -> list[tuple[str, str]]:
-    """Fold every BatchNorm2d fed directly by a Conv2d; the BN becomes Identity. Returns the pairs."""
+    """Fold every BatchNorm2d fed directly by a Conv2d; the BN becomes Identity. Returns the pairs.
+
+    The trace links modules by tensor identity, so it cannot see a conv output changed in place before its BN
+    (conv -> ReLU(inplace) -> BN) or also read by a functional op: the model's output on a random input is
+    compared before and after, and a fold that changes it is undone (and named in a warning).
+    """
+    x = torch.randn(example.shape, generator=torch.Generator().manual_seed(0)).to(example)
+
+    def output() -> Tensor:
+        return model(x.clone())  # a model may change its input in place
+
+    reference = output()
     pairs = _direct_pairs(model, example, (nn.Conv2d, nn.BatchNorm2d))
-    for conv_name, bn_name in pairs:
-        fold_conv_bn(model.get_submodule(conv_name), model.get_submodule(bn_name))
-        _set_child(model, bn_name, nn.Identity())
+    folds = [_fold(model, c, b) for c, b in pairs]
+    if pairs and not _same_output(output(), reference):  # find the culprits one by one
+        for undo in reversed(folds):
+            undo()
+        kept = []
+        for c, b in pairs:
+            undo = _fold(model, c, b)
+            if _same_output(output(), reference):
+                kept.append((c, b))
+            else:
+                undo()
+                log.warning("not folding BatchNorm %s into %s: the model's output changes (the conv's output is "
+                            "modified in place or used outside the BatchNorm)", b, c)
+        pairs = kept
     return pairs
+
+
+def _fold(model: nn.Module, conv_name: str, bn_name: str) -> Callable[[], None]:
+    """Fold one pair for good; returns the function that undoes it."""
+    conv, bn = model.get_submodule(conv_name), model.get_submodule(bn_name)
+    weight, bias = conv.weight.detach().clone(), conv.bias
+
+    def undo() -> None:
+        conv.weight.copy_(weight)
+        conv.bias = bias
+        _set_child(model, bn_name, bn)
+
+    fold_conv_bn(conv, bn)
+    _set_child(model, bn_name, nn.Identity())
+    return undo
 
 
 def _direct_pairs(model: nn.Module, example: Tensor, kinds: tuple[type, type]) -> list[tuple[str, str]]:

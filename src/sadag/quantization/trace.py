@@ -52,12 +52,13 @@ def trace_modules(model: nn.Module, example: Tensor, names: list[str]) -> Trace:
     for name in names:
         handles.append(modules[name].register_forward_pre_hook(pre_hook(name)))
         handles.append(modules[name].register_forward_hook(post_hook(name)))
+    modes = [(m, m.training) for m in model.modules()]  # each submodule's own mode, restored even on error
     try:
-        was_training = model.training
         model.eval()
         model(example)
-        model.train(was_training)
     finally:
+        for m, training in modes:
+            m.training = training
         for h in handles:
             h.remove()
     return trace
