@@ -3,7 +3,7 @@
 Each point is a budget (Genie-D steps per batch, SADAG warm-up iterations per unit and refinement steps per
 batch, reconstruction iterations per unit, images) run end to end with `sadag run`; the seconds are the run's
 stage times, so they are comparable only between runs made alone on the same idle machine (--threads 2 here).
-Usage: python benchmarks/frontier.py [--points fast fast-1.0 ...] [--bits 4/4 2/4] [--seeds 0] [--method sadag]
+Usage: python benchmarks/frontier.py [--points fast fast-old ...] [--bits 4/4 2/4] [--seeds 0] [--method sadag]
 Prints a markdown table and adds its rows to benchmarks/results/frontier_<model>.json (one row per run).
 """
 
