@@ -363,7 +363,8 @@ def _check_field(f: dataclasses.Field, hint: Any, value: Any, path: str) -> Any:
                                            or (below is not None and value >= below)):
         bounds = [f">= {lo}" if lo is not None else "", f"<= {hi}" if hi is not None else "",
                   f"> {above}" if above is not None else "", f"< {below}" if below is not None else ""]
-        raise _bad(f, path, value, f"{_describe(hint)} " + " and ".join(b for b in bounds if b))
+        kind = _describe(type(value))  # the value is not None here: "an integer >= 1", not "an integer or null >= 1"
+        raise _bad(f, path, value, f"{kind} " + " and ".join(b for b in bounds if b))
     if "choices" in meta and value not in meta["choices"]():
         raise _bad(f, path, value, ", ".join(meta["choices"]()))
     if "pattern" in meta and not meta["pattern"][0].fullmatch(value):
