@@ -131,6 +131,7 @@ def test_model_without_batchnorm_suggests_noise_or_real(tmp_path: Path, cli) -> 
 def test_generate_once_then_calibrate_from_the_saved_set(tmp_path: Path, cli) -> None:
     import torch
 
+    from sadag.export import load_quantized
     from sadag.generation import near_duplicates
 
     tiny = TINY
@@ -144,11 +145,14 @@ def test_generate_once_then_calibrate_from_the_saved_set(tmp_path: Path, cli) ->
     for bits in ("4/4", "2/4"):  # one set, several bit widths
         out = tmp_path / f"w{bits[0]}a{bits[2]}"
         code, _, err = cli(["run", *tiny, "--calib-data", str(set_dir), "--bits", bits, "--out", str(out),
-                                "--no-export"])
+                            "--allow-import"])
         assert code == 0, err
         report = json.loads((out / "report.json").read_text())
         assert report["method"] == "genie" and report["num_calib"] == 32 and report["w_bits"] == int(bits[0])
         assert "generate" not in report["seconds"] and "load_calib" in report["seconds"]
+        # the export names the images' method too (the config's default method is sadag)
+        _, meta = load_quantized(out / "quantized.safetensors", allow_import=True)
+        assert meta["extra"]["method"] == "genie"
 
 
 def test_unwritable_output_directory(tmp_path: Path, cli) -> None:

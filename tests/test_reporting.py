@@ -73,3 +73,36 @@ def test_metrics_reach_the_host_in_one_dtype_the_device_has() -> None:
     assert widest_float(torch.device("cpu")) == widest_float(torch.device("cuda")) == torch.float64
     out = host_floats({"loss": torch.tensor(0.25), "lr": 0.1, "step": torch.tensor(3)})
     assert out == {"loss": 0.25, "lr": 0.1, "step": 3.0} and list(out) == ["loss", "lr", "step"]
+
+
+def test_a_unit_that_logs_its_rounding_loss_gets_that_panel(tmp_path: Path) -> None:
+    rundir = RunDir(tmp_path / "r", {})
+    _write(rundir, [{"stage": "calibrate unit 1/1 (fc)", "step": s, "total": 20, "rec_loss": 0.5 / s,
+                     "loss": 9.0 / s, "round_loss": 8.0 / s} for s in (10, 20)])
+    calib = read_curves(rundir.metrics_file)[0]
+    assert [k for k, _ in calib.metrics()] == ["rec_loss", "round_loss"]
+    assert calib.finals("round_loss") == [0.4]
+
+
+def test_progress_eta_counts_only_this_processs_steps(monkeypatch: pytest.MonkeyPatch) -> None:
+    import io
+
+    from sadag import progress
+
+    clock = iter([0.0, 100.0])
+    monkeypatch.setattr(progress.time, "monotonic", lambda: next(clock))
+    out = io.StringIO()
+    printer = progress.ProgressPrinter(out, min_interval=0.0)
+    printer("genie-d", 28_000, 32_000, {})  # resumed: 28,000 steps were done before this process
+    printer("genie-d", 28_100, 32_000, {})  # 100 steps in 100 s: 3,900 s to go
+    assert out.getvalue().splitlines()[-1].startswith("genie-d [#################---] 28100/32000 100s<3900s")
+
+
+def test_evaluate_keeps_the_callers_modes() -> None:
+    from sadag import evaluate
+
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 6), torch.nn.BatchNorm1d(6)).train()
+    model[1].eval()
+    batches = [(torch.randn(4, 3, 2, 2), torch.tensor([0, 1, 2, 3]))]
+    assert evaluate(model, batches)["num_images"] == 4
+    assert model.training and not model[1].training and model[2].training

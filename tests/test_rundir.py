@@ -277,3 +277,18 @@ def test_atomic_files_get_the_mode_open_would_give(tmp_path: Path) -> None:
         os.umask(old)
     modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()}
     assert modes == {"report.json": 0o644, "model.safetensors": 0o644, "plain.json": 0o644}  # mkstemp gives 0600
+
+
+def test_a_stage_redone_whole_on_resume_counts_its_last_run(tmp_path: Path, monkeypatch) -> None:
+    from sadag import pipeline
+
+    clock = iter(range(0, 100, 5))  # every perf_counter call 5 s after the last
+    monkeypatch.setattr(pipeline.time, "perf_counter", lambda: float(next(clock)))
+    rundir = RunDir(tmp_path / "r", {})
+    for _ in range(2):  # a run, then its resume
+        stages = pipeline._Stages(rundir, None)
+        with stages.stage("calibrate"):  # checkpointed: a resume adds what it spends
+            pass
+        with stages.stage("quant_eval", redone_whole=True):  # done again from the start
+            pass
+    assert stages.seconds == {"calibrate": 10.0, "quant_eval": 5.0}

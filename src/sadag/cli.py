@@ -288,7 +288,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command in ("evaluate", "export") and args.threads:  # a run's threads are a checked config field
         torch.set_num_threads(args.threads)
     try:
-        return args.func(args)
+        code = args.func(args)
+        distributed.finish()
+        return code
     except SadagError as exc:
         print(f"sadag: error{_where()}: {exc}", file=sys.stderr)
         return 2

@@ -139,6 +139,14 @@ def init(requested_device: str) -> tuple[Ranks, torch.device | None]:
     return ranks, device
 
 
+def finish() -> None:
+    """After a successful command: wait for every rank (rank 0 writes the report last), then leave the process
+    group. A rank that exits with its group open can abort, and torchrun then stops rank 0 mid-report."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def enter_stage(name: str, ranks: Ranks) -> None:
     """Record the stage for error messages; the test-only SADAG_TEST_FAIL_AT="RANK:STAGE" fails it here."""
     _stages.append(name)

@@ -74,13 +74,16 @@ class _Stages:
         self.seconds: dict[str, float] = rundir.load_state("seconds.pt") or {}
 
     @contextmanager
-    def stage(self, name: str):  # noqa: ANN201
+    def stage(self, name: str, *, redone_whole: bool = False):  # noqa: ANN201
+        """Time a stage; a checkpointed stage adds what a resume spends to what was spent before, a stage that
+        a resume does again from the start (``redone_whole``) counts its last run only."""
         start = time.perf_counter()
         distributed.enter_stage(name, self.ranks)
         try:
             yield
         finally:
-            self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - start, 2)
+            before = 0.0 if redone_whole else self.seconds.get(name, 0.0)
+            self.seconds[name] = round(before + time.perf_counter() - start, 2)
             self.rundir.save_state("seconds.pt", dict(self.seconds))
         distributed.leave_stage()  # not on an exception: the error message names the stage that failed
 
@@ -138,7 +141,7 @@ def _context(model: nn.Module, spec: DataSpec, cfg: RunConfig, rundir: RunDir | 
     if stages is not None:
         ctx.stage = stages.stage
     if rundir is not None and rundir.writable:
-        ctx.publish = lambda name, qmodel: _export(qmodel, rundir.path(f"{name}.safetensors"), cfg, spec)
+        ctx.publish = lambda name, qmodel: _export(qmodel, rundir.path(f"{name}.safetensors"), cfg, spec, cfg.method)
     return ctx
 
 
@@ -271,12 +274,12 @@ def _run(cfg: RunConfig, model: nn.Module, spec: DataSpec, device: torch.device,
     with stages.stage("calibrate"):
         qmodel = calibrate(model, spec, images, cfg, rundir, progress=stages.progress, ranks=stages.ranks)
     if eval_set is not None:
-        with stages.stage("quant_eval"):
+        with stages.stage("quant_eval", redone_whole=True):
             q = _evaluate(qmodel, eval_set, cfg, device, stages, "evaluate quantized")
         report.update(quant_top1=q["top1"], quant_top5=q["top5"])
     if export and rundir.writable:
-        with stages.stage("export"):
-            _export(qmodel, rundir.path("quantized.safetensors"), cfg, spec)
+        with stages.stage("export", redone_whole=True):
+            _export(qmodel, rundir.path("quantized.safetensors"), cfg, spec, method)
     report["seconds"] = dict(stages.seconds)
     report["device"] = str(device)
     if stages.ranks.enabled:
@@ -289,11 +292,12 @@ def _run(cfg: RunConfig, model: nn.Module, spec: DataSpec, device: torch.device,
     return report
 
 
-def _export(qmodel: nn.Module, path: Path, cfg: RunConfig, spec: DataSpec) -> None:
+def _export(qmodel: nn.Module, path: Path, cfg: RunConfig, spec: DataSpec, method: str) -> None:
+    """``method``: that of the images calibrated on (report.json's), not cfg.method, which --calib-data overrides."""
     from .export import save_quantized
 
     save_quantized(qmodel, path, model_name=cfg.model, spec=spec, quant_config=cfg.quant,
-                   extra={"method": cfg.method, "seed": cfg.seed})
+                   extra={"method": method, "seed": cfg.seed})
 
 
 def generate_set(cfg: RunConfig, *, resume: bool = False, force: bool = False,

@@ -37,6 +37,7 @@ class ProgressPrinter:
         self.min_interval = min_interval
         self.stage: str | None = None
         self.start = 0.0
+        self.first_step = 0  # the step this process first saw: a resumed stage starts past 0
         self.last = 0.0
         self.tty = hasattr(stream, "isatty") and stream.isatty()
 
@@ -45,7 +46,7 @@ class ProgressPrinter:
         if stage != self.stage:
             if self.stage is not None and self.tty:
                 self.stream.write("\n")
-            self.stage, self.start, self.last = stage, now, 0.0
+            self.stage, self.start, self.first_step, self.last = stage, now, step, 0.0
         done = total and step >= total
         if not done and now - self.last < self.min_interval:
             return
@@ -61,7 +62,8 @@ class ProgressPrinter:
         if total:
             frac = min(step / total, 1.0)
             bar = "#" * int(20 * frac) + "-" * (20 - int(20 * frac))
-            eta = elapsed / frac - elapsed if frac > 0 else 0.0
+            done_here = step - self.first_step  # the rate of this process's own steps
+            eta = elapsed * (total - step) / done_here if done_here > 0 else 0.0
             head = f"{stage} [{bar}] {step}/{total} {elapsed:.0f}s<{eta:.0f}s"
         else:
             head = f"{stage} {step} {elapsed:.0f}s"

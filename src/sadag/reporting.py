@@ -67,7 +67,8 @@ class StageCurves:
     def add(self, line: str, step: int, rec: dict) -> None:
         if line not in self.order:
             self.order.append(line)
-        for key, _ in self.metrics():
+        keys = [k for k, _ in self.kind.metrics] + (["round_loss"] if self.kind.per == "unit" else [])
+        for key in keys:  # every key the panels may use: metrics() picks them from what was stored
             if isinstance(rec.get(key), (int, float)):
                 self.lines[key].setdefault(line, {})[step] = float(rec[key])  # a resumed run's repeat wins
 

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from ..distributed import SINGLE, Ranks, all_reduce_sum
+from ..modes import eval_mode
 from ..progress import Progress
 
 
@@ -22,10 +23,16 @@ def evaluate(
     ranks: Ranks = SINGLE,
 ) -> dict[str, float]:
     """Return {"top1", "top5", "num_images"}; accuracies in percent. Counts stay on the device until the end.
+    The model runs in eval mode; its own modes are restored after.
 
     Under torchrun each rank passes its shard of the images; the counts are summed over the ranks.
     """
-    model.eval()
+    with eval_mode(model):
+        return _evaluate(model, batches, device, progress, stage, total, ranks)
+
+
+def _evaluate(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], device: torch.device | str,
+              progress: Progress | None, stage: str, total: int | None, ranks: Ranks) -> dict[str, float]:
     correct1 = torch.zeros((), dtype=torch.long, device=device)
     correct5 = torch.zeros((), dtype=torch.long, device=device)
     seen = 0

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import NumericalError
+from ..modes import eval_mode
 from ..progress import LOG_EVERY, Progress, host_floats, widest_float
 
 # The first stages' tags, kept so that their seeds (and results) never change; any other stage name gets a
@@ -51,16 +52,13 @@ def model_device(model: nn.Module) -> torch.device:
 def frozen_eval(*modules: nn.Module) -> Iterator[None]:
     """Eval mode and requires_grad=False for the duration; the caller's flags (each submodule's mode too) are
     restored after."""
-    modes = [(sub, sub.training) for m in modules for sub in m.modules()]
     flags = [(p, p.requires_grad) for m in modules for p in m.parameters()]
     try:
-        for m in modules:
-            m.eval()
-            m.requires_grad_(False)
-        yield
+        with eval_mode(*modules):
+            for m in modules:
+                m.requires_grad_(False)
+            yield
     finally:
-        for sub, training in modes:
-            sub.training = training
         for p, flag in flags:
             p.requires_grad_(flag)
 

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from ..modes import eval_mode
+
 
 @dataclass
 class Trace:
@@ -52,13 +54,10 @@ def trace_modules(model: nn.Module, example: Tensor, names: list[str]) -> Trace:
     for name in names:
         handles.append(modules[name].register_forward_pre_hook(pre_hook(name)))
         handles.append(modules[name].register_forward_hook(post_hook(name)))
-    modes = [(m, m.training) for m in model.modules()]  # each submodule's own mode, restored even on error
     try:
-        model.eval()
-        model(example)
+        with eval_mode(model):
+            model(example)
     finally:
-        for m, training in modes:
-            m.training = training
         for h in handles:
             h.remove()
     return trace
