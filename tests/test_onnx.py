@@ -191,3 +191,13 @@ def test_onnx_w2a2_opset25_loads_in_onnxruntime(r20_spec, cifar_test_slice, tmp_
     assert types["layer2.0.conv2.input_quantizer.zero_point"] == "UINT8"
     assert ops["Clip"] == sum(a.bits == 2 for a in _active_acts(qmodel).values()) > 0
     _check_onnx_against_torch(path, qmodel, cifar_test_slice, "W2A2 opset 25", matching=0.5, mean_diff=0.3)
+
+
+def test_matching_images_is_relative_to_large_logits(monkeypatch) -> None:
+    """Logits of 3e4 that agree to float rounding (3e-7 relative) match; a real difference does not."""
+    ours = torch.tensor([[3e4, -2e4], [0.5, 0.25]])
+    theirs = ours * (1 + 3e-7)
+    theirs[1, 0] += 0.01
+    monkeypatch.setattr(onnx_export, "_torch_logits", lambda *a: ours)
+    monkeypatch.setattr(onnx_export, "_onnx_logits", lambda *a: theirs)
+    assert verify_onnx("unused.onnx", None, torch.zeros(2, 3, 4, 4))["matching_images"] == 0.5
