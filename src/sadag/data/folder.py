@@ -74,11 +74,13 @@ class ImageFolderDataset(Dataset):
         folders = self._class_folders(labelled)
         self.classes = [f.name for f in folders]
         if labelled:
-            self._check_label_space(class_index)
-            self.class_to_idx = self._labels(self.classes, class_index)
-        labels = [self.class_to_idx[f.name] for f in folders] if labelled else range(len(folders))
+            names = read_class_index(class_index) if class_index is not None else None
+            self._check_label_space(names, class_index)
+            self.class_to_idx = self._labels(self.classes, names, class_index)
+        else:  # calibration reads no labels: folders by position
+            self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
         self.samples: list[tuple[Path, int]] = [
-            (img, label) for f, label in zip(folders, labels, strict=True) for img in _images_in(f)[:limit]
+            (img, self.class_to_idx[f.name]) for f in folders for img in _images_in(f)[:limit]
         ]
 
     def digest(self) -> str:
@@ -100,11 +102,11 @@ class ImageFolderDataset(Dataset):
                             f"(one sub-folder per class, extensions {', '.join(IMAGE_EXTENSIONS)})")
         return folders
 
-    def _check_label_space(self, class_index: str | Path | None) -> None:
+    def _check_label_space(self, names: list[str] | None, class_index: str | Path | None) -> None:
         """Folder order or the class index must give labels of this model, or accuracy is silently wrong."""
         want, have = self.spec.num_classes, len(self.classes)
-        if class_index is not None:
-            listed = len(read_class_index(class_index))
+        if names is not None:
+            listed = len(names)
             if listed > want:
                 raise DataError(f"class index {class_index} lists {listed} class names but the model has {want} "
                                 f"classes: it belongs to another model; give the model's own class list")
@@ -118,10 +120,10 @@ class ImageFolderDataset(Dataset):
             )
 
     @staticmethod
-    def _labels(classes: list[str], class_index: str | Path | None) -> dict[str, int]:
-        if class_index is None:
+    def _labels(classes: list[str], names: list[str] | None, class_index: str | Path | None) -> dict[str, int]:
+        if names is None:
             return {c: i for i, c in enumerate(classes)}
-        index = {c: i for i, c in enumerate(read_class_index(class_index))}
+        index = {c: i for i, c in enumerate(names)}
         absent = [c for c in classes if c not in index]
         if absent:
             raise DataError(f"class folders {absent[:10]} ({len(absent)} in all) are not listed in "
