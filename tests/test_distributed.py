@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import time
+from pathlib import Path
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -9,14 +12,18 @@ import torch.multiprocessing as mp
 
 from sadag.distributed import (
     Ranks,
+    agree,
     all_reduce_gradients_,
     all_reduce_sum,
+    broadcast_tensors,
+    local_main_first,
+    main_value,
     rank_device,
     ranks_from_env,
     share_gpu,
     share_items,
 )
-from sadag.errors import ConfigError
+from sadag.errors import ConfigError, SadagError
 
 
 def test_ranks_from_env() -> None:
@@ -27,6 +34,8 @@ def test_ranks_from_env() -> None:
         ranks_from_env({"WORLD_SIZE": "2", "RANK": "2", "LOCAL_RANK": "0"})
     with pytest.raises(ConfigError, match="integers"):
         ranks_from_env({"WORLD_SIZE": "two", "RANK": "0", "LOCAL_RANK": "0"})
+    with pytest.raises(ConfigError, match="WORLD_SIZE is set but LOCAL_RANK is not"):
+        ranks_from_env({"WORLD_SIZE": "2", "RANK": "1"})
 
 
 def test_ranks_share_a_gpu_only_when_asked(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -37,6 +46,9 @@ def test_ranks_share_a_gpu_only_when_asked(monkeypatch: pytest.MonkeyPatch) -> N
         rank_device(Ranks(3, 4, 3), "cuda")
     assert rank_device(Ranks(3, 4, 3), "cuda", shared=True) == torch.device("cuda", 1)
     assert rank_device(Ranks(3, 4, 3), "cpu", shared=True) == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match="'cuda': CUDA is not available to rank 1; use --device cpu"):
+        rank_device(Ranks(1, 2, 1), "cuda")
     with pytest.raises(ConfigError, match="device 'mps' under torchrun"):  # not quietly the CPU
         rank_device(Ranks(0, 2, 0), "mps")
     assert share_gpu({}) is False and share_gpu({"SADAG_SHARE_GPU": "1"}) is True
@@ -74,6 +86,25 @@ def _worker(rank: int, init_file: str, out: dict) -> None:
         all_reduce_gradients_(list(layer.parameters()), (part.stop - part.start) / 7, ranks)
         out[f"grad{rank}"] = [p.grad.clone() for p in layer.parameters()]
         out[f"sum{rank}"] = int(all_reduce_sum(torch.tensor(rank + 1), ranks))
+        # choices every rank must make alike: rank 0's, and a difference raises on every rank
+        out[f"main{rank}"] = main_value({"parallel": rank + 1}, ranks, cpu)
+        out[f"agree{rank}"] = agree([1, 2], "batches", ranks, cpu)
+        try:
+            agree([rank], "finished batches", ranks, cpu)
+        except SadagError as exc:
+            out[f"disagree{rank}"] = str(exc)
+        try:  # a receiver out of step with its sender (an empty payload: the sender has nothing more to send)
+            broadcast_tensors({} if rank == 0 else None, 0, ranks, cpu, item=2 if rank == 0 else 0)
+            out[f"step{rank}"] = "ok"
+        except SadagError as exc:
+            out[f"step{rank}"] = str(exc)
+        # local rank 0 runs the body first: the other rank finds its file
+        flag = Path(init_file + ".first")
+        with local_main_first(Ranks(rank, 2, local_rank=rank)):
+            if rank == 0:
+                time.sleep(0.5)
+                flag.write_text("done")
+            out[f"first{rank}"] = flag.is_file()
     finally:
         dist.destroy_process_group()
 
@@ -91,3 +122,9 @@ def test_two_ranks_share_items_and_reduce_gradients(tmp_path) -> None:  # noqa: 
         for got, want in zip(out[f"grad{rank}"], layer.parameters(), strict=True):
             torch.testing.assert_close(got, want.grad, rtol=1e-6, atol=1e-7)
     assert out["sum0"] == out["sum1"] == 3
+    assert out["main0"] == out["main1"] == {"parallel": 1}
+    assert out["agree0"] == out["agree1"] == [1, 2]
+    assert "rank 0 sees [0]" in out["disagree0"] and "rank 1 sees [1]" in out["disagree1"]
+    assert "same run directory" in out["disagree1"]
+    assert out["step0"] == "ok" and "rank 0 sent item 2 while rank 1 expected item 0" in out["step1"]
+    assert out["first0"] and out["first1"]

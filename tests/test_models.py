@@ -7,7 +7,10 @@ import hashlib
 import importlib.util
 import pickle
 import sys
+import threading
+import urllib.request
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -354,8 +357,31 @@ def test_torchvision_weights_come_through_sadags_checked_download(tmp_path: Path
 def test_a_zip_download_that_is_not_a_zip_says_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SADAG_HOME", str(tmp_path / "home"))
     (tmp_path / "m.pth.zip").write_text("<html>rate limited</html>")
-    with pytest.raises(ModelError, match="is not a readable zip archive .*delete"):
+    with pytest.raises(ModelError, match="is not a readable zip archive .*try again"):
         download((tmp_path / "m.pth.zip").as_uri())
+    assert [p for p in (tmp_path / "home").rglob("*") if p.is_file()] == []  # no archive or half file left
+
+
+def test_downloads_of_one_file_at_once_do_not_collide(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """torchrun's ranks on a fresh machine all fetch the weights: each writes a file of its own, all succeed."""
+    monkeypatch.setenv("SADAG_HOME", str(tmp_path / "home"))
+    pth = tmp_path / "m.pth"
+    torch.save(CifarResNet(20).state_dict(), pth)
+    with zipfile.ZipFile(tmp_path / "m.pth.zip", "w") as zf:
+        zf.write(pth, "m.pth")
+    both = threading.Barrier(2)
+    real_urlopen = urllib.request.urlopen
+
+    def urlopen_in_step(url: str, timeout: float):  # noqa: ANN202
+        both.wait(timeout=10)  # both downloads are under way before either finishes
+        return real_urlopen(url, timeout=timeout)
+
+    monkeypatch.setattr(urllib.request, "urlopen", urlopen_in_step)
+    for url in ((tmp_path / "m.pth").as_uri(), (tmp_path / "m.pth.zip").as_uri()):
+        with ThreadPoolExecutor(2) as pool:
+            found = list(pool.map(download, [url, url]))
+        assert found[0] == found[1] and found[0].read_bytes() == pth.read_bytes()
+        assert sorted(p.name for p in found[0].parent.iterdir()) == ["m.pth"]
 
 
 @pytest.mark.parametrize(("edit", "match"), [

@@ -49,6 +49,18 @@ def test_a_run_carries_its_marker_and_fingerprint(finished: Path) -> None:
     assert "threads" not in marker["settings"] and "eval_batch_size" not in marker["settings"]
 
 
+def test_the_identity_tells_one_run_from_another_of_the_same_settings(tmp_path: Path) -> None:
+    """What torchrun's ranks compare: a folder of the same name on each machine is not one run."""
+    settings = result_settings(apply_preset(tiny(tmp_path)), "cpu")
+    first, second = RunDir(tmp_path / "a", settings), RunDir(tmp_path / "b", settings)
+    try:
+        view = RunDir(tmp_path / "a", settings, read_only=True)
+        assert view.identity() == first.identity() != second.identity()
+    finally:
+        first.close()
+        second.close()
+
+
 @pytest.mark.parametrize(("change", "named"), [
     ({"seed": 1}, "seed: 0 in the run, 1 now"),
     ({"bits": "2/4"}, "quant.w_bits: 4 in the run, 2 now"),

@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -69,8 +71,11 @@ def ranks_from_env(environ: dict[str, str] | None = None) -> Ranks:
     env = os.environ if environ is None else environ
     if "WORLD_SIZE" not in env:
         return SINGLE
+    if missing := [k for k in _ENV if k not in env]:  # a default of 0 would make two rank 0s, or share cuda:0
+        raise ConfigError(f"WORLD_SIZE is set but {', '.join(missing)} is not: start the ranks with torchrun, which "
+                          f"sets all of {', '.join(_ENV)}, or unset WORLD_SIZE for one process")
     try:
-        world, rank, local = (int(env.get(k, "0")) for k in _ENV)
+        world, rank, local = (int(env[k]) for k in _ENV)
     except ValueError as exc:
         shown = ", ".join(f"{k}={env.get(k)!r}" for k in _ENV)
         raise ConfigError(f"torchrun variables {shown} must be integers") from exc
@@ -97,6 +102,8 @@ def rank_device(ranks: Ranks, requested: str, shared: bool = False) -> torch.dev
                               f"process per GPU (--nproc-per-node), or set {SHARE_GPU_ENV}=1 to put several "
                               "ranks on each GPU (gloo between them)")
         return torch.device("cuda", ranks.local_rank % count)
+    if requested.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device {requested!r}: CUDA is not available to rank {ranks.rank}; use --device cpu")
     if requested.startswith("cuda"):
         raise ConfigError(f"device {requested!r} under torchrun: use --device auto or cuda (each rank takes "
                           "cuda:LOCAL_RANK), or cpu")
@@ -184,19 +191,58 @@ def barrier(ranks: Ranks) -> None:
         dist.barrier()
 
 
+@contextmanager
+def local_main_first(ranks: Ranks) -> Iterator[None]:
+    """Local rank 0 of each machine runs the body first (e.g. a download into the machine's cache), the other
+    ranks after it. A failure of local rank 0 ends the job (torchrun stops the waiting ranks)."""
+    if ranks.enabled and ranks.local_rank != 0:
+        dist.barrier()
+    yield
+    if ranks.enabled and ranks.local_rank == 0:
+        dist.barrier()
+
+
+def main_value(value: Any, ranks: Ranks, device: torch.device) -> Any:
+    """Rank 0's ``value`` (JSON-able) on every rank: a choice every rank must make alike (e.g. one that
+    depends on the rank's own GPU memory)."""
+    if not ranks.enabled:
+        return value
+    blob = broadcast_tensors({"json": _header_tensor(value, device)} if ranks.is_main else None, 0, ranks,
+                             device)["json"]
+    return json.loads(bytes(blob.tolist()).decode())
+
+
+def agree(value: Any, what: str, ranks: Ranks, device: torch.device) -> Any:
+    """``value`` (JSON-able), checked equal on every rank: each rank compares its own with rank 0's and every
+    rank raises together if any differs (no rank is left waiting in a later collective). For what each rank
+    reads from the run directory, which only a folder shared by all ranks makes equal."""
+    main = main_value(value, ranks, device)
+    if not ranks.enabled:
+        return value
+    mine = json.dumps(value) != json.dumps(main)
+    differ = all_reduce_sum(torch.tensor([int(mine)], dtype=torch.int64, device=device), ranks)
+    if int(differ) > 0:
+        shown = f"; rank {ranks.rank} sees {value!r}" if mine else ""
+        raise SadagError(f"the ranks see different {what} (rank 0 sees {main!r}{shown}): every rank must read "
+                         "the same run directory, on a file system shared by all machines (--out)")
+    return value
+
+
 def _header_tensor(header: dict, device: torch.device) -> Tensor:
     return torch.tensor(list(json.dumps(header).encode()), dtype=torch.uint8, device=device)
 
 
 def broadcast_tensors(tensors: dict[str, Tensor] | None, src: int, ranks: Ranks,
-                      device: torch.device) -> dict[str, Tensor]:
-    """Rank ``src``'s flat dict of tensors on every rank (CPU copies), sent as one JSON header + tensors."""
+                      device: torch.device, item: int | None = None) -> dict[str, Tensor]:
+    """Rank ``src``'s flat dict of tensors on every rank (CPU copies), sent as one JSON header + tensors.
+    ``item``: which item every rank expects; a sender out of step with the receivers is an error, not data."""
     if not ranks.enabled:
         assert tensors is not None
         return tensors
     if ranks.rank == src:
         assert tensors is not None
         header = {k: [list(t.shape), str(t.dtype).removeprefix("torch.")] for k, t in tensors.items()}
+        header = {"item": item, "tensors": header}
         blob = _header_tensor(header, device)
         size = torch.tensor([blob.numel()], dtype=torch.int64, device=device)
     else:
@@ -206,8 +252,11 @@ def broadcast_tensors(tensors: dict[str, Tensor] | None, src: int, ranks: Ranks,
         blob = torch.empty(int(size), dtype=torch.uint8, device=device)
     dist.broadcast(blob, src)
     header = json.loads(bytes(blob.cpu().tolist()).decode())
+    if header["item"] != item:
+        raise SadagError(f"rank {src} sent item {header['item']} while rank {ranks.rank} expected item {item}: the "
+                         "ranks are out of step (a bug, or run directories that differ between machines)")
     out = {}
-    for key, (shape, dtype) in header.items():
+    for key, (shape, dtype) in header["tensors"].items():
         if ranks.rank == src:
             t = tensors[key].detach().to(device).contiguous()
         else:
@@ -222,7 +271,7 @@ def share_items(local: dict[int, dict[str, Tensor]], indices: Iterable[int], ran
     """Every item of ``indices`` on every rank: item i is broadcast by the rank that owns it."""
     if not ranks.enabled:
         return local
-    return {i: broadcast_tensors(local.get(i), ranks.owner(i), ranks, device) for i in indices}
+    return {i: broadcast_tensors(local.get(i), ranks.owner(i), ranks, device, item=i) for i in indices}
 
 
 def all_reduce_gradients_(params: Sequence[Tensor], weight: float, ranks: Ranks) -> None:

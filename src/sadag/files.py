@@ -26,16 +26,19 @@ def file_digest(path: str | os.PathLike, algo: str = "sha256") -> str:
 
 
 def fetch(url: str, dest: Path, error: type[SadagError], hint: str) -> None:
-    """Download ``url`` to ``dest`` through ``dest.part``; an unreachable URL raises ``error`` ending in ``hint``."""
-    tmp = dest.with_name(dest.name + ".part")  # never a half-written file under the final name
+    """Download ``url`` to ``dest`` through a temporary file of its own (processes that fetch the same file at
+    once, e.g. torchrun's ranks on a fresh machine, never write into each other's); an unreachable URL raises
+    ``error`` ending in ``hint``."""
     log.info("downloading %s to %s", url, dest)
-    try:
+
+    def copy(tmp: str) -> None:
         with urllib.request.urlopen(url, timeout=60) as r, open(tmp, "wb") as f:
             shutil.copyfileobj(r, f)
+
+    try:
+        write_atomically(dest, copy)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
         raise error(f"could not download {url}: {e}; {hint}") from e
-    tmp.replace(dest)
 
 
 def write_atomically(path: Path, write: Callable[[str], object]) -> None:

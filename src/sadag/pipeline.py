@@ -44,7 +44,7 @@ from .generation.lowpass import apply_lowpass
 from .models import DataSpec, load_model
 from .progress import Progress
 from .quantization.prepare import freeze_, quantize
-from .reconstruction.reconstruct import check_tf32, reconstruct_
+from .reconstruction.reconstruct import check_minibatch_split, check_tf32, reconstruct_
 from .rundir import RunDir, environment, module_digest, pin_input
 
 log = logging.getLogger(__name__)
@@ -119,7 +119,8 @@ def calibrate(model: nn.Module, spec: DataSpec, images: Tensor, cfg: RunConfig, 
     if saved is not None:
         qmodel.load_state_dict(saved["state_dict"])
         start = saved["next_unit"]
-    distributed.barrier(ranks)  # every rank has read the checkpoint before rank 0 may write the next one
+    # every rank has read the checkpoint before rank 0 may write the next one, and all start at the same unit
+    start = distributed.agree(start, f"calibration checkpoints ({state_name}: next unit)", ranks, images.device)
 
     def checkpoint(k: int) -> None:
         if rundir is not None:
@@ -179,9 +180,12 @@ def _prepare(cfg: RunConfig, resume: bool, force: bool, calibrates: bool) -> tup
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     ranks, rank_device = distributed.init(check_device(cfg.device))
+    if calibrates:  # before any image is generated
+        check_minibatch_split(cfg.calib.batch_size, ranks)
     device = rank_device or resolve_device(cfg.device)
     check_tf32(cfg.calib, device)
-    model, spec = load_model(cfg.model, weights=cfg.weights, trust_checkpoint=cfg.trust_checkpoint)
+    with distributed.local_main_first(ranks):  # one download per machine into its weights cache
+        model, spec = load_model(cfg.model, weights=cfg.weights, trust_checkpoint=cfg.trust_checkpoint)
     rundir = _open_rundir(cfg, resume, force, ranks, device)
     try:  # the fingerprint names the model and its weights file; a resume must also find the same weights in it
         weights = f" with weights {cfg.weights}" if cfg.weights else ""
@@ -193,6 +197,16 @@ def _prepare(cfg: RunConfig, resume: bool, force: bool, calibrates: bool) -> tup
 
 
 def _open_rundir(cfg: RunConfig, resume: bool, force: bool, ranks: Ranks, device: torch.device) -> RunDir:
+    rundir = _open_rundir_of_rank(cfg, resume, force, ranks, device)
+    try:  # a folder of the same name on each machine would give each rank other checkpoints
+        distributed.agree(rundir.identity(), f"run directories {cfg.out} (digest of their marker)", ranks, device)
+    except BaseException:
+        rundir.close()
+        raise
+    return rundir
+
+
+def _open_rundir_of_rank(cfg: RunConfig, resume: bool, force: bool, ranks: Ranks, device: torch.device) -> RunDir:
     if not ranks.is_main:
         if not distributed.main_succeeded(False, ranks, device):
             raise SadagError(f"rank 0 could not open the run directory {cfg.out} (its message says why)")

@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import platform
+import secrets
 import shutil
 import time
 from collections.abc import Mapping
@@ -183,8 +184,17 @@ class RunDir:
         from . import __version__
         from .config import fingerprint
 
-        return {"sadag_run": 1, "sadag": __version__, "fingerprint": fingerprint(self.settings),
-                "settings": self.settings}
+        # run_id: two runs of the same settings have different markers (ranks check they read the same run)
+        return {"sadag_run": 1, "sadag": __version__, "run_id": secrets.token_hex(8),
+                "fingerprint": fingerprint(self.settings), "settings": self.settings}
+
+    def identity(self) -> str:
+        """The digest of the run's marker: equal for two views of one run directory, different for two runs."""
+        path = self.root / MARKER
+        try:
+            return hashlib.sha256(path.read_bytes()).hexdigest()
+        except OSError as exc:
+            raise RunDirError(f"cannot read {path}: {exc.strerror}") from exc
 
     def _check_settings(self) -> None:
         path = self.root / MARKER

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from ..config import bits_label
-from ..distributed import barrier, broadcast_tensors, share_items
+from ..distributed import agree, barrier, broadcast_tensors, main_value, share_items
 from ..errors import ConfigError
 from ..files import file_digest
 from ..methods import register_method
@@ -89,6 +89,8 @@ def genie_batches(ctx: GenerationContext) -> list[GenieBatch]:
             raise ConfigError("gen.bn_scope 'set' matches statistics over the whole set in one process: run it "
                               "without torchrun (make the set once with `sadag generate` and pass --genie-set)")
         if ctx.ranks.enabled:
+            # also a barrier: every rank has read the checkpoints before rank 0 writes new ones
+            agree(sorted(done), "finished Genie-D batches", ctx.ranks, ctx.device)
             return _genie_sharded(ctx, done, count)
         batches = generate_genie(ctx.model, ctx.spec, ctx.gen, ctx.seed, done=done, progress=ctx.progress,
                                  on_batch=lambda b: ctx.save_state(f"genie_batch_{b.index}.pt", batch_to_state(b)),
@@ -103,8 +105,9 @@ def _genie_sharded(ctx: GenerationContext, done: dict[int, GenieBatch], count: i
     """Genie-D over torchrun's ranks, in rounds of world_size groups: each rank makes its batches of the round,
     then every rank receives them all and rank 0 checkpoints them (a kill loses at most one round)."""
     ranks, gen = ctx.ranks, ctx.gen
-    barrier(ranks)  # every rank has read the checkpoints before rank 0 writes new ones
-    parallel = gen.parallel_batches or auto_parallel_batches(ctx.model, ctx.spec, gen.batch_size, count)
+    # rank 0's choice: every rank must make the same rounds (a GPU's memory may differ between machines)
+    parallel = main_value(gen.parallel_batches or auto_parallel_batches(ctx.model, ctx.spec, gen.batch_size, count),
+                          ranks, ctx.device)
     finished, step = dict(done), ranks.world_size * parallel
     for start in range(0, count, step):
         todo = list(range(start, min(start + step, count)))  # a round is made again whole unless all of it is done

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..errors import ModelError
-from ..files import fetch, file_digest
+from ..files import fetch, file_digest, write_atomically
 
 log = logging.getLogger(__name__)
 
@@ -61,28 +61,32 @@ def download(url: str, sha256_prefix: str | None = None, sha1_prefix: str | None
     final = cache / name.removesuffix(".zip")
     if not final.exists():
         cache.mkdir(parents=True, exist_ok=True)
-        fetch(url, cache / name, ModelError, "download it by hand and pass --weights PATH")
-        if name.endswith(".zip"):
-            _unzip_single(cache / name, final)
+        hint = "download it by hand and pass --weights PATH"
+        if name.endswith(".zip"):  # fetched and unpacked under names of this process's own
+            write_atomically(final, lambda tmp: _fetch_zip_member(url, Path(tmp), hint))
+        else:
+            fetch(url, final, ModelError, hint)
     verify_hash(final, sha256_prefix, "sha256")
     verify_hash(final, sha1_prefix, "sha1")
     return final
 
 
-def _unzip_single(archive: Path, dest: Path) -> None:
+def _fetch_zip_member(url: str, dest: Path, hint: str) -> None:
+    """The single checkpoint of the zip archive at ``url``, written to ``dest``."""
+    archive = dest.with_name(dest.name + ".zip")
     try:
+        fetch(url, archive, ModelError, hint)
         with zipfile.ZipFile(archive) as zf:
             members = [m for m in zf.namelist() if m.endswith((".pth", ".pt", ".th", ".tar"))]
             if len(members) != 1:
-                raise ModelError(f"{archive} should hold exactly one checkpoint, found {zf.namelist()}")
+                raise ModelError(f"{url} should hold exactly one checkpoint, found {zf.namelist()}")
             with zf.open(members[0]) as src, open(dest, "wb") as out:
                 shutil.copyfileobj(src, out)
     except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError) as e:
-        dest.unlink(missing_ok=True)
-        raise ModelError(f"{archive} is not a readable zip archive ({e}): the download was probably an error page; "
-                         f"delete {archive} and try again, or download the weights by hand and pass --weights PATH"
-                         ) from e
-    archive.unlink()
+        raise ModelError(f"{url} is not a readable zip archive ({e}): the download was probably an error page; "
+                         f"try again, or download the weights by hand and pass --weights PATH") from e
+    finally:
+        archive.unlink(missing_ok=True)
 
 
 def _safe_globals() -> list:

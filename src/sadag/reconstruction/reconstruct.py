@@ -126,6 +126,13 @@ def _optimizers(rounding: list, acts: list[ActQuantizer], cfg: CalibConfig) -> t
     return opts, scheds, trainable
 
 
+def check_minibatch_split(batch_size: int, ranks: Ranks) -> None:
+    """Every rank takes a slice of each minibatch: at least one image each."""
+    if batch_size < ranks.world_size:
+        raise ConfigError(f"a calibration minibatch of {batch_size} images cannot be split over {ranks.world_size} "
+                          "ranks: raise calib.batch_size (--calib-batch-size) or start fewer processes")
+
+
 def unit_layout(engine: str, device: torch.device) -> torch.memory_format:
     """The fused engine's activations on a CPU are channels_last: oneDNN's convolutions of few channels ran
     2-3x faster so (a 16-channel 32x32 one, forward and backward), and a fused BatchNorm leaves no op that
@@ -167,9 +174,7 @@ def calibrate_unit_(
     layers, acts = _unit_parts(unit)
     check_minibatch(cfg.batch_size, q_in.shape[0])
     bs = cfg.batch_size
-    if bs < ranks.world_size:
-        raise ConfigError(f"a calibration minibatch of {bs} images cannot be split over {ranks.world_size} ranks: "
-                          "raise calib.batch_size (--calib-batch-size) or start fewer processes")
+    check_minibatch_split(bs, ranks)
     device = q_in.device
     engine = cfg.resolved_engine(device.type)
     layout = unit_layout(engine, device)
