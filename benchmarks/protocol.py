@@ -27,7 +27,7 @@ Every method but genie, genie-setbn and real starts from the genie run's set of 
 Usage: python benchmarks/protocol.py --model resnet20_cifar10 --bits 4/4 2/4 --seeds 0 1 2 3 4 [--jobs 4]
        python benchmarks/protocol.py ... --bits 4/4 3/3 --genie-from 2/2   (genie reuses the W2A2 runs' sets)
        python benchmarks/protocol.py --model resnet20_cifar10 --collect [--probe]
-Both print the headroom table and the paired differences with 95% t-intervals of the requested runs; only
+Both print the headroom table and the paired differences with 95% t-intervals of the finished runs in --work; only
 --collect writes benchmarks/results/protocol_<model>.json (rows: model, bits, method, seed, top1, num_images,
 calib_iters, ...) from every finished run of the model in --work, whatever --bits/--methods/--seeds say, with the
 budgets read from the runs' own config.yaml; the file's earlier rows of runs that --work does not hold (made on
@@ -98,22 +98,38 @@ T975 = (12.706205, 4.302653, 3.182446, 2.776445, 2.570582, 2.446912, 2.364624, 2
         2.200985, 2.178813, 2.160369, 2.144787, 2.131450, 2.119905, 2.109816, 2.100922, 2.093024, 2.085963,
         2.079614, 2.073873, 2.068658, 2.063899, 2.059539, 2.055529, 2.051831, 2.048407, 2.045230, 2.042272)
 Z975 = 1.959964
+# One-sided 80% points t_{0.80, df}, df = 1..30 (checked the same way): with T975 they give the smallest true
+# difference that the 95% interval excludes zero for in four runs of the protocol out of five (80% power).
+T80 = (1.376382, 1.060660, 0.978472, 0.940965, 0.919544, 0.905703, 0.896030, 0.888890, 0.883404, 0.879058,
+       0.875530, 0.872609, 0.870152, 0.868055, 0.866245, 0.864667, 0.863279, 0.862049, 0.860951, 0.859964,
+       0.859074, 0.858266, 0.857530, 0.856855, 0.856236, 0.855665, 0.855137, 0.854647, 0.854192, 0.853767)
+Z80 = 0.841621
 
 
 # --- statistics -------------------------------------------------------------------------------------
 
-def t_quantile_975(df: int) -> float:
-    """t_{0.975, df}: the table up to 30, then the Cornish-Fisher expansion in 1/df (error < 1e-4)."""
+def _t_quantile(table: tuple[float, ...], z: float, df: int) -> float:
+    """A t quantile: the table up to 30, then the Cornish-Fisher expansion in 1/df (error < 1e-4)."""
     if df < 1:
         raise ValueError(f"degrees of freedom must be >= 1, got {df}")
-    if df <= len(T975):
-        return T975[df - 1]
-    z = Z975
+    if df <= len(table):
+        return table[df - 1]
     return z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
 
 
+def t_quantile_975(df: int) -> float:
+    return _t_quantile(T975, Z975, df)
+
+
+def t_quantile_80(df: int) -> float:
+    return _t_quantile(T80, Z80, df)
+
+
 def summarize(values: list[float]) -> dict[str, Any]:
-    """mean, sd, n, standard error, the 95% t-interval and the smallest detectable difference (2 SE)."""
+    """mean, sd, n, standard error, the 95% t-interval, and "detectable": the smallest true difference whose
+    95% interval would exclude zero with probability 0.8 at this spread and n, (t_0.975 + t_0.80) SE. A
+    difference half the width of the interval is only just significant: at that size the protocol finds it in
+    about half of its repeats."""
     n = len(values)
     out: dict[str, Any] = {"n": n, "mean": statistics.mean(values) if values else None,
                            "sd": None, "se": None, "lo": None, "hi": None, "detectable": None}
@@ -121,7 +137,8 @@ def summarize(values: list[float]) -> dict[str, Any]:
         sd = statistics.stdev(values)
         se = sd / math.sqrt(n)
         half = t_quantile_975(n - 1) * se
-        out.update(sd=sd, se=se, lo=out["mean"] - half, hi=out["mean"] + half, detectable=2 * se)
+        out.update(sd=sd, se=se, lo=out["mean"] - half, hi=out["mean"] + half,
+                   detectable=(t_quantile_975(n - 1) + t_quantile_80(n - 1)) * se)
     return out
 
 
@@ -231,7 +248,8 @@ def row_of(directory: Path, bits: str, method: str, seed: int) -> dict[str, Any]
     env_file = directory / "environment.json"
     env = json.loads(env_file.read_text()) if env_file.is_file() else {}
     return {"model": report["model"], "bits": bits, "method": method, "seed": seed, "top1": report["quant_top1"],
-            "num_images": report["num_calib"], "calib_iters": cfg["calib"]["iters"],
+            "num_images": report["num_calib"], "eval_images": report.get("eval_images"),
+            "calib_iters": cfg["calib"]["iters"],
             "calib_batch_size": cfg["calib"].get("batch_size"), "fp_top1": report.get("fp_top1"),
             "drop_draw": cfg["calib"].get("drop_draw", "uniform"),
             "engine": resolved.get("calib.engine", cfg["calib"].get("engine")),
@@ -334,6 +352,30 @@ def finished_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
     return rows
 
 
+def check_one_budget(rows: list[dict[str, Any]]) -> None:
+    """Rows pair by (bits, method, seed) alone, so one table (one results file) holds one budget: the same images,
+    Genie-D steps and test images for every method, and the same calibration for all but the calibration
+    variants (whose calibration is what they change). Another budget goes to a file of its own (--tag)."""
+    def fields(r: dict[str, Any]) -> dict[str, Any]:
+        f = {"num_images": r["num_images"], "eval_images": r.get("eval_images"),
+             "gen.genie_iters": r["gen"].get("genie_iters")}
+        if r["method"] not in CALIBRATION_VARIANTS:
+            f.update({"calib_iters": r["calib_iters"], "calib_batch_size": r.get("calib_batch_size")})
+        return f
+
+    seen: dict[str, dict[Any, list[str]]] = {}
+    for r in rows:
+        for key, value in fields(r).items():
+            seen.setdefault(key, {}).setdefault(value, []).append(f"{r['method']} {r['bits']} s{r['seed']}")
+    mixed = {k: v for k, v in seen.items() if len(v) > 1}
+    if mixed:
+        shown = "; ".join(f"{k}: " + ", ".join(f"{v!r} ({len(runs)} runs, e.g. {runs[0]})" for v, runs in vals.items())
+                          for k, vals in mixed.items())
+        raise SystemExit(f"these runs and the results file's rows are of different budgets ({shown}): they would be "
+                         "paired by seed across budgets. Collect each budget from its own --work into its own file "
+                         "(--tag, e.g. --tag n1024)")
+
+
 def check_pairs(rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """The rows that pair, and an account: a run that started from a genie run's set pairs with that genie row
     exactly only if it started from the images that row calibrated on (their digests). A genie run made again
@@ -409,7 +451,9 @@ def collect(args: argparse.Namespace) -> Path:
     name = f"protocol_{args.model}{'_' + args.tag if args.tag else ''}"
     path = RESULTS / f"{name}.json"
     recorded = json.loads(path.read_text()) if path.is_file() else {"rows": [], "meta": {}}
-    rows = merge_rows(recorded["rows"], finished_rows(args), ROW_KEY)
+    found = finished_rows(args)
+    check_one_budget(recorded["rows"] + found)  # before a row of another budget replaces a recorded one
+    rows = merge_rows(recorded["rows"], found, ROW_KEY)
     for r in rows:  # rows recorded before runs said whether they repeat: known for CPU runs only
         r.setdefault("deterministic", repeatable(r.get("device"), {}))
     paired, pairs = check_pairs(rows)
@@ -431,10 +475,27 @@ def collect(args: argparse.Namespace) -> Path:
     return write_results(name, rows, meta)
 
 
+def quantized_bits(text: str) -> str:
+    """W/A bits with both quantized: the run directories and the tables are named by both numbers."""
+    if not re.fullmatch(r"[2-8]/[2-8]", text):
+        raise argparse.ArgumentTypeError(f"{text!r}: give weight/activation bits, each 2 to 8, e.g. 2/4")
+    return text
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not value > 0 or math.isinf(value):
+        raise argparse.ArgumentTypeError(f"{text!r}: give a positive number (0 would make genie-lowpass genie)")
+    return value
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="resnet20_cifar10", choices=list(EVAL))
-    p.add_argument("--bits", nargs="+", default=["4/4", "3/3", "2/4", "2/2"])
+    p.add_argument("--bits", nargs="+", type=quantized_bits, default=["4/4", "3/3", "2/4", "2/2"])
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     p.add_argument("--num-images", type=int, default=256)
@@ -446,10 +507,11 @@ def main() -> None:
                    "not depend on the bits)")
     p.add_argument("--refine-iters", type=int, default=200, help="SADAG stage C iterations per batch")
     p.add_argument("--warmup-iters", type=int, default=500, help="SADAG stage B iterations per unit")
-    p.add_argument("--lowpass", type=float, help="D0 of genie-lowpass (default 80 at 224 px, 20 below)")
+    p.add_argument("--lowpass", type=positive_float, help="D0 of genie-lowpass (default 80 at 224 px, 20 below)")
     p.add_argument("--real-data", help="real training images for method real (default: CIFAR-10 train-5k for the "
                    "CIFAR models; none for ImageNet models, whose only real images here are the test set)")
-    p.add_argument("--eval-limit", type=int, help="evaluate on at most this many test images")
+    p.add_argument("--eval-limit", type=int, help="evaluate on at most this many test images per class (sadag's "
+                   "--eval-limit); rows record the number evaluated, and one results file holds one number")
     p.add_argument("--device", default="auto")
     p.add_argument("--engine", default="auto", choices=["auto", "eager", "fused", "compiled"],
                    help="reconstruction step (calib.engine); eager avoids per-process compile time on short runs")
@@ -477,8 +539,13 @@ def main() -> None:
     _worker_setup(args.threads, args.deterministic)
     input_size = sadag.load_model(args.model, weights=base_config(args.model, Path(".")).weights)[1].input_size
     if not args.collect:
-        run_all(args, input_size)
-        print(tables(check_pairs(finished_rows(args))[0]))
+        try:
+            run_all(args, input_size)
+        except sadag.SadagError as exc:  # e.g. a run directory of this --work made with another budget
+            raise SystemExit(f"{exc}\n(protocol.py: the runs of another budget belong in another --work)") from exc
+        rows = finished_rows(args)
+        check_one_budget(rows)
+        print(tables(check_pairs(rows)[0]))
         print("(the results file is written by --collect, over the seeds and methods it is given)")
         return
     path = collect(args)

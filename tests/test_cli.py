@@ -17,7 +17,7 @@ from conftest import CIFAR_TEST, CIFAR_TRAIN, R20_WEIGHTS, TINY, needs_shared
 
 R20 = ["--model", "resnet20_cifar10", "--weights", str(R20_WEIGHTS)]
 REPORT_KEYS = {"model", "method", "w_bits", "a_bits", "seed", "num_calib", "fp_top1", "quant_top1", "quant_top5",
-               "seconds"}
+               "fp_nonfinite_images", "quant_nonfinite_images", "seconds"}
 
 
 @needs_shared

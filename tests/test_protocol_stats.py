@@ -26,8 +26,9 @@ def _t_cdf(q: float, df: int, steps: int = 4000) -> float:
 
 
 @pytest.mark.parametrize("df", [*range(1, 31), 31, 40, 60, 120, 1000])
-def test_t_quantiles_are_the_975_points(df: int) -> None:
+def test_t_quantiles_are_the_975_and_80_points(df: int) -> None:
     assert _t_cdf(protocol.t_quantile_975(df), df) == pytest.approx(0.975, abs=2e-6 if df <= 30 else 2e-5)
+    assert _t_cdf(protocol.t_quantile_80(df), df) == pytest.approx(0.80, abs=2e-6 if df <= 30 else 2e-5)
 
 
 def test_summary_of_known_differences() -> None:
@@ -38,7 +39,8 @@ def test_summary_of_known_differences() -> None:
     assert s["sd"] == pytest.approx(sd) and s["se"] == pytest.approx(se)
     assert s["lo"] == pytest.approx(3.0 - 2.776445 * se, abs=1e-6)
     assert s["hi"] == pytest.approx(3.0 + 2.776445 * se, abs=1e-6)
-    assert s["detectable"] == pytest.approx(2 * se)
+    # 80% power at n = 5: (t_0.975,4 + t_0.80,4) SE, not the 2 SE that the interval would not even exclude zero at
+    assert s["detectable"] == pytest.approx((2.776445 + 0.940965) * se, abs=1e-6)
     one = protocol.summarize([0.4])
     assert one["mean"] == 0.4 and one["lo"] is None and protocol.format_summary(one) == "+0.40 (n=1)"
     assert protocol.format_summary(protocol.summarize([])) == "-"
@@ -278,3 +280,34 @@ def test_collect_pairs_a_run_with_its_genie_row_only_if_it_started_from_those_im
     assert written["meta"]["paired"]["sadag 2/2"]["n"] == 2  # seeds 0 and 2: seed 1 is no pair
     assert written["meta"]["paired"]["real 2/2"]["n"] == 1
     assert {r["seed"] for r in written["rows"] if r["method"] == "sadag"} == {0, 1, 2}  # the row itself is kept
+
+
+def _row(method: str, seed: int, **budget) -> dict:  # noqa: ANN003
+    row = {"method": method, "bits": "2/2", "seed": seed, "top1": 60.0, "num_images": 256, "eval_images": 10000,
+           "calib_iters": 2000, "calib_batch_size": 32, "gen": {"genie_iters": 300}}
+    return {**row, **budget}
+
+
+def test_one_results_file_holds_one_budget() -> None:
+    """Rows pair by seed alone: a 1,024-image genie row must not pair with (or replace) a 256-image one."""
+    protocol.check_one_budget([_row("genie", 0), _row("real", 0), _row("genie-wide", 0, calib_iters=1000,
+                                                                       calib_batch_size=64)])
+    for change in ({"num_images": 1024}, {"eval_images": 1000}, {"calib_iters": 500},
+                   {"gen": {"genie_iters": 1000}}):
+        with pytest.raises(SystemExit, match=rf"different budgets \({next(iter(change))}.*--tag"):
+            protocol.check_one_budget([_row("genie", 0), _row("real", 1, **change)])
+    with pytest.raises(SystemExit, match="num_images"):  # a variant changes the calibration, not the images
+        protocol.check_one_budget([_row("genie", 0), _row("genie-wide", 0, num_images=1024)])
+
+
+def test_arguments_that_would_lose_or_fake_runs_are_refused() -> None:
+    import argparse
+
+    assert protocol.quantized_bits("2/4") == "2/4"
+    for bad in ("4/fp", "4", "1/4", "16/16"):  # 4/fp: its run directory would never be collected
+        with pytest.raises(argparse.ArgumentTypeError, match="weight/activation bits"):
+            protocol.quantized_bits(bad)
+    assert protocol.positive_float("20") == 20.0
+    for bad in ("0", "-1", "nan", "inf", "x"):
+        with pytest.raises(argparse.ArgumentTypeError, match="positive number"):
+            protocol.positive_float(bad)

@@ -106,3 +106,19 @@ def test_evaluate_keeps_the_callers_modes() -> None:
     batches = [(torch.randn(4, 3, 2, 2), torch.tensor([0, 1, 2, 3]))]
     assert evaluate(model, batches)["num_images"] == 4
     assert model.training and not model[1].training and model[2].training
+
+
+def test_evaluate_counts_nonfinite_outputs_as_misses() -> None:
+    """topk ranks a NaN first: a NaN row that happened to "hit" its label must not count as correct."""
+    from sadag import evaluate
+
+    class Logits(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            out = torch.nn.functional.one_hot(torch.arange(x.shape[0]) % 6, 6).float()
+            out[0, 0] = float("nan")  # NaN where the label is: topk picks it
+            out[1, 3] = float("inf")
+            return out
+
+    batches = [(torch.zeros(4, 3, 2, 2), torch.tensor([0, 1, 2, 3]))]
+    metrics = evaluate(Logits(), batches)
+    assert metrics["nonfinite_images"] == 2 and metrics["top1"] == 50.0 and metrics["top5"] == 50.0

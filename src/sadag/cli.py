@@ -160,7 +160,9 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     dataset = ImageFolderDataset(args.data, spec, class_index=args.class_index, limit=args.limit)
     loader = make_loader(dataset, args.batch_size)
     metrics = evaluate(model.to(device), loader, device, progress=ProgressPrinter(), total=len(loader))
-    print(f"{name}: top-1 {metrics['top1']:.2f}%  top-5 {metrics['top5']:.2f}%  ({metrics['num_images']} images)")
+    bad = f"; NaN or infinite outputs for {metrics['nonfinite_images']}, counted as misses" \
+        if metrics["nonfinite_images"] else ""
+    print(f"{name}: top-1 {metrics['top1']:.2f}%  top-5 {metrics['top5']:.2f}%  ({metrics['num_images']} images{bad})")
     return 0
 
 

@@ -276,7 +276,8 @@ def _run(cfg: RunConfig, model: nn.Module, spec: DataSpec, device: torch.device,
             with stages.stage("fp_eval"):
                 fp = _evaluate(model, eval_set, cfg, device, stages, "evaluate FP")
             rundir.save_state("fp_eval.pt", fp)
-        report.update(fp_top1=fp["top1"], fp_top5=fp["top5"], eval_images=fp["num_images"])
+        report.update(fp_top1=fp["top1"], fp_top5=fp["top5"], eval_images=fp["num_images"],
+                      fp_nonfinite_images=fp.get("nonfinite_images", 0))  # absent from runs made before it
     images, method, source = _calibration_images(model, spec, cfg, rundir, stages, device)
     _check_finite(images, "calibration images")
     # the digests say by content which images a run calibrated on (and started from): paired runs can be checked
@@ -290,7 +291,7 @@ def _run(cfg: RunConfig, model: nn.Module, spec: DataSpec, device: torch.device,
     if eval_set is not None:
         with stages.stage("quant_eval", redone_whole=True):
             q = _evaluate(qmodel, eval_set, cfg, device, stages, "evaluate quantized")
-        report.update(quant_top1=q["top1"], quant_top5=q["top5"])
+        report.update(quant_top1=q["top1"], quant_top5=q["top5"], quant_nonfinite_images=q["nonfinite_images"])
     if export and rundir.writable:
         with stages.stage("export", redone_whole=True):
             _export(qmodel, rundir.path("quantized.safetensors"), cfg, spec, method)

@@ -152,6 +152,10 @@ def report_markdown(report: dict, stages: list[StageCurves] | None = None, curve
     )
     lines += ["", f"Seed {report['seed']}, preset `{report['preset']}`, device {report.get('device')}, "
               f"evaluated on {report.get('eval_images', '-')} images."]
+    for key, model in (("fp_nonfinite_images", "full-precision"), ("quant_nonfinite_images", "quantized")):
+        if report.get(key):
+            lines += ["", f"**The {model} model's outputs hold NaN or infinity for {report[key]} images** (counted "
+                      "as misses)."]
     seconds = report.get("seconds", {})
     if stages:
         lines += ["", "## Stages", ""] + [stage_summary(s, seconds) for s in stages]

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..config import bits_label
+from ..config import GenConfig, bits_label
 from ..distributed import agree, barrier, broadcast_tensors, main_value, share_items
 from ..errors import ConfigError
 from ..files import file_digest
@@ -123,6 +123,22 @@ def _genie_sharded(ctx: GenerationContext, done: dict[int, GenieBatch], count: i
     return [finished[b] for b in range(count)]
 
 
+# the settings that shape what Genie-D made (sizes and latents are checked on the batches themselves)
+GENIE_D_SETTINGS = ("genie_iters", "lr_z", "lr_g", "g_decay", "g_decay_every", "plateau_patience", "min_lr_z",
+                    "swing", "precision", "bn_scope")
+
+
+def _check_genie_d_settings(path: str, made: dict[str, Any], gen: GenConfig) -> None:
+    """A run that reuses a set records its own gen settings: they must be the ones the set was made with, or
+    the run would claim a Genie-D it did not run (a set saved before a setting existed is not checked on it)."""
+    diff = [f"gen.{k} {made[k]!r} in the set, {getattr(gen, k)!r} in this run" for k in GENIE_D_SETTINGS
+            if k in made and made[k] != getattr(gen, k)]
+    if diff:
+        raise ConfigError(f"gen.genie_set (--genie-set): {path} was made with other Genie-D settings "
+                          f"({'; '.join(diff)}): give this run the set's values (its config.yaml), or make a set "
+                          "with this run's")
+
+
 @register_method("genie", help="Genie-D: a generator and latents per batch, trained to match BatchNorm statistics")
 def genie(ctx: GenerationContext) -> Tensor:
     # a saved set is reused as is: what a run adds to it (--lowpass) is then the only difference, paired exactly
@@ -146,6 +162,7 @@ def genie_set_batches(ctx: GenerationContext) -> list[GenieBatch]:
         raise ConfigError(f"gen.genie_set (--genie-set): {path} was low-pass filtered when it was made (gen.lowpass "
                           f"{meta['gen']['lowpass']}); a Genie set is reused as Genie-D made it: make it without "
                           "--lowpass and give --lowpass to the run that reuses it")
+    _check_genie_d_settings(path, meta.get("gen") or {}, ctx.gen)
     sizes = batch_sizes(ctx.gen.num_images, ctx.gen.batch_size)
     found = [int(s["z"].shape[0]) for s in states]
     if found != sizes or images.shape[0] != sum(sizes):
