@@ -62,7 +62,11 @@ def run_row(cfg: sadag.RunConfig) -> dict[str, Any]:
 
 def wide_split(iters: int, batch_size: int, ranks: int) -> tuple[int, int]:
     """(iterations, minibatch) of the wide data-parallel split: every rank a whole minibatch, 1/ranks of the
-    iterations, so a unit sees the same images as ``iters`` steps of ``batch_size`` on one process."""
+    iterations, so a unit sees the same images as ``iters`` steps of ``batch_size`` on one process (refused when
+    ``ranks`` does not divide ``iters``: the split would see fewer images and not be the same budget)."""
+    if iters % ranks:
+        raise ValueError(f"the wide split of {iters} iterations over {ranks} ranks is not whole: give a multiple of "
+                         f"{ranks} iterations, so that it sees the images of {iters} steps of {batch_size}")
     return iters // ranks, batch_size * ranks
 
 

@@ -23,6 +23,16 @@ BUDGETS = {
 }
 
 
+def training_images(model: str) -> Path:
+    """The real training images of `model`: the benchmarks have them for the CIFAR-10 models only, and another
+    model calibrated on CIFAR-10 images would measure the wrong data, not real-data calibration."""
+    if not model.endswith("cifar10"):
+        raise SystemExit(f"real-data calibration of {model} needs its real training images, and the benchmarks have "
+                         f"them only for the CIFAR-10 models ({CIFAR_TRAIN}): for {model}, run `sadag run --method "
+                         "real --calib-data FOLDER`")
+    return CIFAR_TRAIN
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--model", default="resnet20_cifar10")
@@ -32,13 +42,14 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--work", default=str(WORK), help="run directories (resumable)")
     args = p.parse_args()
+    calib_data = training_images(args.model)  # refused before any run
     torch.set_num_threads(args.threads)
     budget = BUDGETS[args.budget]
     rows = []
     for bits in args.bits:
         out = Path(args.work) / f"real_{args.model}_{args.budget}_w{bits.replace('/', 'a')}_s{args.seed}"
         cfg = base_config(args.model, out, method="real", bits=bits, preset="fast", seed=args.seed,
-                          calib_data=str(CIFAR_TRAIN), num_calib=budget["num_calib"],
+                          calib_data=str(calib_data), num_calib=budget["num_calib"],
                           **sections({"calib": budget["calib"]}))
         rows.append(run_row(cfg))
         r = rows[-1]

@@ -41,6 +41,7 @@ STAGES = ("generate", "calibrate", "fp_eval", "quant_eval")
 # (stem, 8 basic blocks, classifier)
 UNITS = {"efficientnet_lite0": 19, "resnet18_sized": 10}
 EVAL_IMAGES = 50_000  # ImageNet validation
+CALIB, CALIB_SMOKE = (200, 32), (20, 16)  # (reconstruction iterations per unit, minibatch) of the measured runs
 
 
 @dataclass(frozen=True)
@@ -62,7 +63,7 @@ def _run(out: Path, way: Way, smoke: bool, device: str, batches: int) -> dict[st
     # `batches` Genie-D batches of 128 (one per rank), 200 reconstruction iterations per unit, 2,000 test images
     budget = (["--preset", "smoke", "--eval-limit", "64"] if smoke else
               ["--preset", "fast", "--num-images", str(128 * batches), "--gen-iters", "100", "--eval-limit", "200"])
-    calib_iters, calib_batch = (20, 16) if smoke else (200, 32)  # the presets' minibatch
+    calib_iters, calib_batch = CALIB_SMOKE if smoke else CALIB  # the presets' minibatch
     if way.wide:
         calib_iters, calib_batch = wide_split(calib_iters, calib_batch, way.ranks)
     budget += ["--calib-iters", str(calib_iters), "--calib-batch-size", str(calib_batch)]
@@ -183,6 +184,9 @@ def main() -> None:
     if args.command == "measure":
         if args.ranks < 2:
             p.error(f"--ranks {args.ranks}: give at least 2 (the measurement compares 1 process against N ranks)")
+        if (CALIB_SMOKE if args.smoke else CALIB)[0] % args.ranks:  # before the first run, not at the wide split
+            p.error(f"--ranks {args.ranks}: the wide split divides the {CALIB[0]} calibration iterations (smoke: "
+                    f"{CALIB_SMOKE[0]}) by the ranks; give a number of ranks that divides them")
         measure(args.smoke, args.device, args.ranks)
     else:
         _project_cli(args)

@@ -161,7 +161,7 @@ def refine_pass_rows(model, qmodel, batches: list, spec, args, device) -> dict: 
 
 
 # engine -> (calib.engine, calib.drop_draw, calib.tf32): the reference is the eager step with QDrop's masks from
-# float uniforms; the fast engine is the library's default (auto: compiled on CUDA, eager on a CPU; byte masks)
+# float uniforms; the fast engine is the library's default (auto: compiled on CUDA, fused on a CPU; byte masks)
 RECON_ENGINES = {"reference": ("eager", "uniform", False), "fast": ("auto", "bytes", False)}
 
 
@@ -199,23 +199,38 @@ def recon_rows(qmodel, images, args, device) -> dict:  # noqa: ANN001
     return {"units": rows}
 
 
-def main() -> None:
+def positive_int(text: str) -> int:
+    """An argparse type for counts: --units 0 (or --unit-repeats 0) times nothing and failed only after all the
+    Genie-D timings, dividing by 0 (or taking the median of no sample)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="resnet20_cifar10")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--quick", action="store_true", help="2 batches and few iterations: under 5 minutes on 2 cores")
-    p.add_argument("--repeats", type=int, default=3, help="Genie-D and refinement engines alternated this many "
-                                                           "times, the median of each kept")
-    p.add_argument("--unit-repeats", type=int, default=3, help="reconstruction engines alternated this many times "
-                                                                "per unit, the median kept")
-    p.add_argument("--units", type=int, help="time only the first N reconstruction units (default: all); the "
-                                             "speedup is then over those units")
+    p.add_argument("--repeats", type=positive_int, default=3,
+                   help="Genie-D and refinement engines alternated this many times, the median of each kept")
+    p.add_argument("--unit-repeats", type=positive_int, default=3,
+                   help="reconstruction engines alternated this many times per unit, the median kept")
+    p.add_argument("--units", type=positive_int,
+                   help="time only the first N reconstruction units (default: all); the speedup is then over those "
+                        "units")
     p.add_argument("--lower-precision", action="store_true",
                    help="CUDA: also Genie-D under bf16 autocast and reconstruction with TF32")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if args.lower_precision and args.device != "cuda":
         p.error("--lower-precision measures TF32, a CUDA setting: use it with --device cuda")
+    return args
+
+
+def main() -> None:
+    args = parse_args()
     q = args.quick
     args.batches, args.batch = (2, 128) if q else (8, 128)
     args.k1, args.k2 = (1, 3) if q else (5, 25)

@@ -24,7 +24,6 @@ import torch
 
 import sadag
 from _common import (
-    CIFAR_TRAIN,
     WEIGHTS,
     WORK,
     base_config,
@@ -35,6 +34,8 @@ from _common import (
     sections,
     write_results,
 )
+from real_data import training_images
+from sadag.config import apply_preset, to_dict
 from sadag.data import load_calibration_data
 from sadag.generation import load_synthetic_set, save_synthetic_set
 
@@ -69,6 +70,9 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "sadag-x10": ("sadag", {"lambda_gm": 10.0, "lambda_div": 10.0}),  # sharpness terms 10x stronger
     "sadag-free": ("sadag", {"refine_g_decay": 1.0, "refine_lr_z": 1e-3}),  # no 0.95/step decay, z lr 100x
 }
+PRESET = "fast"  # what a budget leaves out is this preset's, in the sets and in the runs
+# gen settings naming the sets a set continues from: paths, not how it is made (those sets are checked themselves)
+SET_PATHS = ("genie_set", "warmup_model")
 MAIN_METHODS = ["noise", "zeroq", "genie", "sadag-random", "sadag-adversarial"]
 ONE_SEED = ["real", "noise", "zeroq"]  # their sets are made with the first seed only
 
@@ -81,25 +85,46 @@ def synthetic_set(model: str, method: str, seed: int, budget: str, work: Path) -
     kind, variant = METHODS[method]
     out = set_path(model, method, seed, budget, work)
     if (out / "images.pt").exists():
+        check_set(out, budget_gen(budget, method))
         return out
     gen = {**BUDGETS[budget]["gen"], **variant}
     if kind == "real":
-        return real_set(model, gen.get("num_images", 1024), seed, out)
+        return real_set(model, budget_gen(budget, method)["num_images"], seed, out)
     if kind == "sadag":  # continue from the Genie set of the same seed (identical config for that stage)
         gen["genie_set"] = str(synthetic_set(model, "genie", seed, budget, work))
         if method != "sadag-random":  # and from its stage-B model, which no neighbor/loss option changes
             gen["warmup_model"] = str(synthetic_set(model, "sadag-random", seed, budget, work) / "warmup.safetensors")
-    cfg = base_config(model, out, method=kind, bits="4/4", preset="fast", seed=seed,
+    cfg = base_config(model, out, method=kind, bits="4/4", preset=PRESET, seed=seed,
                       **sections({"gen": gen, "calib": BUDGETS[budget]["calib"]}))
     return sadag.generate_set(cfg, resume=True, progress=log_progress())
 
 
+def budget_gen(budget: str, method: str) -> dict[str, Any]:
+    """The gen settings of a set of this budget and method, resolved as its run resolves them (a setting the
+    budget leaves out is the preset's: `fast` gets the preset's 256 images, real as many as the synthetic sets)."""
+    gen = {**BUDGETS[budget]["gen"], **METHODS[method][1]}
+    resolved = to_dict(apply_preset(sadag.RunConfig(preset=PRESET, **sections({"gen": gen}))).gen)
+    return {k: v for k, v in resolved.items() if k not in SET_PATHS}
+
+
+def check_set(out: Path, expected: dict[str, Any]) -> None:
+    """Refuse a saved set made with other gen settings than `expected`: sets are named by budget only, so an
+    edited budget would otherwise reuse its old sets. A setting the set did not record is not checked (a real
+    set records none: its size is its image count)."""
+    images, info = load_synthetic_set(out)
+    made = {**(info["meta"].get("gen") or {}), "num_images": images.shape[0]}
+    diff = [f"gen.{k} {made[k]!r} in the set, {v!r} in the budget" for k, v in expected.items()
+            if k in made and made[k] != v]
+    if diff:
+        raise SystemExit(f"{out} was made with other settings than its budget's ({'; '.join(diff)}): delete that "
+                         "folder to make it again with the budget's, or use another --work")
+
+
 def real_set(model: str, num: int, seed: int, out: Path) -> Path:
     """`num` real CIFAR training images sampled with `seed`, saved like a synthetic set."""
-    if not model.endswith("cifar10"):
-        raise SystemExit(f"method real needs real training images; there are none here for {model}")
+    data = training_images(model)
     spec = sadag.load_model(model, weights=str(WEIGHTS[model]))[1]
-    images = load_calibration_data(CIFAR_TRAIN, spec, num, seed)
+    images = load_calibration_data(data, spec, num, seed)
     save_synthetic_set(out, images, spec, {"method": "real", "model": model, "seed": seed, "seconds": {}})
     return out
 
@@ -136,7 +161,7 @@ def main() -> None:
                 out = work / "runs" / f"{args.model}_{method}_{args.budget}_w{bits.replace('/', 'a')}_s{seed}{longer}"
                 if args.collect and not (out / "report.json").exists():
                     continue
-                cfg = base_config(args.model, out, method="genie", bits=bits, preset="fast", seed=seed,
+                cfg = base_config(args.model, out, method="genie", bits=bits, preset=PRESET, seed=seed,
                                   calib_data=str(set_dir), **sections({"calib": calib}))
                 row = {**run_row(cfg), "method": method, "gen_seconds": meta.get("seconds", {})}
                 rows.append(row)
