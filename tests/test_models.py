@@ -186,7 +186,7 @@ def test_unknown_model_lists_valid_names() -> None:
         load_model("resnet21")
 
 
-def test_module_path_factory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog) -> None:
+def test_module_path_factory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     (tmp_path / "my_zoo.py").write_text(
         "import torch.nn as nn\n"
         "from sadag.models import DataSpec\n"
@@ -197,9 +197,11 @@ def test_module_path_factory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ca
     monkeypatch.syspath_prepend(str(tmp_path))
     model, spec = load_model("my_zoo:tiny_spec")
     assert spec.input_size == 8 and model.sadag_spec is spec and not model.training
-    with caplog.at_level("WARNING"):
-        _, spec = load_model("my_zoo:tiny")
-    assert spec.input_size == 224 and spec.num_classes == 1000 and "ImageNet" in caplog.text
+    # without a spec, ImageNet's is assumed, and the model (8x8 inputs, 5 classes) does not fit it: refused, not
+    # evaluated at 0%
+    with pytest.raises(ModelError, match=r"no DataSpec was given, so ImageNet's was assumed .*Declare the model"):
+        load_model("my_zoo:tiny")
+    assert load_model("my_zoo:tiny", spec=DataSpec((0.5,) * 3, (0.5,) * 3, 8, 5))[1].num_classes == 5
     with pytest.raises(ModelError, match="cannot import"):
         load_model("my_zoo:absent")
     sys.modules.pop("my_zoo", None)

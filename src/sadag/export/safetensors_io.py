@@ -350,7 +350,7 @@ def _read_quant_config(raw: object, meta: dict, path: Path) -> QuantConfig:
     return cfg
 
 
-def _architecture(meta: dict, path: Path, allow_import: bool) -> tuple[nn.Module, DataSpec | None]:
+def _architecture(meta: dict, path: Path, allow_import: bool, spec: DataSpec) -> tuple[nn.Module, DataSpec | None]:
     """The FP model a file names: a registered zoo model, or a module:factory only with ``allow_import``."""
     name = meta.get("model_name")
     if not isinstance(name, str):
@@ -362,7 +362,7 @@ def _architecture(meta: dict, path: Path, allow_import: bool) -> tuple[nn.Module
                 f"module and run that function, i.e. run code chosen by whoever wrote the file. Pass the FP "
                 f"architecture yourself (load_quantized(path, model=...)), or allow_import=True "
                 f"(--allow-import) only if you trust the file and that module")
-        return load_model(name, pretrained=False)[0], None
+        return load_model(name, pretrained=False, spec=spec)[0], None  # the file's spec: the factory may have none
     try:
         info = get_model_info(name)
     except ModelError as e:
@@ -398,7 +398,7 @@ def load_quantized(path: str | Path, model: nn.Module | None = None, *,
     if not all(isinstance(x, dict) and all(isinstance(v, dict) for v in x.values()) for x in sections):
         raise ExportFormatError(f"{path}: incomplete sadag metadata (no layers / act_quantizers)")
     if model is None:
-        model, expected = _architecture(meta, path, allow_import)
+        model, expected = _architecture(meta, path, allow_import, spec)
     else:
         expected = getattr(model, "sadag_spec", None)
     _check_spec_fits(spec, expected, path)

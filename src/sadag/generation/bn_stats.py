@@ -15,15 +15,30 @@ from ..errors import ModelError
 BN_STD_EPS = 1e-6
 
 
+# nn.SyncBatchNorm in eval mode normalises with its running statistics exactly as BatchNorm2d does (it only syncs
+# batch statistics when training under torch.distributed), so the hooks and the loss take it unchanged.
+BN_TYPES = (nn.BatchNorm2d, nn.SyncBatchNorm)
+
+
 def bn_layers(model: nn.Module) -> list[nn.BatchNorm2d]:
-    """Every BatchNorm2d in module order; raises ModelError when there is none."""
-    layers = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
-    if not layers:
+    """Every BatchNorm2d (or SyncBatchNorm) in module order; raises ModelError when there is none, or when some
+    have no running statistics to match."""
+    named = [(n, m) for n, m in model.named_modules() if isinstance(m, BN_TYPES)]
+    if not named:
         raise ModelError(
             f"{type(model).__name__} has no BatchNorm2d layers: the BN-based methods (genie, sadag, zeroq) "
             "need BatchNorm statistics to generate data; use --method noise or --method real instead"
         )
-    return layers
+    untracked = [n or type(m).__name__ for n, m in named if m.running_mean is None or m.running_var is None]
+    if untracked:
+        shown = ", ".join(untracked[:8]) + (f" and {len(untracked) - 8} more" if len(untracked) > 8 else "")
+        raise ModelError(
+            f"{type(model).__name__}: BatchNorm layer(s) {shown} have no running statistics "
+            "(track_running_stats=False): the BN-based methods (genie, sadag, zeroq) match the images to those "
+            "statistics, so they need a model trained with track_running_stats=True; use --method noise or "
+            "--method real (real calibration images) instead"
+        )
+    return [m for _, m in named]
 
 
 @contextlib.contextmanager

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import importlib
+import itertools
 import logging
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
+import torch
 from torch import nn
 
 from ..errors import ModelError
+from ..modes import eval_mode
 from .spec import DataSpec
 from .weights import load_checkpoint
 
@@ -86,25 +90,94 @@ def load_model(name_or_module: str | nn.Module, weights: str | None = None, pret
     ``name_or_module``: a registered name, ``"package.module:factory"`` or an ``nn.Module``.
     ``weights``: a checkpoint path or URL overriding the default pretrained weights.
     ``pretrained=False`` keeps the random initialisation (registered models only).
-    ``spec`` overrides the spec of custom models (ImageNet defaults when neither gives one).
+    ``spec`` overrides the spec of custom models; without it, the one the factory returns (``(model, spec)``) or
+    the module carries (``model.sadag_spec``, which load_model sets), else ImageNet defaults with a warning.
     ``trust_checkpoint=True`` lets ``weights`` pickle arbitrary Python objects, which can run code:
     only for a file you trust (``--trust-checkpoint``).
+
+    One forward pass on zeros of the spec's input size checks that the model fits its spec (the input size runs,
+    ``num_classes`` outputs): a ModelError says what does not fit.
     """
     if isinstance(name_or_module, nn.Module):
-        model, found = name_or_module, None
+        model, label = name_or_module, type(name_or_module).__name__
+        found = _own_spec(model, label) if spec is None else None
+        origin = f"the sadag_spec attribute of the {label}"
     elif isinstance(name_or_module, str) and is_import_path(name_or_module):
-        model, found = _import_factory(name_or_module)
+        model, found, origin = _import_factory(name_or_module)
+        label = name_or_module
     elif isinstance(name_or_module, str):
         model, found = _build_registered(get_model_info(name_or_module), weights, pretrained, trust_checkpoint)
-        weights = None  # already loaded
+        weights, label = None, name_or_module  # already loaded
+        origin = f"the spec registered for {name_or_module}"
     else:
         raise ModelError(f"expected a model name or an nn.Module, got {type(name_or_module).__name__}")
     if weights is not None:
         load_checkpoint(model, weights, trust_checkpoint=trust_checkpoint)
-    final = spec or found or _default_spec(name_or_module)
+    if spec is not None:
+        final, origin = spec, "the spec= argument"
+    elif found is not None:
+        final = found
+    else:
+        final, origin = IMAGENET_SPEC, None
+    check_model_fits_spec(model, final, label, origin)
+    if origin is None:
+        log.warning("no DataSpec given for %s: assuming ImageNet preprocessing (224x224, 1000 classes, mean/std "
+                    "0.485,0.456,0.406/0.229,0.224,0.225); pass a DataSpec if that is wrong", label)
     model.eval()
     model.sadag_spec = final
     return model, final
+
+
+def check_model_fits_spec(model: nn.Module, spec: DataSpec, label: str, origin: str | None = None) -> None:
+    """One forward pass (no grad, eval mode, the caller's modes restored) on zeros (2, 3, S, S), S =
+    ``spec.input_size``: ModelError unless it runs and returns logits of shape (2, spec.num_classes).
+
+    ``label`` names the model (a registered name, ``module:factory`` or the module's class); ``origin`` says where
+    ``spec`` came from, for the message; None means no spec was given and ``spec`` is the ImageNet guess.
+    """
+    shape = (2, 3, spec.input_size, spec.input_size)
+    ref = next((t for t in itertools.chain(model.parameters(), model.buffers()) if t.is_floating_point()), None)
+    x = torch.zeros(shape, device=ref.device if ref is not None else None,
+                    dtype=ref.dtype if ref is not None else None)
+    cause: BaseException | None = None
+    try:
+        with torch.no_grad(), eval_mode(model):
+            out = model(x)
+    except Exception as e:  # any failure here means the model does not fit its spec
+        problem = f"fails on an input of shape {shape}: {type(e).__name__}: {str(e).strip().splitlines()[0][:300]}"
+        cause = e
+    else:
+        if not isinstance(out, torch.Tensor):
+            problem = (f"returns a {type(out).__name__} for an input of shape {shape}; sadag needs a classifier "
+                       f"whose forward returns one logits tensor (N, num_classes)")
+        elif tuple(out.shape) != (2, spec.num_classes):
+            problem = (f"returns shape {tuple(out.shape)} for an input of shape {shape}, where the spec says "
+                       f"{spec.num_classes} classes, i.e. (2, {spec.num_classes})")
+        else:
+            return
+    example = "DataSpec(mean=(0.5,) * 3, std=(0.5,) * 3, input_size=32, num_classes=10)"
+    if is_import_path(label):
+        declare = (f"have the factory return (model, DataSpec(...)) (from sadag.models import DataSpec), e.g. "
+                   f"`return net, {example}` for a 32x32 10-class model, or set model.sadag_spec to such a DataSpec "
+                   f"in it; in Python, load_model({label!r}, spec=DataSpec(...)) also works")
+    else:
+        declare = (f"pass it, e.g. `load_model(model, spec={example})` for a 32x32 10-class model, or set "
+                   f"model.sadag_spec to such a DataSpec (from sadag.models import DataSpec)")
+    if origin is None:
+        raise ModelError(f"{label}: no DataSpec was given, so ImageNet's was assumed (224x224 inputs, 1000 classes), "
+                         f"and the model {problem}. Declare the model's own spec: {declare}") from cause
+    raise ModelError(f"{label} does not fit its DataSpec (input_size {spec.input_size}, num_classes "
+                     f"{spec.num_classes}, from {origin}): the model {problem}. The spec's input_size and num_classes "
+                     f"must match the model: correct that spec ({declare}), or the model") from cause
+
+
+def _own_spec(model: nn.Module, label: str) -> DataSpec | None:
+    """The DataSpec a module carries (``sadag_spec``, set by load_model), if any."""
+    own = getattr(model, "sadag_spec", None)
+    if own is not None and not isinstance(own, DataSpec):
+        raise ModelError(f"{label}.sadag_spec is a {type(own).__name__}, not a sadag DataSpec: set it to "
+                         f"DataSpec(mean=..., std=..., input_size=..., num_classes=...) or delete it")
+    return own
 
 
 def is_import_path(name: str) -> bool:
@@ -129,25 +202,52 @@ def _build_registered(info: ModelInfo, weights: str | None, pretrained: bool,
     return model, info.spec
 
 
-def _import_factory(path: str) -> tuple[nn.Module, DataSpec | None]:
+def _import_factory(path: str) -> tuple[nn.Module, DataSpec | None, str]:
+    """(model, its spec or None, where the spec came from) from calling the factory ``path`` names."""
     mod_name, fn_name = path.split(":")
     try:
         factory = getattr(importlib.import_module(mod_name), fn_name)
+    except ModuleNotFoundError as e:
+        raise ModelError(f"cannot import {path!r}: {e}{_not_found_hint(e, mod_name)}") from e
     except (ImportError, AttributeError) as e:
         raise ModelError(f"cannot import {path!r}: {e}") from e
-    out = factory()
+    needs = ("--model module:factory names a function (or class) that takes no arguments and returns the model, "
+             "or (model, DataSpec)")
+    if isinstance(factory, nn.Module):
+        raise ModelError(f"{path} is an nn.Module instance ({type(factory).__name__}), not a factory: {needs}; "
+                         f"e.g. add `def make_model(): return {fn_name}` to {mod_name} and use "
+                         f"--model {mod_name}:make_model")
+    if not callable(factory):
+        raise ModelError(f"{path} is a {type(factory).__name__}, not a function: {needs}")
+    try:
+        out = factory()
+    except TypeError as e:
+        if e.__traceback__ is not None and e.__traceback__.tb_next is not None:
+            raise  # raised inside the factory's own code: the user's traceback says where
+        raise ModelError(f"calling {path}() failed: {e}. The factory must take no arguments ({needs}): wrap it, "
+                         f"e.g. `def make_model(): return {fn_name}(...)` with the arguments filled in") from e
     if isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], DataSpec):
         out, found = out
-    else:
-        found = None
+        return _checked_module(out, path), found, f"the DataSpec returned by {path}"
+    model = _checked_module(out, path)
+    return model, _own_spec(model, path), f"the sadag_spec attribute of the model {path} returns"
+
+
+def _checked_module(out: object, path: str) -> nn.Module:
     if not isinstance(out, nn.Module):
         raise ModelError(f"{path} returned {type(out).__name__}; it must return an nn.Module "
                          f"or (nn.Module, DataSpec)")
-    return out, found
+    return out
 
 
-def _default_spec(what: object) -> DataSpec:
-    label = what if isinstance(what, str) else type(what).__name__
-    log.warning("no DataSpec given for %s: assuming ImageNet preprocessing (224x224, 1000 classes, "
-                "mean/std 0.485,0.456,0.406/0.229,0.224,0.225); pass a DataSpec if that is wrong", label)
-    return IMAGENET_SPEC
+def _not_found_hint(e: ModuleNotFoundError, mod_name: str) -> str:
+    """For a top-level module that is not on sys.path: where Python looks, and how to add the current folder."""
+    top = mod_name.split(".")[0]
+    if e.name != top:
+        return ""  # the module was found; something it imports is missing
+    here = Path.cwd()
+    local = (here / f"{top}.py").is_file() or (here / top).is_dir()
+    where = f"{top} is in the current folder, but" if local else "if it is a file of yours,"
+    return (f" ({where} the `sadag` command does not search the current folder, unlike `python -m sadag`: "
+            f"run `python -m sadag ...` from the folder that holds it, or set PYTHONPATH to that folder, e.g. "
+            f"`PYTHONPATH=. sadag ...`)")

@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import Tensor, nn
 
+from ..errors import ModelError
 from .modules import QuantConv2d
 from .trace import trace_modules
 
@@ -26,6 +27,10 @@ def fold_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
 
 def bn_affine(bn: nn.BatchNorm2d, conv_bias: Tensor | None) -> tuple[Tensor, Tensor]:
     """(gain shaped (C, 1, 1, 1), bias) with bn(conv(x, w) + conv_bias) = conv(x, w * gain) + bias (eval mode)."""
+    if not _has_running_stats(bn):
+        raise ModelError(f"{type(bn).__name__} has no running statistics (track_running_stats=False): it normalises "
+                         "with each batch's own statistics, which no fixed conv weight and bias can reproduce; "
+                         "it cannot be folded")
     gain = bn.weight / torch.sqrt(bn.running_var + bn.eps) if bn.affine else 1 / torch.sqrt(bn.running_var + bn.eps)
     shift = bn.bias if bn.affine else torch.zeros_like(bn.running_mean)
     bias = conv_bias if conv_bias is not None else torch.zeros_like(bn.running_mean)
@@ -34,7 +39,9 @@ def bn_affine(bn: nn.BatchNorm2d, conv_bias: Tensor | None) -> tuple[Tensor, Ten
 
 @torch.no_grad()
 def fold_bn_(model: nn.Module, example: Tensor) -> list[tuple[str, str]]:
-    """Fold every BatchNorm2d fed directly by a Conv2d; the BN becomes Identity. Returns the pairs.
+    """Fold every BatchNorm2d (or SyncBatchNorm, the same in eval mode) with running statistics fed directly by a
+    Conv2d; the BN becomes Identity. Returns the pairs (a BN without running statistics normalises with the batch's
+    own: it stays as it is).
 
     The trace links modules by tensor identity, so it cannot see a conv output changed in place before its BN
     (conv -> ReLU(inplace) -> BN) or also read by a functional op: the model's output on a random input is
@@ -46,7 +53,7 @@ def fold_bn_(model: nn.Module, example: Tensor) -> list[tuple[str, str]]:
         return model(x.clone())  # a model may change its input in place
 
     reference = output()
-    pairs = _direct_pairs(model, example, (nn.Conv2d, nn.BatchNorm2d))
+    pairs = _direct_pairs(model, example, (nn.Conv2d, (nn.BatchNorm2d, nn.SyncBatchNorm)))
     folds = [_fold(model, c, b) for c, b in pairs]
     if pairs and not _same_output(output(), reference):  # find the culprits one by one
         for undo in reversed(folds):
@@ -79,13 +86,16 @@ def _fold(model: nn.Module, conv_name: str, bn_name: str) -> Callable[[], None]:
     return undo
 
 
-def _direct_pairs(model: nn.Module, example: Tensor, kinds: tuple[type, type]) -> list[tuple[str, str]]:
-    """(conv, bn) names where the BN takes the conv's output and is its only traced consumer."""
+def _direct_pairs(model: nn.Module, example: Tensor,
+                  kinds: tuple[type, type | tuple[type, ...]]) -> list[tuple[str, str]]:
+    """(conv, bn) names where the BN, one with running statistics, takes the conv's output and is its only traced
+    consumer."""
     modules = dict(model.named_modules())
     names = [n for n, m in modules.items() if isinstance(m, kinds)]
     trace = trace_modules(model, example, names)
     return [(src, name) for name in names
-            if isinstance(modules[name], nn.BatchNorm2d) and (src := trace.producer.get(name))
+            if isinstance(modules[name], kinds[1]) and _has_running_stats(modules[name])
+            and (src := trace.producer.get(name))
             and isinstance(modules[src], kinds[0]) and trace.consumers.get(src) == [name]]
 
 
@@ -93,7 +103,11 @@ def _fusable(conv: nn.Module, bn: nn.Module) -> bool:
     """A conv whose forward is QuantConv2d's (twins with their own forward ignore output_affine) and a plain
     eval-mode BN with running statistics."""
     return (type(conv).forward is QuantConv2d.forward and type(bn).forward is nn.BatchNorm2d.forward
-            and not bn.training and bn.running_var is not None)
+            and not bn.training and _has_running_stats(bn))
+
+
+def _has_running_stats(bn: nn.Module) -> bool:
+    return getattr(bn, "running_mean", None) is not None and getattr(bn, "running_var", None) is not None
 
 
 def _set_child(root: nn.Module, name: str, child: nn.Module) -> None:
