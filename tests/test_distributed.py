@@ -34,8 +34,9 @@ def test_ranks_from_env() -> None:
         ranks_from_env({"WORLD_SIZE": "2", "RANK": "2", "LOCAL_RANK": "0"})
     with pytest.raises(ConfigError, match="integers"):
         ranks_from_env({"WORLD_SIZE": "two", "RANK": "0", "LOCAL_RANK": "0"})
-    with pytest.raises(ConfigError, match="WORLD_SIZE is set but LOCAL_RANK is not"):
+    with pytest.raises(ConfigError, match="WORLD_SIZE is 2 but LOCAL_RANK is not set"):
         ranks_from_env({"WORLD_SIZE": "2", "RANK": "1"})
+    assert not ranks_from_env({"WORLD_SIZE": "1"}).enabled  # one process, as some launchers export it
 
 
 def test_ranks_share_a_gpu_only_when_asked(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -6,9 +6,11 @@ import copy
 import hashlib
 import importlib.util
 import io
+import os
 import pickle
 import sys
 import threading
+import time
 import urllib.request
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
@@ -414,6 +416,14 @@ def test_a_download_that_fails_its_hash_or_arrives_short_is_never_cached(tmp_pat
     with pytest.raises(ModelError, match=r"sha256 of file:.*m\.pth is .*nothing was cached"):
         download(url, sha256_prefix="00000000")
     assert [p for p in (tmp_path / "home").rglob("*") if p.is_file()] == []  # a later run downloads again
+    cache = download(url).parent  # what a killed download left: removed once a day old, kept while it may be live
+    old, live = cache / ".m.pth.0123ab.tmp.zip", cache / ".m.pth.4567cd.tmp"
+    for leftover in (old, live):
+        leftover.write_bytes(b"partial")
+    os.utime(old, (time.time() - 2 * 86_400,) * 2)
+    (cache / "m.pth").unlink()
+    download(url)
+    assert not old.exists() and live.exists()
     good = hashlib.sha256((tmp_path / "m.pth").read_bytes()).hexdigest()[:8]
     assert download(url, sha256_prefix=good).read_bytes() == (tmp_path / "m.pth").read_bytes()
 
@@ -441,6 +451,9 @@ def test_a_model_whose_own_child_is_named_module_reloads_its_weights(tmp_path: P
     fresh.add_module("module", nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)))
     load_checkpoint(fresh, tmp_path / "w.pth")
     assert torch.equal(fresh.module[0].weight, wrapper.module[0].weight)
+    # a DataParallel checkpoint of that model (module.module.*) loses one prefix
+    torch.save({f"module.{k}": v for k, v in wrapper.state_dict().items()}, tmp_path / "dpw.pth")
+    load_checkpoint(fresh, tmp_path / "dpw.pth")
     plain = CifarResNet(20)  # and a DataParallel checkpoint still loads into the plain model
     torch.save({f"module.{k}": v for k, v in plain.state_dict().items()}, tmp_path / "dp.pth")
     load_checkpoint(CifarResNet(20), tmp_path / "dp.pth")

@@ -155,7 +155,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     else:
         if not args.model:
             raise ConfigError("evaluate needs --model NAME (or --quantized FILE.safetensors)")
-        model, spec = load_model(args.model, weights=args.weights, trust_checkpoint=args.trust_checkpoint)
+        model, spec = load_model(args.model, weights=args.weights, trust_checkpoint=args.trust_checkpoint,
+                                 device=device)
         name = args.model
     dataset = ImageFolderDataset(args.data, spec, class_index=args.class_index, limit=args.limit)
     loader = make_loader(dataset, args.batch_size)

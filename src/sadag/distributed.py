@@ -69,11 +69,11 @@ SINGLE = Ranks()
 def ranks_from_env(environ: dict[str, str] | None = None) -> Ranks:
     """Read torchrun's WORLD_SIZE, RANK and LOCAL_RANK; one process when they are absent."""
     env = os.environ if environ is None else environ
-    if "WORLD_SIZE" not in env:
+    if env.get("WORLD_SIZE", "1").strip() == "1":  # unset, or one process (some launchers export WORLD_SIZE=1)
         return SINGLE
     if missing := [k for k in _ENV if k not in env]:  # a default of 0 would make two rank 0s, or share cuda:0
-        raise ConfigError(f"WORLD_SIZE is set but {', '.join(missing)} is not: start the ranks with torchrun, which "
-                          f"sets all of {', '.join(_ENV)}, or unset WORLD_SIZE for one process")
+        raise ConfigError(f"WORLD_SIZE is {env['WORLD_SIZE']} but {', '.join(missing)} is not set: start the ranks "
+                          f"with torchrun, which sets all of {', '.join(_ENV)}, or unset WORLD_SIZE for one process")
     try:
         world, rank, local = (int(env[k]) for k in _ENV)
     except ValueError as exc:

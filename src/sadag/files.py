@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import glob
 import hashlib
 import http.client
 import logging
 import os
 import secrets
 import shutil
+import time
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
@@ -44,6 +47,16 @@ def fetch(url: str, dest: Path, error: type[SadagError], hint: str) -> None:
     once, e.g. torchrun's ranks on a fresh machine, never write into each other's)."""
     log.info("downloading %s to %s", url, dest)
     write_atomically(dest, lambda tmp: copy_url(url, tmp, error, hint))
+
+
+def remove_stale_temporaries(path: Path, max_age_s: float = 86_400.0) -> None:
+    """Remove what killed writers of ``path`` left (write_atomically's temporary files, and any file named after
+    one) once older than ``max_age_s``: a younger one may belong to a process still writing."""
+    now = time.time()
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp*"):
+        with contextlib.suppress(OSError):  # another process removed it first
+            if now - tmp.stat().st_mtime > max_age_s:
+                tmp.unlink()
 
 
 def write_atomically(path: Path, write: Callable[[str], object]) -> None:

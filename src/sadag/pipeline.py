@@ -185,7 +185,8 @@ def _prepare(cfg: RunConfig, resume: bool, force: bool, calibrates: bool) -> tup
     device = rank_device or resolve_device(cfg.device)
     check_tf32(cfg.calib, device)
     with distributed.local_main_first(ranks):  # one download per machine into its weights cache
-        model, spec = load_model(cfg.model, weights=cfg.weights, trust_checkpoint=cfg.trust_checkpoint)
+        model, spec = load_model(cfg.model, weights=cfg.weights, trust_checkpoint=cfg.trust_checkpoint,
+                                 device=device)
     rundir = _open_rundir(cfg, resume, force, ranks, device)
     try:  # the fingerprint names the model and its weights file; a resume must also find the same weights in it
         weights = f" with weights {cfg.weights}" if cfg.weights else ""
@@ -277,7 +278,7 @@ def _run(cfg: RunConfig, model: nn.Module, spec: DataSpec, device: torch.device,
                 fp = _evaluate(model, eval_set, cfg, device, stages, "evaluate FP")
             rundir.save_state("fp_eval.pt", fp)
         report.update(fp_top1=fp["top1"], fp_top5=fp["top5"], eval_images=fp["num_images"],
-                      fp_nonfinite_images=fp.get("nonfinite_images", 0))  # absent from runs made before it
+                      fp_nonfinite_images=fp.get("nonfinite_images"))  # None: a run made before it was counted
     images, method, source = _calibration_images(model, spec, cfg, rundir, stages, device)
     _check_finite(images, "calibration images")
     # the digests say by content which images a run calibrated on (and started from): paired runs can be checked

@@ -84,7 +84,8 @@ def get_model_info(name: str) -> ModelInfo:
 
 
 def load_model(name_or_module: str | nn.Module, weights: str | None = None, pretrained: bool = True,
-               spec: DataSpec | None = None, *, trust_checkpoint: bool = False) -> tuple[nn.Module, DataSpec]:
+               spec: DataSpec | None = None, *, trust_checkpoint: bool = False,
+               device: torch.device | str | None = None) -> tuple[nn.Module, DataSpec]:
     """Build a model in eval mode and return it with its preprocessing spec.
 
     ``name_or_module``: a registered name, ``"package.module:factory"`` or an ``nn.Module``.
@@ -94,6 +95,9 @@ def load_model(name_or_module: str | nn.Module, weights: str | None = None, pret
     the module carries (``model.sadag_spec``, which load_model sets), else ImageNet defaults with a warning.
     ``trust_checkpoint=True`` lets ``weights`` pickle arbitrary Python objects, which can run code:
     only for a file you trust (``--trust-checkpoint``).
+
+    ``device``: where the model goes before it is checked (a model whose forward runs only on a GPU is checked
+    there); None leaves it where it is.
 
     One forward pass on zeros of the spec's input size checks that the model fits its spec (the input size runs,
     ``num_classes`` outputs): a ModelError says what does not fit.
@@ -119,6 +123,8 @@ def load_model(name_or_module: str | nn.Module, weights: str | None = None, pret
         final = found
     else:
         final, origin = IMAGENET_SPEC, None
+    if device is not None:
+        model = model.to(device)
     check_model_fits_spec(model, final, label, origin)
     if origin is None:
         log.warning("no DataSpec given for %s: assuming ImageNet preprocessing (224x224, 1000 classes, mean/std "

@@ -10,7 +10,7 @@ import pickle
 import re
 import shutil
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..errors import ModelError
-from ..files import copy_url, file_digest, write_atomically
+from ..files import copy_url, file_digest, remove_stale_temporaries, write_atomically
 
 log = logging.getLogger(__name__)
 _HINT = "download it by hand and pass --weights PATH"
@@ -72,6 +72,7 @@ def download(url: str, sha256_prefix: str | None = None, sha1_prefix: str | None
     final = cache / name.removesuffix(".zip")
     if not final.exists():
         cache.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(final)  # what downloads killed mid-way (SIGKILL, out of memory) left
         log.info("downloading %s to %s", url, final)
 
         def fetch_verified(tmp: str) -> None:  # checked before it takes its final name: a bad file is never cached
@@ -158,20 +159,21 @@ def _untrusted(path: Path, name: str) -> ModelError:
     )
 
 
-def unwrap_state_dict(obj: object, source: str = "checkpoint", keep_prefix: bool = False) -> dict[str, torch.Tensor]:
-    """Find the state_dict inside common checkpoint layouts and strip DataParallel ``module.`` prefixes (unless
-    ``keep_prefix``: the model's own keys start with ``module.``, a child of that name)."""
+def unwrap_state_dict(obj: object, source: str = "checkpoint",
+                      model_keys: Collection[str] | None = None) -> dict[str, torch.Tensor]:
+    """Find the state_dict inside common checkpoint layouts and strip DataParallel ``module.`` prefixes, unless
+    the keys as saved are all ``model_keys`` (a model with a child named ``module``)."""
     if isinstance(obj, nn.Module):
         obj = obj.state_dict()
     if not isinstance(obj, Mapping):
         raise ModelError(f"{source} holds a {type(obj).__name__}, not a state_dict")
     for key in _WRAPPER_KEYS:
         if isinstance(obj.get(key), (Mapping, nn.Module)):
-            return unwrap_state_dict(obj[key], source, keep_prefix)
+            return unwrap_state_dict(obj[key], source, model_keys)
     sd = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
     if not sd:
         raise ModelError(f"{source} contains no tensors (keys: {list(obj)[:_SHOW]})")
-    if keep_prefix:
+    if model_keys is not None and all(k in model_keys for k in sd):
         return sd
     unwrapped = {k.removeprefix("module."): v for k, v in sd.items()}
     if len(unwrapped) < len(sd):  # "module.x" and "x" both present: which one is the model's is unknowable
@@ -255,7 +257,6 @@ def load_checkpoint(model: nn.Module, path_or_url: str | os.PathLike, sha256_pre
     :func:`read_checkpoint`): only for files whose origin you trust.
     """
     path = resolve_weights(path_or_url, sha256_prefix, sha1_prefix)
-    own_prefix = any(k.startswith("module.") for k in model.state_dict())
-    state_dict = unwrap_state_dict(read_checkpoint(path, trust_checkpoint), str(path), keep_prefix=own_prefix)
+    state_dict = unwrap_state_dict(read_checkpoint(path, trust_checkpoint), str(path), set(model.state_dict()))
     load_state_dict_strict(model, state_dict, str(path))
     return model
