@@ -10,14 +10,10 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ModelError
+from ..quantization.fold import BN_TYPES, has_running_stats
 
 # Genie adds this fixed eps (not the layer's own) to running_var before the square root.
 BN_STD_EPS = 1e-6
-
-
-# nn.SyncBatchNorm in eval mode normalises with its running statistics exactly as BatchNorm2d does (it only syncs
-# batch statistics when training under torch.distributed), so the hooks and the loss take it unchanged.
-BN_TYPES = (nn.BatchNorm2d, nn.SyncBatchNorm)
 
 
 def bn_layers(model: nn.Module) -> list[nn.BatchNorm2d]:
@@ -29,7 +25,7 @@ def bn_layers(model: nn.Module) -> list[nn.BatchNorm2d]:
             f"{type(model).__name__} has no BatchNorm2d layers: the BN-based methods (genie, sadag, zeroq) "
             "need BatchNorm statistics to generate data; use --method noise or --method real instead"
         )
-    untracked = [n or type(m).__name__ for n, m in named if m.running_mean is None or m.running_var is None]
+    untracked = [n or type(m).__name__ for n, m in named if not has_running_stats(m)]
     if untracked:
         shown = ", ".join(untracked[:8]) + (f" and {len(untracked) - 8} more" if len(untracked) > 8 else "")
         raise ModelError(

@@ -15,6 +15,9 @@ from .modules import QuantConv2d
 from .trace import trace_modules
 
 log = logging.getLogger(__name__)
+# nn.SyncBatchNorm in eval mode normalises with its running statistics exactly as BatchNorm2d does (it only syncs
+# batch statistics when training under torch.distributed): generation and folding take it unchanged.
+BN_TYPES = (nn.BatchNorm2d, nn.SyncBatchNorm)
 
 
 @torch.no_grad()
@@ -27,7 +30,7 @@ def fold_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
 
 def bn_affine(bn: nn.BatchNorm2d, conv_bias: Tensor | None) -> tuple[Tensor, Tensor]:
     """(gain shaped (C, 1, 1, 1), bias) with bn(conv(x, w) + conv_bias) = conv(x, w * gain) + bias (eval mode)."""
-    if not _has_running_stats(bn):
+    if not has_running_stats(bn):
         raise ModelError(f"{type(bn).__name__} has no running statistics (track_running_stats=False): it normalises "
                          "with each batch's own statistics, which no fixed conv weight and bias can reproduce; "
                          "it cannot be folded")
@@ -53,7 +56,7 @@ def fold_bn_(model: nn.Module, example: Tensor) -> list[tuple[str, str]]:
         return model(x.clone())  # a model may change its input in place
 
     reference = output()
-    pairs = _direct_pairs(model, example, (nn.Conv2d, (nn.BatchNorm2d, nn.SyncBatchNorm)))
+    pairs = _direct_pairs(model, example, (nn.Conv2d, BN_TYPES))
     folds = [_fold(model, c, b) for c, b in pairs]
     if pairs and not _same_output(output(), reference):  # find the culprits one by one
         for undo in reversed(folds):
@@ -94,7 +97,7 @@ def _direct_pairs(model: nn.Module, example: Tensor,
     names = [n for n, m in modules.items() if isinstance(m, kinds)]
     trace = trace_modules(model, example, names)
     return [(src, name) for name in names
-            if isinstance(modules[name], kinds[1]) and _has_running_stats(modules[name])
+            if isinstance(modules[name], kinds[1]) and has_running_stats(modules[name])
             and (src := trace.producer.get(name))
             and isinstance(modules[src], kinds[0]) and trace.consumers.get(src) == [name]]
 
@@ -103,10 +106,11 @@ def _fusable(conv: nn.Module, bn: nn.Module) -> bool:
     """A conv whose forward is QuantConv2d's (twins with their own forward ignore output_affine) and a plain
     eval-mode BN with running statistics."""
     return (type(conv).forward is QuantConv2d.forward and type(bn).forward is nn.BatchNorm2d.forward
-            and not bn.training and _has_running_stats(bn))
+            and not bn.training and has_running_stats(bn))
 
 
-def _has_running_stats(bn: nn.Module) -> bool:
+def has_running_stats(bn: nn.Module) -> bool:
+    """Whether a BN normalises with running statistics (not each batch's own: track_running_stats=False)."""
     return getattr(bn, "running_mean", None) is not None and getattr(bn, "running_var", None) is not None
 
 
