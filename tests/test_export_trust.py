@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import sys
 import tempfile
@@ -13,7 +14,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from conftest import TinyNet, tiny_bn_model
+from conftest import TinyNet, randomize_bn_, tiny_bn_model
 from sadag.config import QuantConfig
 from sadag.errors import ConfigError
 from sadag.export import ExportFormatError, export_model, load_quantized, save_quantized
@@ -23,10 +24,11 @@ from sadag.quantization.quantizers import ActQuantizer
 FACTORY = "conftest:tiny_bn_model"
 
 
-def _calibrated(w_bits: int, a_bits: int) -> tuple[torch.nn.Module, QuantConfig]:
-    """TinyNet quantized with round-to-nearest weights and activation ranges observed on one batch."""
-    model, _ = tiny_bn_model()
-    cfg = QuantConfig(w_bits=w_bits, a_bits=a_bits)
+def _calibrated(w_bits: int, a_bits: int, model: torch.nn.Module | None = None,
+                fold_bn: bool = False) -> tuple[torch.nn.Module, QuantConfig]:
+    """TinyNet (or ``model``) quantized with round-to-nearest weights and activation ranges observed on one batch."""
+    model = model if model is not None else tiny_bn_model()[0]
+    cfg = QuantConfig(w_bits=w_bits, a_bits=a_bits, fold_bn=fold_bn)
     qmodel = quantize(model, cfg, torch.zeros(1, 3, 16, 16))
     acts = [m for m in qmodel.modules() if isinstance(m, ActQuantizer)]
     for act in acts:
@@ -264,6 +266,148 @@ def test_switched_off_quantization_is_neither_written_nor_read(export_dir: Path,
     bad = _tamper(src, tmp_path / "bad.safetensors", meta=lambda m: m["layers"][layer].update(quantize_weight=False))
     with pytest.raises(ExportFormatError, match=f"layer {layer} is declared 4-bit with its quantization switched"):
         _load(bad)
+
+
+def test_uncalibrated_quantizers_are_neither_written_nor_read(export_dir: Path, tmp_path: Path) -> None:
+    # straight from quantize(): a W4A4-labelled file (or ONNX graph) would run its activations in full precision
+    model, spec = tiny_bn_model()
+    cfg = QuantConfig(w_bits=4, a_bits=4)
+    qmodel = quantize(model, cfg, torch.zeros(1, 3, 16, 16))
+    never = r"activation quantizers .*block.conv2.input_quantizer.* were never calibrated .*calibrate the model first"
+    with pytest.raises(ConfigError, match=never):
+        save_quantized(qmodel, tmp_path / "raw.safetensors", model_name=FACTORY, spec=spec, quant_config=cfg)
+    if importlib.util.find_spec("onnx") is not None:
+        with pytest.raises(ConfigError, match=never):
+            export_model(qmodel, tmp_path / "raw.onnx", "onnx", spec=spec)
+    assert not any(tmp_path.iterdir())
+    src = export_dir / "w4a4.safetensors"
+    act = next(n for n, info in _meta(src)["act_quantizers"].items() if info["bits"] == 4)
+    for value in [False, "yes"]:
+        bad = _tamper(src, tmp_path / "bad.safetensors",
+                      tensors=lambda t: [t.pop(f"a.{act}.{part}") for part in ("scale", "zero_point")],
+                      meta=lambda m, v=value: m["act_quantizers"][act].update(initialized=v))
+        with pytest.raises(ExportFormatError, match=f"activation quantizer {act} is declared 4-bit but not "
+                                                    f"initialized"):
+            _load(bad)
+
+
+class WithUnusedLayer(TinyNet):
+    """TinyNet holding a layer its forward never calls (an auxiliary head, say)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.aux = torch.nn.Linear(16, 3)
+
+
+def test_a_layer_the_forward_never_calls_stays_uncalibrated_and_exports(tmp_path: Path) -> None:
+    qmodel, cfg = _calibrated(4, 4, model=WithUnusedLayer())
+    assert not qmodel.aux.input_quantizer.ready  # calibration never reaches it, and no export runs it
+    path = save_quantized(qmodel, tmp_path / "q.safetensors", model_name="mymodels:aux", spec=tiny_bn_model()[1],
+                          quant_config=cfg)
+    reloaded, meta = load_quantized(path, model=WithUnusedLayer())
+    assert meta["act_quantizers"]["aux.input_quantizer"] == {"bits": 4, "active": True, "initialized": False}
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(reloaded(x), qmodel(x))
+
+
+class InplaceReluBeforeBN(torch.nn.Module):
+    """conv1 -> in-place ReLU -> bn1: the trace sees a direct pair, fold_bn_'s output test refuses the fold with
+    trained statistics and accepts it with fresh ones (near-identity BN), so a rebuilt model decides otherwise."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = torch.nn.Conv2d(3, 8, 3, padding=1, bias=False), torch.nn.BatchNorm2d(8)
+        self.conv2, self.bn2 = torch.nn.Conv2d(8, 8, 3, padding=1, bias=False), torch.nn.BatchNorm2d(8)
+        self.fc = torch.nn.Linear(8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.bn1(torch.nn.functional.relu(self.conv1(x), inplace=True))
+        y = torch.nn.functional.relu(self.bn2(self.conv2(y)))
+        return self.fc(y.mean((2, 3)))
+
+
+@pytest.mark.parametrize("make,folded", [(TinyNet, [["stem.0", "stem.1"], ["block.conv1", "block.bn1"],
+                                                    ["block.conv2", "block.bn2"], ["head.0", "head.1"]]),
+                                         (InplaceReluBeforeBN, [["conv2", "bn2"]])])
+def test_fold_bn_exports_reload_with_the_exported_folds(tmp_path: Path, make: type, folded: list) -> None:
+    torch.manual_seed(0)
+    qmodel, cfg = _calibrated(4, 4, model=randomize_bn_(make()), fold_bn=True)
+    path = save_quantized(qmodel, tmp_path / "q.safetensors", model_name="mymodels:m", spec=tiny_bn_model()[1],
+                          quant_config=cfg)
+    assert _meta(path)["plan"]["folded"] == folded
+    reloaded, _ = load_quantized(path, model=make())  # fresh weights: its own fold test would decide otherwise
+    x = torch.randn(4, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.allclose(reloaded(x), qmodel(x), atol=1e-5, rtol=0)
+
+
+def test_folded_pairs_and_plan_fields_are_checked(tmp_path: Path) -> None:
+    qmodel, cfg = _calibrated(4, 4, model=tiny_bn_model()[0], fold_bn=True)
+    src = save_quantized(qmodel, tmp_path / "q.safetensors", model_name=FACTORY, spec=tiny_bn_model()[1],
+                         quant_config=cfg)
+    for folded, match in [([["stem.0", "head.1"]], r"cannot fold BatchNorm pairs \[\('stem.0', 'head.1'\)\]"),
+                          ([["stem.0", "stem.1"]] * 2, "named once"), ("stem.0", "malformed plan"),
+                          ([["stem.0"]], "malformed plan")]:
+        bad = _tamper(src, tmp_path / "bad.safetensors", meta=lambda m, f=folded: m["plan"].update(folded=f))
+        with pytest.raises(ExportFormatError, match=match):
+            _load(bad)
+    bad = _tamper(src, tmp_path / "bad.safetensors", meta=lambda m: m["plan"].update(fp_layers=["ghost"]))
+    with pytest.raises(ExportFormatError, match=r"differs from the exported one in fp_layers \(fp_layers: rebuilt "
+                                                r"\[\], file \['ghost'\]\)"):
+        _load(bad)
+    with pytest.raises(ConfigError, match="pairs to fold were given .* with fold_bn=False"):
+        quantize(TinyNet(), QuantConfig(w_bits=4, a_bits=4), torch.zeros(1, 3, 16, 16), folded=[("stem.0", "stem.1")])
+
+
+def test_an_all_zero_or_constant_layer_exports_and_reloads(tmp_path: Path) -> None:
+    """Integers all equal fit every grid exactly: not a relabelled layer."""
+    for value in [0.0, 0.3]:
+        model = tiny_bn_model()[0]
+        with torch.no_grad():
+            model.head[0].weight.fill_(value)
+        qmodel, cfg = _calibrated(4, 4, model=model)
+        path = save_quantized(qmodel, tmp_path / "q.safetensors", model_name=FACTORY, spec=tiny_bn_model()[1],
+                              quant_config=cfg)
+        reloaded, _ = _load(path)
+        x = torch.randn(2, 3, 16, 16)
+        with torch.no_grad():
+            assert torch.allclose(reloaded(x), qmodel(x), atol=1e-5, rtol=0), value
+
+
+def test_a_model_with_scales_the_loader_refuses_is_never_written(tmp_path: Path) -> None:
+    spec = tiny_bn_model()[1]
+    for what, value in [("weight", 0.0), ("act", 0.0), ("act", -0.5)]:
+        qmodel, cfg = _calibrated(4, 4)
+        with torch.no_grad():
+            if what == "weight":
+                qmodel.head[0].weight_quantizer.scale.view(-1)[1] = value
+            else:
+                qmodel.head[0].input_quantizer.scale.fill_(value)
+        key = "w.head.0.scale" if what == "weight" else "a.head.0.input_quantizer.scale"
+        with pytest.raises(ExportFormatError, match=f"cannot export: {key} hold step sizes .*Nothing was written"):
+            save_quantized(qmodel, tmp_path / "q.safetensors", model_name=FACTORY, spec=spec, quant_config=cfg)
+        assert not any(tmp_path.iterdir())
+
+
+def test_metadata_nested_too_deep_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "nested.safetensors"
+    save_file({"x": torch.zeros(1)}, str(path), metadata={"sadag": "[" * 100_000})
+    with pytest.raises(ExportFormatError, match="the sadag metadata is not valid JSON"):
+        load_quantized(path)
+
+
+def test_onnx_export_needs_an_onnx_with_uint2(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    onnx = pytest.importorskip("onnx")
+    from sadag.export.onnx_export import MAX_OPSET, ONNX_MIN_VERSION
+
+    assert onnx.defs.onnx_opset_version() >= MAX_OPSET and hasattr(onnx.TensorProto, "UINT2")
+    pyproject = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
+    assert f'"onnx>={ONNX_MIN_VERSION}"' in pyproject  # the floor that has opset 25 and UINT2
+    monkeypatch.setattr(onnx.defs, "onnx_opset_version", lambda: 24)  # what onnx 1.19 says
+    qmodel, _ = _calibrated(4, 4)
+    with pytest.raises(ConfigError, match=r"needs onnx>=1\.20 .*pip install -U 'onnx>=1\.20'"):
+        export_model(qmodel, tmp_path / "q.onnx", "onnx", spec=tiny_bn_model()[1])
 
 
 def test_a_failed_re_export_leaves_the_earlier_one_intact(export_dir: Path, tmp_path: Path,

@@ -19,6 +19,7 @@ import logging
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -38,6 +39,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MIN_OPSET, MAX_OPSET = 13, 25
+ONNX_MIN_VERSION = "1.20"  # the first onnx with opset 25 and UINT2; pyproject's floor
 TORCH_MAX_OPSET = 20  # the TorchScript exporter's newest opset; the graph is re-stamped afterwards
 DOMAIN = "sadag"
 
@@ -268,6 +270,7 @@ def export_onnx(qmodel: nn.Module, path: str | Path, spec: DataSpec | None = Non
 
     if not MIN_OPSET <= opset <= MAX_OPSET:
         raise ConfigError(f"ONNX opset must be in {MIN_OPSET}..{MAX_OPSET}, got {opset}")
+    _check_onnx_version(onnx)
     spec = spec or getattr(qmodel, "sadag_spec", None)
     if spec is None:
         raise ConfigError("export_onnx needs the model's DataSpec: pass spec=..., or load the model with "
@@ -285,6 +288,13 @@ def export_onnx(qmodel: nn.Module, path: str | Path, spec: DataSpec | None = Non
     log.info("exported %d quantized weights and %d activation quantizers to %s (opset %d)",
              len(weights), len(acts), path, opset)
     return path
+
+
+def _check_onnx_version(onnx: ModuleType) -> None:
+    """An older onnx (installed around pyproject's floor) lacks UINT2: say so, not an AttributeError mid-export."""
+    if onnx.defs.onnx_opset_version() < MAX_OPSET or not hasattr(onnx.TensorProto, "UINT2"):
+        raise ConfigError(f"sadag's ONNX export needs onnx>={ONNX_MIN_VERSION} (opset {MAX_OPSET}, UINT2); found "
+                          f"onnx {onnx.__version__}: pip install -U 'onnx>={ONNX_MIN_VERSION}'")
 
 
 def _onnx_logits(path: str | Path, images: Tensor, batch_size: int) -> Tensor:

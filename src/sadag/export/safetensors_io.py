@@ -65,9 +65,29 @@ def check_frozen(qmodel: nn.Module) -> None:
     off = [n for n, m in layers.items() if m.weight_quantizer.bits is not None and not m.quantize_weight]
     off += [n for n, a in acts.items() if a.bits is not None and not a.active]
     if off:
-        raise ConfigError(f"quantization is switched off in {', '.join(off[:3])}{' ...' if len(off) > 3 else ''}: "
-                          "the export would carry their bits and run them in full precision; switch it on "
-                          "(sadag.quantization.prepare.set_quant_state_(model)) before exporting")
+        raise ConfigError(f"quantization is switched off in {_some(off)}: the export would carry their bits and "
+                          "run them in full precision; switch it on (sadag.quantization.prepare.set_quant_state_("
+                          "model)) before exporting")
+    skip = _never_called(qmodel)
+    unset = [n for n, a in acts.items() if a.bits is not None and not a.ready and n not in skip]
+    if unset:
+        raise ConfigError(f"activation quantizers {_some(unset)} were never calibrated (no step size): the export "
+                          "would carry their bits and run them in full precision; calibrate the model first "
+                          "(sadag.reconstruct_, or `sadag run`) before exporting")
+
+
+def _some(names: list[str]) -> str:
+    return f"{', '.join(names[:3])}{' ...' if len(names) > 3 else ''}"
+
+
+def _never_called(qmodel: nn.Module) -> set[str]:
+    """Input quantizers of layers the forward pass never calls (an auxiliary head): calibration leaves them
+    uninitialised (find_units warns) and no export runs them."""
+    plan = getattr(qmodel, "sadag_plan", None)
+    if plan is None:
+        return set()
+    layers, _ = quantized_parts(qmodel)
+    return {f"{n}.input_quantizer" if n else "input_quantizer" for n in layers if n not in plan.layer_bits}
 
 
 def _owned_keys(qmodel: nn.Module) -> set[str]:
@@ -146,7 +166,17 @@ def save_quantized(qmodel: nn.Module, path: str | Path, *, model_name: str, spec
     if bad:  # the loader would refuse the file: never write one
         raise NumericalError(f"cannot export: {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''} hold NaN or "
                              "infinite values (a diverged calibration); nothing was written")
+    _check_scales_to_write(tensors)
     return _write(Path(path), tensors, text)
+
+
+def _check_scales_to_write(tensors: dict[str, Tensor]) -> None:
+    """The loader's step-size checks, so that sadag never writes a file it would refuse."""
+    bad = [k for k, v in tensors.items() if k.endswith(".scale") and not _scale_ok(v, signed=k.startswith("w."))]
+    if bad:
+        raise ExportFormatError(f"cannot export: {_some(bad)} hold step sizes that are zero (weights) or not positive "
+                                "(activations), which load_quantized refuses; re-run the calibration. Nothing was "
+                                "written")
 
 
 def _write(path: Path, tensors: dict[str, Tensor], text: str) -> Path:
@@ -175,8 +205,9 @@ def read_export(path: str | Path) -> tuple[dict[str, Tensor], dict]:
         raise ExportFormatError(f"{path} is a safetensors file but not a sadag export (no '{META_KEY}' metadata)")
     try:
         meta = json.loads(raw)
-    except json.JSONDecodeError as e:
-        raise ExportFormatError(f"{path}: the sadag metadata is not valid JSON ({e})") from e
+    except (ValueError, RecursionError) as e:  # RecursionError: nesting deeper than the parser allows
+        raise ExportFormatError(f"{path}: the sadag metadata is not valid JSON ({type(e).__name__}: "
+                                f"{str(e)[:200]}): the file is damaged or was not made by sadag") from e
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise ExportFormatError(f"{path} is not a sadag export (metadata format {meta.get('format')!r})"
                                 if isinstance(meta, dict) else f"{path}: malformed sadag metadata")
@@ -197,11 +228,15 @@ def _take(tensors: dict[str, Tensor], key: str, shape: tuple[int, ...], dtype: t
     return t
 
 
-def _check_scale(key: str, scale: Tensor, signed: bool) -> None:
+def _scale_ok(scale: Tensor, signed: bool) -> bool:
     """Step sizes must be finite and non-zero; activation ones positive. A learned weight step size can
     cross zero during reconstruction and the layer stays exact ((q - zp) * scale), so its sign is free."""
     bad = ~torch.isfinite(scale) | (scale == 0 if signed else scale <= 0)
-    if bool(bad.any()):
+    return not bool(bad.any())
+
+
+def _check_scale(key: str, scale: Tensor, signed: bool) -> None:
+    if not _scale_ok(scale, signed):
         what = "finite and non-zero" if signed else "finite and positive"
         raise ExportFormatError(f"tensor {key!r} holds step sizes that are not {what}: the file is damaged")
 
@@ -242,23 +277,28 @@ def _fill_layer(name: str, layer: nn.Module, tensors: dict[str, Tensor], info: d
 
 def _check_uses_its_bits(name: str, q: Tensor, bits: int) -> None:
     """Clip search spreads each channel over its whole grid; integers that all fit a grid of one bit
-    less mean the layer was relabelled (e.g. a 4-bit layer declared 8-bit)."""
+    less mean the layer was relabelled (e.g. a 4-bit layer declared 8-bit). All equal (span 0: an all-zero or
+    constant layer, which every grid holds exactly) is a genuine export."""
     span = int(q.max()) - int(q.min()) if q.numel() else 0
-    if bits > 1 and span < 2 ** (bits - 1):
+    if bits > 1 and 0 < span < 2 ** (bits - 1):
         raise ExportFormatError(f"layer {name} is declared {bits}-bit but its integer weights span only "
                                 f"{span + 1} levels, which fit in {bits - 1} bits: the metadata was changed")
 
 
 @torch.no_grad()
-def _fill_act(name: str, act: ActQuantizer, tensors: dict[str, Tensor], info: dict) -> None:
+def _fill_act(name: str, act: ActQuantizer, tensors: dict[str, Tensor], info: dict, called: bool) -> None:
+    """``called``: the forward pass runs it, so a quantizer with bits must have its step size (check_frozen)."""
     if info.get("bits") != act.bits:
         raise ExportFormatError(f"activation quantizer {name}: the file has bits {info.get('bits')}, "
                                 f"the rebuilt model {act.bits}")
     if act.bits is not None and info.get("active", True) is not True:  # the exporter refuses to write it
         raise ExportFormatError(f"activation quantizer {name} is declared {act.bits}-bit and switched off, "
                                 "which sadag never writes: the metadata was changed")
+    if act.bits is not None and called and info.get("initialized") is not True:
+        raise ExportFormatError(f"activation quantizer {name} is declared {act.bits}-bit but not initialized (no "
+                                "step size), which sadag never writes: the metadata was changed")
     act.active = True
-    if act.bits is None or not info.get("initialized", False):
+    if act.bits is None or info.get("initialized") is not True:
         return
     scale = _take(tensors, f"a.{name}.scale", (), torch.float32)
     zero_point = _take(tensors, f"a.{name}.zero_point", (), torch.uint8)
@@ -285,7 +325,7 @@ def _expected_keys(qmodel: nn.Module, meta: dict) -> set[str]:
     keys = {f"fp.{k}" for k in _fp_tensors(qmodel)}
     keys.update(f"w.{n}.{part}" for n in layers for part in ("q", "scale", "zero_point"))
     keys.update(f"a.{n}.{part}" for n, info in meta["act_quantizers"].items()
-                if info.get("bits") is not None and info.get("initialized") for part in ("scale", "zero_point"))
+                if info.get("bits") is not None and info.get("initialized") is True for part in ("scale", "zero_point"))
     return keys
 
 
@@ -294,12 +334,33 @@ def _check_structure(qmodel: nn.Module, meta: dict, tensors: dict[str, Tensor]) 
     if set(layers) != set(meta.get("layers", {})) or set(acts) != set(meta.get("act_quantizers", {})):
         raise ExportFormatError(f"the quantized layers of the rebuilt {meta.get('model_name')!r} do not match "
                                 f"the export: was it made from another architecture?")
-    if _normalise(qmodel.sadag_plan.to_dict()) != meta.get("plan"):
-        raise ExportFormatError("the rebuilt quantization plan differs from the exported one (another "
-                                "architecture or sadag version?)")
+    rebuilt, exported = _normalise(qmodel.sadag_plan.to_dict()), meta.get("plan")
+    if rebuilt != exported:
+        raise ExportFormatError(f"the rebuilt quantization plan differs from the exported one in "
+                                f"{_plan_diff(rebuilt, exported)} (another architecture or sadag version?)")
     unknown = sorted(set(tensors) - _expected_keys(qmodel, meta))
     if unknown:
         raise ExportFormatError(f"the export holds tensors the model does not have: {unknown[:5]}")
+
+
+def _plan_diff(rebuilt: dict, exported: object) -> str:
+    """The differing fields, the first one's two values shortened."""
+    exported = exported if isinstance(exported, dict) else {}
+    keys = [k for k in {**rebuilt, **exported} if rebuilt.get(k) != exported.get(k)]
+    first = keys[0]
+    return (f"{', '.join(keys)} ({first}: rebuilt {str(rebuilt.get(first))[:150]}, file "
+            f"{str(exported.get(first))[:150]})")
+
+
+def _read_folded(meta: dict, path: Path) -> list[tuple[str, str]]:
+    """The (conv, BatchNorm) pairs the exporter folded: the rebuilt model folds exactly these."""
+    plan = meta.get("plan")
+    folded = plan.get("folded") if isinstance(plan, dict) else None
+    if not isinstance(folded, list) or not all(
+            isinstance(p, list) and len(p) == 2 and all(isinstance(n, str) for n in p) for p in folded):
+        raise ExportFormatError(f"{path}: malformed plan in the metadata (plan.folded must be a list of [conv, "
+                                f"BatchNorm] name pairs, got {str(folded)[:150]})")
+    return [(c, b) for c, b in folded]
 
 
 def _int_in(x: object, low: int, high: int) -> bool:
@@ -382,13 +443,15 @@ def load_quantized(path: str | Path, model: nn.Module | None = None, *,
                    allow_import: bool = False) -> tuple[nn.Module, dict]:
     """Rebuild the quantized model of an export; returns (qmodel in eval mode, metadata).
 
-    ``model``: the FP architecture to quantize (its weights are overwritten); default: the registered
-    model named in the file, built without pretrained weights. A file naming a ``module:factory``
-    model needs ``model`` or ``allow_import=True``: importing it runs that module's code.
+    ``model``: the FP architecture to quantize; it is deep-copied and left unchanged (its weights do not
+    matter: the file's replace them in the copy); default: the registered model named in the file, built
+    without pretrained weights. A file naming a ``module:factory`` model needs ``model`` or
+    ``allow_import=True``: importing it runs that module's code.
 
-    Every tensor is checked against the metadata and the rebuilt model (exact shapes and dtypes,
-    integers within each layer's bit width, finite non-zero scales, finite FP tensors) and the input
-    spec is range-checked before anything is allocated from it.
+    Before the model is built, the metadata is checked (input spec ranges, bits, quantization config, folded
+    pairs); the model is then quantized with the file's folded BatchNorm pairs, its plan must equal the file's,
+    and every tensor is checked against it before it is copied in (exact shapes and dtypes, integers within
+    each layer's bit width, finite non-zero scales, initialised activation quantizers, finite FP tensors).
     """
     path = Path(path)
     tensors, meta = read_export(path)
@@ -403,13 +466,17 @@ def load_quantized(path: str | Path, model: nn.Module | None = None, *,
         expected = getattr(model, "sadag_spec", None)
     _check_spec_fits(spec, expected, path)
     example = torch.zeros(1, 3, spec.input_size, spec.input_size, device=next(model.parameters()).device)
-    qmodel = quantize(model, cfg, example)
+    try:
+        qmodel = quantize(model, cfg, example, folded=_read_folded(meta, path))
+    except ConfigError as e:  # e.g. its folded pairs or units do not fit the model
+        raise ExportFormatError(f"{path}: cannot rebuild the quantized model the file describes: {e}") from e
     _check_structure(qmodel, meta, tensors)
     layers, acts = quantized_parts(qmodel)
     for name, layer in layers.items():
         _fill_layer(name, layer, tensors, meta["layers"][name])
+    skip = _never_called(qmodel)
     for name, act in acts.items():
-        _fill_act(name, act, tensors, meta["act_quantizers"][name])
+        _fill_act(name, act, tensors, meta["act_quantizers"][name], called=name not in skip)
     _fill_fp(qmodel, tensors)
     qmodel.sadag_spec = spec
     return qmodel.eval(), meta

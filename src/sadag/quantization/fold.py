@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import Tensor, nn
 
-from ..errors import ModelError
+from ..errors import ConfigError, ModelError
 from .modules import QuantConv2d
 from .trace import trace_modules
 
@@ -41,7 +41,7 @@ def bn_affine(bn: nn.BatchNorm2d, conv_bias: Tensor | None) -> tuple[Tensor, Ten
 
 
 @torch.no_grad()
-def fold_bn_(model: nn.Module, example: Tensor) -> list[tuple[str, str]]:
+def fold_bn_(model: nn.Module, example: Tensor, pairs: list[tuple[str, str]] | None = None) -> list[tuple[str, str]]:
     """Fold every BatchNorm2d (or SyncBatchNorm, the same in eval mode) with running statistics fed directly by a
     Conv2d; the BN becomes Identity. Returns the pairs (a BN without running statistics normalises with the batch's
     own: it stays as it is).
@@ -49,7 +49,12 @@ def fold_bn_(model: nn.Module, example: Tensor) -> list[tuple[str, str]]:
     The trace links modules by tensor identity, so it cannot see a conv output changed in place before its BN
     (conv -> ReLU(inplace) -> BN) or also read by a functional op: the model's output on a random input is
     compared before and after, and a fold that changes it is undone (and named in a warning).
+
+    ``pairs``: fold exactly these, each a direct conv -> BN pair (e.g. an export's plan): that output test depends
+    on the weights, so a rebuilt model with fresh ones could decide otherwise.
     """
+    if pairs is not None:
+        return _fold_exactly(model, example, pairs)
     x = torch.randn(example.shape, generator=torch.Generator().manual_seed(0)).to(example)
 
     def output() -> Tensor:
@@ -71,6 +76,20 @@ def fold_bn_(model: nn.Module, example: Tensor) -> list[tuple[str, str]]:
                 log.warning("not folding BatchNorm %s into %s: the model's output changes (the conv's output is "
                             "modified in place or used outside the BatchNorm)", b, c)
         pairs = kept
+    return pairs
+
+
+def _fold_exactly(model: nn.Module, example: Tensor, pairs: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Fold the given pairs, each checked against the structure (the trace), not against the outputs."""
+    pairs = [(c, b) for c, b in pairs]  # tuples: a file's pairs are JSON lists
+    allowed = _direct_pairs(model, example, (nn.Conv2d, BN_TYPES))
+    bad = [p for p in pairs if p not in allowed] or [p for k, p in enumerate(pairs) if p in pairs[:k]]
+    if bad:
+        raise ConfigError(f"cannot fold BatchNorm pairs {bad[:3]}: each must be a Conv2d whose only consumer is a "
+                          f"BatchNorm with running statistics, named once; this model's foldable pairs are "
+                          f"{allowed[:5]}{' ...' if len(allowed) > 5 else ''}")
+    for c, b in pairs:
+        _fold(model, c, b)
     return pairs
 
 

@@ -40,7 +40,8 @@ def _quantize_block_input(module: nn.Module, args: tuple) -> tuple:
     return (module.sadag_input_quantizer(args[0]), *args[1:])
 
 
-def quantize(model: nn.Module, cfg: QuantConfig, example: Tensor | None = None) -> nn.Module:
+def quantize(model: nn.Module, cfg: QuantConfig, example: Tensor | None = None, *,
+             folded: list[tuple[str, str]] | None = None) -> nn.Module:
     """Return a fake-quantized deep copy of ``model`` (the original is not modified).
 
     Args:
@@ -48,6 +49,9 @@ def quantize(model: nn.Module, cfg: QuantConfig, example: Tensor | None = None) 
         cfg: bits, bit policy, BN folding and unit override.
         example: one input batch, e.g. ``torch.zeros(1, 3, S, S)``, used to trace the dataflow; by default a
             zero image of the input size in the spec that ``sadag.load_model`` attached to the model.
+        folded: with ``cfg.fold_bn``, the (conv, BatchNorm) pairs to fold, e.g. an export's ``plan.folded``
+            (each must be a direct conv -> BN pair); by default :func:`fold_bn_` picks them, with a test on the
+            model's outputs that a rebuilt model with other weights may decide differently.
     """
     cfg.validate()
     if example is None:
@@ -55,7 +59,7 @@ def quantize(model: nn.Module, cfg: QuantConfig, example: Tensor | None = None) 
     qmodel = copy.deepcopy(model).eval()
     for p in qmodel.parameters():
         p.requires_grad_(False)
-    folded = fold_bn_(qmodel, example) if cfg.fold_bn else []
+    folded = _fold(qmodel, cfg, example, folded)
     units = find_units(qmodel, example, cfg.units)
     skipped = _swap_layers(qmodel, cfg)
     modules = dict(qmodel.named_modules())
@@ -81,6 +85,16 @@ def quantize(model: nn.Module, cfg: QuantConfig, example: Tensor | None = None) 
     }
     qmodel.sadag_plan = plan
     return qmodel.to(example.device)  # the new quantizers were built on the CPU
+
+
+def _fold(qmodel: nn.Module, cfg: QuantConfig, example: Tensor,
+          pairs: list[tuple[str, str]] | None) -> list[tuple[str, str]]:
+    if not cfg.fold_bn:
+        if pairs:
+            raise ConfigError(f"BatchNorm pairs to fold were given ({pairs[:3]}) with fold_bn=False: set "
+                              "QuantConfig.fold_bn=True, or give none")
+        return []
+    return fold_bn_(qmodel, example, pairs)
 
 
 def _swap_layers(model: nn.Module, cfg: QuantConfig) -> list[str]:
