@@ -3,7 +3,7 @@
 Each point is a budget (Genie-D steps per batch, SADAG warm-up iterations per unit and refinement steps per
 batch, reconstruction iterations per unit, images) run end to end with `sadag run`; the seconds are the run's
 stage times, so they are comparable only between runs made alone on the same idle machine (--threads 2 here).
-Usage: python benchmarks/frontier.py [--points fast fast-old ...] [--bits 4/4 2/4] [--seeds 0] [--method sadag]
+Usage: python benchmarks/frontier.py [--points genie300 genie100 ...] [--bits 4/4 2/4] [--seeds 0] [--method sadag]
 Prints a markdown table and adds its rows to benchmarks/results/frontier_<model>.json (one row per run).
 """
 
@@ -17,22 +17,33 @@ import torch
 
 from _common import WORK, base_config, machine, run_row, sections, write_results
 
-# gen/calib settings over the `fast` preset; "fast" is the preset itself, "fast-old" the preset before 2026-11-30
-POINTS: dict[str, dict[str, dict[str, Any]]] = {
-    "fast-old": {"gen": {"genie_iters": 1000, "warmup_calib_iters": 500, "refine_iters": 200}},
-    "fast": {},
-    "fast-calib1000": {"calib": {"iters": 1000}},
-    "fast-genie100": {"gen": {"genie_iters": 100}},
-    "fast-128img": {"gen": {"num_images": 128}},
+# Points are budgets over BASE, the `fast` preset of 2026-11-30 to 2026-12-02, written out here so that a point's
+# name keeps its meaning when the preset moves (the rows name points; their budgets are recorded too). The preset
+# was genie1000 before 2026-11-30, genie300 until 2026-12-02, and is FAST_POINT since.
+BASE: dict[str, dict[str, Any]] = {
+    "calib": {"iters": 2000},
+    "gen": {"num_images": 256, "genie_iters": 300, "warmup_calib_iters": 150, "refine_iters": 60, "zeroq_iters": 500},
 }
+POINTS: dict[str, dict[str, dict[str, Any]]] = {
+    "genie1000": {"gen": {"genie_iters": 1000, "warmup_calib_iters": 500, "refine_iters": 200}},
+    "genie300": {},
+    "genie300-calib1000": {"calib": {"iters": 1000}},
+    "genie100": {"gen": {"genie_iters": 100}},
+    "genie300-128img": {"gen": {"num_images": 128}},
+}
+FAST_POINT = "genie100"
+POINTS_NOTE = ("budgets over frontier.BASE (the fast preset of 2026-11-30 to 2026-12-02); before 2026-12-02 the rows "
+               "of genie300 were named 'fast', genie100 'fast-genie100', genie300-calib1000 'fast-calib1000'")
 STAGES = ("generate", "warmup_calibrate", "refine", "calibrate")
 
 
-def point_config(model: str, point: str, bits: str, seed: int, method: str, work: Path):  # noqa: ANN201
-    from sadag.config import PRESETS
+def point_budget(point: str) -> dict[str, dict[str, Any]]:
+    """The point's gen and calib settings: BASE with the point's own knobs moved."""
+    return {name: {**BASE[name], **POINTS[point].get(name, {})} for name in BASE}
 
-    base = PRESETS["fast"]
-    budget = {name: {**base.get(name, {}), **POINTS[point].get(name, {})} for name in ("gen", "calib")}
+
+def point_config(model: str, point: str, bits: str, seed: int, method: str, work: Path):  # noqa: ANN201
+    budget = point_budget(point)
     out = work / "frontier" / model / f"{method}_{point}_w{bits.replace('/', 'a')}_s{seed}"
     return base_config(model, out, method=method, bits=bits, preset="fast", seed=seed, **sections(budget))
 
@@ -40,7 +51,7 @@ def point_config(model: str, point: str, bits: str, seed: int, method: str, work
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="resnet20_cifar10")
-    p.add_argument("--points", nargs="+", default=["fast", "fast-old"], choices=list(POINTS))
+    p.add_argument("--points", nargs="+", default=[FAST_POINT, "genie1000"], choices=list(POINTS))
     p.add_argument("--bits", nargs="+", default=["4/4"])
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
     p.add_argument("--method", default="sadag", choices=["sadag", "genie"])
@@ -67,7 +78,8 @@ def main() -> None:
                 print(f"| {point} | W{bits.replace('/', 'A')} | {seed} | {row['top1']:.2f} | {cells} | "
                       f"{row['total_s']:.0f} |", flush=True)
     path = write_results(f"frontier_{args.model}", rows,
-                         {"machine": machine(), "note": "seconds comparable only between runs made alone"},
+                         {"machine": machine(), "note": "seconds comparable only between runs made alone",
+                          "points": POINTS_NOTE},
                          key=("method", "point", "bits", "seed"))
     print(f"machine: {machine()}; results in {path}")
 

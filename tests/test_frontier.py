@@ -1,4 +1,5 @@
-"""The budget frontier's points (benchmarks/frontier.py): each is the fast preset with only its own knobs moved."""
+"""The budget frontier's points (benchmarks/frontier.py): fixed budgets whose names keep their meaning, one of
+them the fast preset."""
 
 from __future__ import annotations
 
@@ -14,12 +15,23 @@ import frontier  # noqa: E402
 
 
 @pytest.mark.parametrize("point", list(frontier.POINTS))
-def test_a_point_is_the_fast_preset_with_its_own_knobs_moved(point: str, tmp_path: Path) -> None:
+def test_a_point_is_the_base_budget_with_its_own_knobs_moved(point: str, tmp_path: Path) -> None:
     cfg = apply_preset(frontier.point_config("resnet20_cifar10", point, "2/4", 3, "sadag", tmp_path))
     assert (cfg.quant.w_bits, cfg.quant.a_bits, cfg.seed, cfg.method) == (2, 4, 3, "sadag")
     moved = {f"{section}.{k}": v for section, values in frontier.POINTS[point].items() for k, v in values.items()}
-    for section, values in PRESETS["fast"].items():
+    for section, values in frontier.BASE.items():
         for key, value in values.items():
             expected = moved.get(f"{section}.{key}", value)
             assert getattr(getattr(cfg, section), key) == expected, f"{point}: {section}.{key}"
     assert Path(cfg.out).parent == tmp_path / "frontier" / "resnet20_cifar10"
+
+
+def test_the_base_sets_every_knob_of_the_preset_so_a_moved_preset_moves_no_point() -> None:
+    for section, values in PRESETS["fast"].items():
+        assert set(values) <= set(frontier.BASE[section]), section
+
+
+def test_the_fast_preset_is_the_frontier_point_it_was_chosen_from() -> None:
+    budget = frontier.point_budget(frontier.FAST_POINT)
+    for section, values in PRESETS["fast"].items():
+        assert {k: budget[section][k] for k in values} == values, section
