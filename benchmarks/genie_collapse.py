@@ -110,7 +110,7 @@ def run_variant(args: argparse.Namespace) -> dict[str, Any]:
     accuracy = {}
     for bits in args.bits:
         out = Path(args.work) / "runs" / f"{set_dir.name}_w{bits.replace('/', 'a')}"
-        rcfg = base_config(args.model, out, method="genie", bits=bits, preset="fast", seed=args.seed,
+        rcfg = base_config(args.model, out, bits=bits, preset="fast", seed=args.seed,  # the set records its method
                            calib_data=str(set_dir), device=args.device,
                            calib=sadag.CalibConfig(iters=args.calib_iters, batch_size=min(32, args.batch)))
         accuracy[bits] = run_row(rcfg)["quant_top1"]

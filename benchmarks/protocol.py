@@ -232,11 +232,13 @@ def run_config(args: argparse.Namespace, bits: str, method: str, seed: int, inpu
         calib["iters"], calib["batch_size"] = wide_split(calib["iters"], calib["batch_size"], ranks)
     calib.update(variant)
     extra: dict[str, Any] = {}
-    if kind == "real":
+    budget_sections = {"gen": gen, "calib": calib}
+    if kind == "real":  # real images: no generation setting is read, so none is given (sadag refuses them)
         extra = {"calib_data": str(args.real_data), "num_calib": args.num_images}
+        del budget_sections["gen"]
     out = run_dir(Path(args.work), args.model, bits, method, seed)
     return base_config(args.model, out, method=kind, bits=bits, preset="paper", seed=seed, device=args.device,
-                       eval_limit=args.eval_limit, **sections({"gen": gen, "calib": calib}), **extra)
+                       eval_limit=args.eval_limit, **sections(budget_sections), **extra)
 
 
 def row_of(directory: Path, bits: str, method: str, seed: int) -> dict[str, Any]:
@@ -357,8 +359,9 @@ def check_one_budget(rows: list[dict[str, Any]]) -> None:
     Genie-D steps and test images for every method, and the same calibration for all but the calibration
     variants (whose calibration is what they change). Another budget goes to a file of its own (--tag)."""
     def fields(r: dict[str, Any]) -> dict[str, Any]:
-        f = {"num_images": r["num_images"], "eval_images": r.get("eval_images"),
-             "gen.genie_iters": r["gen"].get("genie_iters")}
+        f = {"num_images": r["num_images"], "eval_images": r.get("eval_images")}
+        if r["method"] != "real":  # real runs generate nothing (since 2026-12-02 they record the preset's steps)
+            f["gen.genie_iters"] = r["gen"].get("genie_iters")
         if r["method"] not in CALIBRATION_VARIANTS:
             f.update({"calib_iters": r["calib_iters"], "calib_batch_size": r.get("calib_batch_size")})
         return f

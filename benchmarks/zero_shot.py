@@ -107,6 +107,13 @@ def budget_gen(budget: str, method: str) -> dict[str, Any]:
     return {k: v for k, v in resolved.items() if k not in SET_PATHS}
 
 
+def calibration_config(model: str, set_dir: Path, out: Path, bits: str, seed: int,
+                       calib: dict[str, Any]) -> sadag.RunConfig:
+    """The run that calibrates on a saved set: no --method (the set records the method that made it)."""
+    return base_config(model, out, bits=bits, preset=PRESET, seed=seed, calib_data=str(set_dir),
+                       **sections({"calib": calib}))
+
+
 def check_set(out: Path, expected: dict[str, Any]) -> None:
     """Refuse a saved set made with other gen settings than `expected`: sets are named by budget only, so an
     edited budget would otherwise reuse its old sets. A setting the set did not record is not checked (a real
@@ -161,9 +168,8 @@ def main() -> None:
                 out = work / "runs" / f"{args.model}_{method}_{args.budget}_w{bits.replace('/', 'a')}_s{seed}{longer}"
                 if args.collect and not (out / "report.json").exists():
                     continue
-                cfg = base_config(args.model, out, method="genie", bits=bits, preset=PRESET, seed=seed,
-                                  calib_data=str(set_dir), **sections({"calib": calib}))
-                row = {**run_row(cfg), "method": method, "gen_seconds": meta.get("seconds", {})}
+                report = run_row(calibration_config(args.model, set_dir, out, bits, seed, calib))
+                row = {**report, "method": method, "gen_seconds": meta.get("seconds", {})}
                 rows.append(row)
                 print(json.dumps({k: row[k] for k in ("method", "seed", "w_bits", "a_bits", "quant_top1")}), flush=True)
     if args.generate_only:

@@ -10,8 +10,18 @@ import torch
 from conftest import TINY
 from sadag import CalibConfig, GenConfig, QuantConfig, RunConfig, apply_preset
 from sadag.cli import build_parser, config_from_args
-from sadag.config import dump_yaml, explicit_fields, load_config, to_dict
+from sadag.config import (
+    PRESETS,
+    check_unused_settings,
+    dump_yaml,
+    explicit_fields,
+    load_config,
+    schema_fields,
+    to_dict,
+)
 from sadag.errors import ConfigError
+
+FAST_GENIE_ITERS = PRESETS["fast"]["gen"]["genie_iters"]
 
 
 def from_cli(*argv: str) -> RunConfig:
@@ -26,6 +36,10 @@ def write(tmp_path: Path, text: str) -> Path:
 
 # --- resolution order: defaults < preset < file < flags < Python ---------------------------------
 
+def test_the_fast_preset_moves_genie_iters_so_the_tests_below_can_see_it_arrive() -> None:
+    assert FAST_GENIE_ITERS != GenConfig().genie_iters
+
+
 def test_python_explicit_sections_beat_the_preset() -> None:
     cfg = apply_preset(RunConfig(preset="fast", quant=QuantConfig(w_bits=2), calib=CalibConfig(iters=500),
                                  gen=GenConfig(genie_iters=7)))
@@ -35,7 +49,7 @@ def test_python_explicit_sections_beat_the_preset() -> None:
 
 def test_python_explicit_value_equal_to_the_default_still_wins() -> None:
     cfg = apply_preset(RunConfig(preset="fast", calib=CalibConfig(iters=20_000), gen=GenConfig(num_images=1024)))
-    assert cfg.calib.iters == 20_000 and cfg.gen.num_images == 1024 and cfg.gen.genie_iters == 300
+    assert cfg.calib.iters == 20_000 and cfg.gen.num_images == 1024 and cfg.gen.genie_iters == FAST_GENIE_ITERS
 
 
 def test_python_assignment_is_explicit_and_beats_a_loaded_file(tmp_path: Path) -> None:
@@ -52,12 +66,13 @@ def test_yaml_sections_beat_the_preset(tmp_path: Path) -> None:
     path = write(tmp_path, "preset: fast\nquant: {w_bits: 2}\ncalib: {iters: 20000}\ngen: {num_images: 1024}\n")
     for cfg in (apply_preset(load_config(path)), from_cli("--config", str(path))):
         assert (cfg.quant.w_bits, cfg.calib.iters, cfg.gen.num_images) == (2, 20_000, 1024)
-        assert cfg.gen.genie_iters == 300  # the preset's
+        assert cfg.gen.genie_iters == FAST_GENIE_ITERS  # the preset's
 
 
 def test_cli_flags_beat_the_preset_per_section() -> None:
     cfg = from_cli("--preset", "fast", "--bits", "2/4", "--calib-iters", "20000", "--num-images", "1024")
-    assert (cfg.quant.w_bits, cfg.calib.iters, cfg.gen.num_images, cfg.gen.genie_iters) == (2, 20_000, 1024, 300)
+    got = (cfg.quant.w_bits, cfg.calib.iters, cfg.gen.num_images, cfg.gen.genie_iters)
+    assert got == (2, 20_000, 1024, FAST_GENIE_ITERS)
 
 
 def test_cli_flags_beat_the_file_per_section(tmp_path: Path) -> None:
@@ -121,14 +136,53 @@ def test_resolution_is_idempotent_and_keeps_explicitness() -> None:
     (["--warmup-model", "W"], "gen.warmup_model (--warmup-model)", "read by method sadag"),
     # the minibatch is never silently shrunk to the set: refused before anything is generated
     (["--num-images", "8"], "calib.batch_size (--calib-batch-size)", "at most 8 or calibrate on more images"),
-    (["--calib-data", "set", "--num-calib", "8", "--calib-batch-size", "9"], "calib.batch_size (--calib-batch-size)",
-     "more than the 8 calibration images of num_calib (--num-calib)"),
+    (["--method", "real", "--calib-data", "set", "--num-calib", "8", "--calib-batch-size", "9"],
+     "calib.batch_size (--calib-batch-size)", "more than the 8 calibration images of num_calib (--num-calib)"),
+    # with --calib-data no image is generated: the method and explicit generation settings would be dropped
+    (["--calib-data", "set"], "method (--method) 'noise' generates calibration images", "drop --method"),
+    (["--method", "zeroq", "--calib-data", "set"], "method (--method) 'zeroq'", "drop --calib-data to generate"),
+    (["--method", "real", "--calib-data", "set", "--lowpass", "2"], "gen.lowpass (--lowpass) 2.0",
+     "so none are generated: drop it (to filter a saved Genie set: --method genie --genie-set DIR"),
+    (["--method", "sadag", "--calib-data", "set", "--gen-iters", "7"], "gen.genie_iters (--gen-iters) 7",
+     "so none are generated"),
+    # found before the run directory, so the corrected command can use the same --out
+    (["--method", "real"], "method real samples real images", "give --calib-data DIR"),
+    (["--method", "genie", "--units", "nope"], "unknown unit module names: nope", "valid names include"),
+    (["--method", "genie", "--bn-scope", "set", "--num-images", "24"], "gen.bn_scope 'set' optimizes every batch",
+     "gen.num_images 24 is not a multiple of gen.batch_size 16"),
+    (["--method", "sadag", "--bn-scope", "set", "--parallel-batches", "1"], "gen.bn_scope 'set' optimizes all 2",
+     "would split them: leave it 0"),
+    # an empty path is not "not given": it would generate, run Genie-D, skip the evaluation
+    (["--calib-data", ""], "calib_data (--calib-data): got ''", "a non-empty string, or leave it out"),
+    (["--genie-set", ""], "gen.genie_set (--genie-set): got ''", "a non-empty string"),
+    (["--eval-data", ""], "eval_data (--eval-data): got ''", "a non-empty string"),
+    (["--weights", ""], "weights (--weights): got ''", "a non-empty string"),
 ])
 def test_bad_flag_values_are_refused_before_the_run_directory(tmp_path: Path, cli, flags, field, allowed) -> None:
     out = tmp_path / "run"
     code, _, err = cli(["run", *TINY, "--method", "noise", "--out", out, *flags])
     assert code == 2 and field in err and allowed in err, err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("flags", [["--calib-data", "G", "--eval-data", "G"], ["--num-calib", "8"],
+                                   ["--eval-limit", "3"], ["--class-index", "c.txt"]])
+def test_generate_refuses_what_only_calibration_and_evaluation_read(tmp_path: Path, cli, flags: list[str]) -> None:
+    out = tmp_path / "set"
+    code, _, err = cli(["generate", *TINY, "--method", "noise", "--out", out, *flags])
+    assert code == 2 and f"({flags[0]})" in err and "generating a set (sadag generate) neither calibrates" in err, err
+    assert not out.exists()
+
+
+def test_generation_settings_equal_to_the_preset_pass_with_calib_data(tmp_path: Path) -> None:
+    # a run's config.yaml gives every field explicitly: a --calib-data run's must load back and rerun
+    cfg = apply_preset(RunConfig(calib_data="set", preset="smoke", method="real", out="x"))
+    path = tmp_path / "config.yaml"
+    path.write_text(dump_yaml(to_dict(cfg)))
+    check_unused_settings(apply_preset(load_config(path)))
+    check_unused_settings(apply_preset(RunConfig(calib_data="set", preset="smoke", gen=GenConfig(genie_iters=10))))
+    with pytest.raises(ConfigError, match=r"gen.genie_iters \(--gen-iters\) 11 applies to generated images"):
+        check_unused_settings(apply_preset(RunConfig(calib_data="set", preset="smoke", gen=GenConfig(genie_iters=11))))
 
 
 @pytest.mark.parametrize(("method", "refused"), [("noise", False), ("sadag", True)])
@@ -161,6 +215,11 @@ def test_generate_refuses_a_small_set_only_where_it_calibrates(tmp_path: Path, c
     ("quant: {clip_search_p: .nan}\n", "quant.clip_search_p: got nan; allowed: a finite number"),
     ("calib: {drop_prob: .nan}\n", "calib.drop_prob: got nan; allowed: a finite number"),
     ("calib: {lr_round: .inf}\n", "calib.lr_round: got inf; allowed: a finite number"),
+    # each element of a pair too: a NaN beta failed at the first loss, a negative one inverted AdaRound's push
+    ("calib: {beta: [.nan, 2.0]}\n", "calib.beta: got (nan, 2.0); allowed: finite numbers"),
+    ("calib: {beta: [20, .inf]}\n", "calib.beta: got (20.0, inf); allowed: finite numbers"),
+    ("calib: {beta: [-2.0, -1.0]}\n", "calib.beta: got (-2.0, -1.0); allowed: numbers > 0.0"),
+    ("calib: {beta: [20, 0]}\n", "calib.beta: got (20.0, 0.0); allowed: numbers > 0.0"),
     # PyYAML would keep the second block only: W4 A8 from a file that also says w_bits 2
     ("quant: {w_bits: 2}\nquant: {a_bits: 8}\n", "key 'quant' appears twice in one mapping (line 2); keep one"),
     ("calib: {iters: 2, iters: 3}\n", "key 'iters' appears twice"),
@@ -186,6 +245,12 @@ def test_a_binary_file_given_as_config_is_refused(tmp_path: Path, cli) -> None:
     code, _, err = cli(["run", *TINY, "--out", tmp_path / "run", "--config", weights])
     assert code == 2 and "is not a text file" in err and "give a YAML config" in err, err
     assert not (tmp_path / "run").exists()
+
+
+def test_a_yaml_nested_too_deeply_is_refused_not_a_traceback(tmp_path: Path, cli) -> None:
+    path = write(tmp_path, "a: " + "[" * 3000 + "]" * 3000 + "\n")
+    code, _, err = cli(["run", *TINY, "--config", path, "--out", tmp_path / "run"])
+    assert code == 2 and f"{path} nests lists or mappings too deeply" in err, err
 
 
 def test_yaml_alias_bomb_is_refused_not_expanded(tmp_path: Path, cli) -> None:
@@ -230,6 +295,20 @@ def test_a_file_cannot_grant_trust(tmp_path: Path, key: str) -> None:
 
 def test_trust_checkpoint_flag_reaches_the_config() -> None:
     assert from_cli("--trust-checkpoint").trust_checkpoint is True and from_cli().trust_checkpoint is False
+
+
+@pytest.mark.parametrize("cls", [RunConfig, QuantConfig, CalibConfig, GenConfig])
+def test_every_flag_of_a_bool_field_is_a_const_flag(cls: type) -> None:
+    # a flag taking a value would apply bool() to its text: `--tf32 false` turned TF32 on
+    for f, hint in schema_fields(cls):
+        if hint is bool and f.metadata.get("flag"):
+            assert "const" in f.metadata, f"{cls.__name__}.{f.name} ({f.metadata['flag']})"
+
+
+def test_tf32_is_a_switch_without_a_value() -> None:
+    assert from_cli("--tf32").calib.tf32 is True and from_cli().calib.tf32 is False
+    with pytest.raises(SystemExit):  # argparse: unrecognized arguments: false
+        from_cli("--tf32", "false")
 
 
 # --- the saved config loads back ------------------------------------------------------------------

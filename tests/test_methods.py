@@ -104,6 +104,10 @@ def test_a_genie_set_or_warmup_model_that_does_not_fit_is_refused(tmp_path: Path
         gen = sadag.GenConfig(**{"genie_iters": 3, "warmup_calib_iters": 2, "refine_iters": 2, **fields})
         with pytest.raises(ConfigError, match=re.escape(message)):
             sadag.run(tiny(tmp_path / f"r{i}", method="sadag", gen=gen), export=False)
+    # Genie-D's latents and generators are seeded from the run's seed: seed 5 would claim batches it never made
+    gen = sadag.GenConfig(genie_iters=3, warmup_calib_iters=2, refine_iters=2, genie_set=str(genie_set))
+    with pytest.raises(ConfigError, match=re.escape("other Genie-D settings (seed 0 in the set, 5 in this run)")):
+        sadag.run(tiny(tmp_path / "seed", method="sadag", seed=5, gen=gen), export=False)
     q = sadag.run(tiny(tmp_path / "w2", method="noise", bits="2/4", calib=sadag.CalibConfig(iters=1)))
     assert q["w_bits"] == 2
     gen = sadag.GenConfig(genie_iters=3, genie_set=str(genie_set), warmup_model=str(tmp_path / "w2" /
@@ -151,7 +155,7 @@ def test_reports_name_their_images_by_digest_and_a_resume_refuses_an_input_file_
     with_warmup = sadag.GenConfig(genie_iters=3, refine_iters=2, genie_set=str(kept_set), warmup_model=str(warmup))
     victims = {"genie_set": tiny(tmp_path / "v1", method="genie", gen=gen, calib=calib),
                "calib_data": tiny(tmp_path / "v2", calib_data=str(genie_set), calib=calib),
-               "warmup_model": tiny(tmp_path / "v3", method="sadag", gen=with_warmup, calib=calib)}
+               "warmup_model": tiny(tmp_path / "v3", method="sadag", gen=with_warmup, calib=calib, seed=2)}
     for cfg in victims.values():
         run_killed_at(monkeypatch, "calib.pt", cfg)
     sadag.run(tiny(tmp_path / "genie", method="genie", gen=GEN, calib=calib, seed=1), force=True, export=False)

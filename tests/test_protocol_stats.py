@@ -295,7 +295,9 @@ def test_one_results_file_holds_one_budget() -> None:
     for change in ({"num_images": 1024}, {"eval_images": 1000}, {"calib_iters": 500},
                    {"gen": {"genie_iters": 1000}}):
         with pytest.raises(SystemExit, match=rf"different budgets \({next(iter(change))}.*--tag"):
-            protocol.check_one_budget([_row("genie", 0), _row("real", 1, **change)])
+            protocol.check_one_budget([_row("genie", 0), _row("sadag", 1, **change)])
+    # a real run generates nothing, so its generation steps (the preset's) are not part of the budget
+    protocol.check_one_budget([_row("genie", 0), _row("real", 1, gen={"genie_iters": 4000})])
     with pytest.raises(SystemExit, match="num_images"):  # a variant changes the calibration, not the images
         protocol.check_one_budget([_row("genie", 0), _row("genie-wide", 0, num_images=1024)])
 
@@ -311,3 +313,22 @@ def test_arguments_that_would_lose_or_fake_runs_are_refused() -> None:
     for bad in ("0", "-1", "nan", "inf", "x"):
         with pytest.raises(argparse.ArgumentTypeError, match="positive number"):
             protocol.positive_float(bad)
+
+
+def test_the_benchmarks_give_no_setting_their_calibration_runs_do_not_read(tmp_path: Path) -> None:
+    """sadag refuses a setting a run would not read: the protocol's real runs and zero_shot's calibrations on
+    saved sets must pass that check (they once gave generation settings and a method)."""
+    import argparse
+
+    import zero_shot
+    from sadag.config import apply_preset, check_unused_settings
+
+    args = argparse.Namespace(work=str(tmp_path), model="resnet20_cifar10", genie_from=None, num_images=256,
+                              gen_batch=128, genie_iters=300, refine_iters=200, warmup_iters=500, calib_iters=2000,
+                              engine="eager", drop_draw="uniform", lowpass=None, real_data=str(tmp_path / "train"),
+                              device="cpu", eval_limit=None)
+    real = protocol.run_config(args, "2/2", "real", 0, 32)
+    zs = zero_shot.calibration_config("resnet20_cifar10", tmp_path / "set", tmp_path / "run", "4/4", 0, {"iters": 5})
+    for cfg in (real, zs):
+        check_unused_settings(apply_preset(cfg))
+    assert (real.method, real.num_calib, apply_preset(real).calib.iters) == ("real", 256, 2000)

@@ -15,6 +15,7 @@ import torch
 import sadag
 from conftest import TINY, run_killed_at
 from sadag.config import apply_preset, result_settings
+from sadag.errors import ConfigError
 from sadag.generation import builtin
 from sadag.rundir import LOCK, MARKER, RunDir, RunDirError, check_plain
 
@@ -184,6 +185,40 @@ def test_resume_or_force_into_a_directory_that_is_not_a_run_is_refused(tmp_path:
     assert code == 2 and "not a sadag run directory" in err and (mine / "config.yaml").is_file()
 
 
+@pytest.mark.parametrize("field", ["calib_data", "genie_set", "warmup_model", "weights"])
+def test_an_input_inside_the_run_directory_is_refused_before_anything_is_deleted(finished: Path, field: str) -> None:
+    inputs = {"calib_data": finished / "synthetic", "genie_set": finished / "synthetic",
+              "warmup_model": finished / "state" / "seconds.pt", "weights": finished / "state" / "seconds.pt"}
+    given = {"calib_data": {"method": "sadag", "calib_data": str(inputs[field])},
+             "genie_set": {"method": "genie", "gen": sadag.GenConfig(genie_set=str(inputs[field]))},
+             "warmup_model": {"method": "sadag", "gen": sadag.GenConfig(warmup_model=str(inputs[field]))},
+             "weights": {"weights": str(inputs[field])}}[field]
+    kept = snapshot(finished)
+    for again in ({"force": True}, {"resume": True}, {}):
+        with pytest.raises(ConfigError, match=f"{field} .* lies inside the run directory --out"):
+            run(tiny(finished, **given), **again)
+    assert snapshot(finished) == kept
+
+
+def test_force_does_not_delete_the_set_it_calibrates_on(tmp_path: Path, cli) -> None:
+    own = tmp_path / "G2"
+    code, _, err = cli(["generate", *TINY, "--method", "noise", "--out", own])
+    assert code == 0, err
+    code, _, err = cli(["run", *TINY, "--calib-data", own, "--out", own, "--force", "--no-export"])
+    assert code == 2 and f"calib_data (--calib-data) {own} lies inside the run directory" in err, err
+    assert (own / "images.pt").is_file()
+
+
+@pytest.mark.parametrize("command", ["run", "generate"])
+def test_resume_at_a_missing_or_empty_out_is_refused_on_the_command_line(tmp_path: Path, cli, command: str) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for out, state in ((tmp_path / "typo", "does not exist"), (empty, "is empty")):
+        code, _, err = cli([command, *TINY, "--method", "noise", "--out", out, "--resume"])
+        assert code == 2 and f"--resume: {out} {state}, so there is no run to continue" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"] and not any(empty.iterdir())
+
+
 def test_force_replaces_a_run(finished: Path) -> None:
     (finished / "state" / "stale.pt").write_bytes(b"old")
     run(tiny(finished, seed=3), force=True)
@@ -237,6 +272,16 @@ def test_an_unreadable_checkpoint_names_the_file_and_the_remedy(finished: Path, 
     assert not canary.exists()
     target.unlink()  # the remedy works
     assert run(tiny(finished), resume=True)["num_calib"] == 32
+
+
+def test_a_calibration_checkpoint_of_another_layout_names_its_file_and_the_remedy(finished: Path) -> None:
+    path = finished / "state" / "calib.pt"
+    saved = torch.load(path, weights_only=True)
+    del saved["state_dict"][next(iter(saved["state_dict"]))]
+    torch.save(saved, path)
+    with pytest.raises(RunDirError, match="does not fit this run's quantized model") as err:
+        run(tiny(finished), resume=True)
+    assert str(path) in str(err.value) and "start over with --force" in str(err.value)
 
 
 def test_resume_removes_orphaned_temporary_files(finished: Path) -> None:

@@ -25,6 +25,7 @@ from .config import (
 )
 from .errors import ConfigError, SadagError
 from .progress import ProgressPrinter
+from .rundir import LOCK
 
 # (section, dataclass, group title): the flags of run/generate/calibrate are generated from these fields' metadata
 _SCHEMA: list[tuple[str | None, type, str]] = [
@@ -108,9 +109,21 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return _run(config_from_args(args), args)
 
 
+def _check_resume(cfg: RunConfig, args: argparse.Namespace) -> None:
+    """--resume continues a run: typed at a missing or empty --out (a typo) it would silently start a new one.
+    (Python's resume=True is resume-or-start: the benchmarks rely on it.)"""
+    if not args.resume or not isinstance(cfg.out, str) or not cfg.out:
+        return
+    out = Path(cfg.out)
+    if not out.exists() or (out.is_dir() and not any(p.name != LOCK for p in out.iterdir())):
+        raise ConfigError(f"--resume: {cfg.out} {'is empty' if out.exists() else 'does not exist'}, so there is no "
+                          "run to continue; check the --out path, or drop --resume to start the run")
+
+
 def _run(cfg: RunConfig, args: argparse.Namespace) -> int:
     from .pipeline import run
 
+    _check_resume(cfg, args)
     report = run(cfg, resume=args.resume, force=args.force, progress=ProgressPrinter(), export=not args.no_export)
     if distributed.ranks_from_env().is_main:  # under torchrun rank 0 speaks for all
         print(json.dumps(report, indent=2))
@@ -128,7 +141,9 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
 def _cmd_generate(args: argparse.Namespace) -> int:
     from .pipeline import generate_set
 
-    out = generate_set(config_from_args(args), resume=args.resume, force=args.force, progress=ProgressPrinter())
+    cfg = config_from_args(args)
+    _check_resume(cfg, args)
+    out = generate_set(cfg, resume=args.resume, force=args.force, progress=ProgressPrinter())
     if distributed.ranks_from_env().is_main:
         print(f"saved the synthetic calibration set to {out}/images.pt (preview: {out}/grid.png)")
     return 0

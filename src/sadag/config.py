@@ -114,7 +114,9 @@ class CalibConfig:
     lr_a_scale: float = setting(4e-5, min=0.0, help="learning rate of the LSQ activation step size, cosine annealed")
     round_weight: float = setting(1.0, min=0.0, help="weight of AdaRound's rounding regulariser")
     warmup: float = setting(0.2, min=0.0, below=1.0, help="fraction of the iterations without the regulariser")
-    beta: tuple[float, float] = setting((20.0, 2.0), help="AdaRound's annealed beta, from first to last")
+    # the regulariser is 1 - |2h(V) - 1|^beta: beta > 0 pushes h to 0 or 1; at 0 it is constant (no push), below 0
+    # it pushes h to 1/2, where it is infinite (quantization/quantizers.py WeightQuantizer.regularizer)
+    beta: tuple[float, float] = setting((20.0, 2.0), above=0.0, help="AdaRound's annealed beta, from first to last")
     # QDrop as implemented (quantization/quantizers.py ActQuantizer.forward, reconstruction/reconstruct.py): each
     # element of a unit's input and of every activation quantizer's output keeps its QUANTIZED value with
     # probability drop_prob and takes its full-precision value otherwise. 0.5 is QDrop's setting; 0 turns QDrop
@@ -137,7 +139,7 @@ class CalibConfig:
         help="QDrop's random masks: from random bytes (a generator draw serves 8 elements at drop_prob 0.5; "
              "drop_prob exact for multiples of 1/65536, else to 2^-32) or from float32 uniforms (the draw of "
              "runs made before this setting existed; slower on a CPU; another random stream)")
-    tf32: bool = setting(False, flag="--tf32",
+    tf32: bool = setting(False, flag="--tf32", const=True,
                          help="CUDA only: TF32 convolutions and matmuls in the reconstruction steps (off: strict fp32 "
                               "there, whatever torch's global flags say)")
 
@@ -346,6 +348,27 @@ def _coerce(value: Any, hint: Any) -> tuple[bool, Any]:
     return isinstance(value, hint), value
 
 
+def _optional(hint: Any) -> bool:
+    return get_origin(hint) in (Union, types.UnionType) and type(None) in get_args(hint)
+
+
+def _check_number(f: dataclasses.Field, path: str, value: Any, number: Any) -> None:
+    """``number`` (``value`` itself, or an element of it) is finite and within the field's bounds."""
+    if not isinstance(number, int | float):
+        return
+    one = number is value
+    if isinstance(number, float) and not math.isfinite(number):  # NaN fails every comparison: refuse it first
+        raise _bad(f, path, value, "a finite number" if one else "finite numbers")
+    lo, hi, above, below = (f.metadata.get(k) for k in ("min", "max", "above", "below"))
+    if ((lo is not None and number < lo) or (hi is not None and number > hi) or (above is not None and number <= above)
+            or (below is not None and number >= below)):
+        bounds = [f">= {lo}" if lo is not None else "", f"<= {hi}" if hi is not None else "",
+                  f"> {above}" if above is not None else "", f"< {below}" if below is not None else ""]
+        kind = _describe(type(number))  # not None here: "an integer >= 1", not "an integer or null >= 1"
+        kind = kind if one else f"{kind.split(' ', 1)[1]}s"  # a pair's: "numbers > 0.0"
+        raise _bad(f, path, value, f"{kind} " + " and ".join(b for b in bounds if b))
+
+
 def _check_field(f: dataclasses.Field, hint: Any, value: Any, path: str) -> Any:
     meta = f.metadata
     if "none_word" in meta and value == meta["none_word"]:
@@ -353,18 +376,12 @@ def _check_field(f: dataclasses.Field, hint: Any, value: Any, path: str) -> Any:
     ok, value = _coerce(value, hint)
     if not ok:
         raise _bad(f, path, value, _describe(hint) + (f" or {meta['none_word']!r}" if "none_word" in meta else ""))
+    if value == "" and _optional(hint):  # "" would read as not given: --calib-data "" would silently generate
+        raise _bad(f, path, value, "a non-empty string, or leave it out")
     if value is None or isinstance(value, bool):
         return value
-    if isinstance(value, float) and not math.isfinite(value):  # NaN fails every comparison: refuse it first
-        raise _bad(f, path, value, "a finite number")
-    lo, hi, above, below = meta.get("min"), meta.get("max"), meta.get("above"), meta.get("below")
-    if isinstance(value, int | float) and ((lo is not None and value < lo) or (hi is not None and value > hi)
-                                           or (above is not None and value <= above)
-                                           or (below is not None and value >= below)):
-        bounds = [f">= {lo}" if lo is not None else "", f"<= {hi}" if hi is not None else "",
-                  f"> {above}" if above is not None else "", f"< {below}" if below is not None else ""]
-        kind = _describe(type(value))  # the value is not None here: "an integer >= 1", not "an integer or null >= 1"
-        raise _bad(f, path, value, f"{kind} " + " and ".join(b for b in bounds if b))
+    for number in value if isinstance(value, tuple) else (value,):  # each element of a pair (calib.beta) too
+        _check_number(f, path, value, number)
     if "choices" in meta and value not in meta["choices"]():
         raise _bad(f, path, value, ", ".join(meta["choices"]()))
     if "pattern" in meta and not meta["pattern"][0].fullmatch(value):
@@ -480,10 +497,20 @@ def apply_preset(cfg: RunConfig) -> RunConfig:
 
 # settings only some generation methods read: with any other source of images they would be ignored
 _METHOD_SETTINGS = {"genie_set": ("--genie-set", ("genie", "sadag")), "warmup_model": ("--warmup-model", ("sadag",))}
+# what only calibration and evaluation read: generating a set alone (sadag generate, sadag.synthesize) reads none
+_RUN_ONLY = {"calib_data": "--calib-data", "num_calib": "--num-calib", "eval_data": "--eval-data",
+             "eval_limit": "--eval-limit", "class_index": "--class-index"}
+_CALIB_DATA_READS = ("num_images",)  # the gen setting read with --calib-data: a real folder's image count
 
 
-def check_unused_settings(cfg: RunConfig) -> None:
-    """Refuse a setting that this run would not read (a setting given is honoured or refused, never dropped)."""
+def check_unused_settings(cfg: RunConfig, command: Literal["run", "generate"] = "run") -> None:
+    """Refuse a setting that this run would not read (a setting given is honoured or refused, never dropped).
+    ``command``: "generate" makes a set only (sadag generate, sadag.synthesize): it neither calibrates nor
+    evaluates."""
+    if command == "generate":
+        _check_generate_only(cfg)
+    if cfg.method == "real" and not cfg.calib_data:
+        raise ConfigError("method real samples real images: give --calib-data DIR (a folder of real images)")
     if cfg.num_calib is not None and not cfg.calib_data:
         raise ConfigError(f"num_calib (--num-calib) {cfg.num_calib}: it counts the images taken from --calib-data, "
                           "and this run has none; a synthetic set's size is gen.num_images (--num-images)")
@@ -499,6 +526,35 @@ def check_unused_settings(cfg: RunConfig) -> None:
         if cfg.calib_data or cfg.method not in methods:
             raise ConfigError(f"gen.{name} ({flag}) is read by method {' and '.join(methods)} when it generates "
                               f"images; this run {source}: drop it")
+    if cfg.calib_data:
+        _check_no_generation(cfg)
+
+
+def _check_generate_only(cfg: RunConfig) -> None:
+    given = [f"{name} ({flag})" for name, flag in _RUN_ONLY.items() if getattr(cfg, name) is not None]
+    if given:
+        raise ConfigError(f"{', '.join(given)}: generating a set (sadag generate) neither calibrates nor evaluates, "
+                          "so it reads none of them: drop them, or use `sadag run` / `sadag calibrate`")
+
+
+def _check_no_generation(cfg: RunConfig) -> None:
+    """With --calib-data no image is generated: refuse a method and the generation settings set explicitly.
+    A value equal to the preset's passes: a run's saved config.yaml gives every field, and must load back."""
+    default_method = RunConfig.__dataclass_fields__["method"].default
+    if cfg.method not in (default_method, "real"):
+        raise ConfigError(f"method (--method) {cfg.method!r} generates calibration images, and this run calibrates "
+                          f"on --calib-data {cfg.calib_data}, so it would make none: drop --method (a saved set "
+                          "keeps the method that made it), or drop --calib-data to generate")
+    preset = PRESETS[cfg.preset].get("gen", {})
+    for f in fields(cfg.gen):
+        if f.name in _CALIB_DATA_READS or f.name not in explicit_fields(cfg.gen):
+            continue
+        value = getattr(cfg.gen, f.name)
+        if value != preset.get(f.name, _default(f)):
+            raise ConfigError(f"{_label(f, 'gen.' + f.name)} {value!r} applies to generated images, and this run "
+                              f"calibrates on --calib-data {cfg.calib_data}, so none are generated: drop it"
+                              + (" (to filter a saved Genie set: --method genie --genie-set DIR --lowpass D0)"
+                                 if f.name == "lowpass" else ""))
 
 
 def check_input_paths(cfg: RunConfig) -> None:
@@ -517,6 +573,38 @@ def check_input_paths(cfg: RunConfig) -> None:
             raise ConfigError(f"{name} ({flag}) {value} does not exist")
         if (kind == "file" and not p.is_file()) or (kind == "folder" and not p.is_dir()):
             raise ConfigError(f"{name} ({flag}) {value} is a {'folder' if p.is_dir() else 'file'}; it must be a {kind}")
+    _check_inputs_outside_out(cfg, [(name, flag, value) for name, flag, value, _ in wanted])
+
+
+def _check_inputs_outside_out(cfg: RunConfig, inputs: list[tuple[str, str, str | None]]) -> None:
+    """A run writes into --out and --force empties it: an input inside it would be overwritten or deleted."""
+    if not cfg.out:
+        return
+    out = Path(cfg.out).resolve()
+    for name, flag, value in [*inputs, ("weights", "--weights", cfg.weights)]:
+        if value is not None and out in (p := Path(value).resolve(), *p.parents):
+            raise ConfigError(f"{name} ({flag}) {value} lies inside the run directory --out {cfg.out}, which the run "
+                              "writes into (and --force empties): choose another --out, or move the input out of it")
+
+
+def check_bn_scope(gen: GenConfig) -> None:
+    """gen.bn_scope 'set' optimizes every Genie-D batch in one pass: batches of one size, none split off."""
+    if gen.bn_scope != "set":
+        return
+    count = math.ceil(gen.num_images / gen.batch_size)
+    if count > 1 and gen.num_images % gen.batch_size:
+        raise ConfigError(f"gen.bn_scope 'set' optimizes every batch in one pass, which needs batches of one size: "
+                          f"gen.num_images {gen.num_images} is not a multiple of gen.batch_size {gen.batch_size}")
+    if gen.parallel_batches not in (0, count):
+        raise ConfigError(f"gen.bn_scope 'set' optimizes all {count} batches in one pass; gen.parallel_batches "
+                          f"{gen.parallel_batches} would split them: leave it 0")
+
+
+def check_generation(cfg: RunConfig) -> None:
+    """For a resolved config: what Genie-D would refuse once running, refused before the run directory exists
+    (it runs in genie and sadag when they make their own Genie-D batches)."""
+    if cfg.method in _METHOD_SETTINGS["genie_set"][1] and not cfg.calib_data and not cfg.gen.genie_set:
+        check_bn_scope(cfg.gen)
 
 
 def check_calibration_minibatch(cfg: RunConfig) -> None:
@@ -666,6 +754,9 @@ def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
             data = yaml.load(f, Loader=_StrictLoader)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{p} is not valid YAML: {exc}") from exc
+    except RecursionError as exc:  # PyYAML composes nested nodes recursively
+        raise ConfigError(f"{p} nests lists or mappings too deeply to read: a config is a few levels deep; give "
+                          "a YAML config") from exc
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{p} is not a text file ({exc.reason} at byte {exc.start}): give a YAML config") from exc
     except OSError as exc:

@@ -13,7 +13,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -25,6 +25,7 @@ from .config import (
     bits_label,
     check_calibration_minibatch,
     check_device,
+    check_generation,
     check_input_paths,
     check_unused_settings,
     dump_yaml,
@@ -44,8 +45,9 @@ from .generation.lowpass import apply_lowpass
 from .models import DataSpec, load_model
 from .progress import Progress
 from .quantization.prepare import freeze_, quantize
+from .quantization.units import check_unit_names
 from .reconstruction.reconstruct import check_minibatch_split, check_tf32, reconstruct_
-from .rundir import RunDir, environment, module_digest, pin_input
+from .rundir import RunDir, RunDirError, environment, module_digest, pin_input
 
 log = logging.getLogger(__name__)
 
@@ -117,8 +119,7 @@ def calibrate(model: nn.Module, spec: DataSpec, images: Tensor, cfg: RunConfig, 
     start = 0
     saved = rundir.load_state(state_name) if rundir else None
     if saved is not None:
-        qmodel.load_state_dict(saved["state_dict"])
-        start = saved["next_unit"]
+        start = _load_checkpoint(qmodel, saved, rundir.state_path(state_name))
     # every rank has read the checkpoint before rank 0 may write the next one, and all start at the same unit
     start = distributed.agree(start, f"calibration checkpoints ({state_name}: next unit)", ranks, images.device)
 
@@ -130,6 +131,19 @@ def calibrate(model: nn.Module, spec: DataSpec, images: Tensor, cfg: RunConfig, 
     reconstruct_(qmodel, images, calib_cfg, cfg.seed, start_unit=start, on_unit=checkpoint, progress=progress,
                  label=label, ranks=ranks)
     return freeze_(qmodel)
+
+
+def _load_checkpoint(qmodel: nn.Module, saved: Any, path: Path) -> int:
+    """The next unit to calibrate, from a calibration checkpoint loaded into ``qmodel``; one of another layout
+    (made by another sadag version or for another model) is a run that cannot be continued, not a traceback."""
+    try:
+        qmodel.load_state_dict(saved["state_dict"])
+        return int(saved["next_unit"])
+    except (RuntimeError, KeyError, TypeError, ValueError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise RunDirError(f"the checkpoint {path} does not fit this run's quantized model ({reason[:200]}): it was "
+                          "made by another sadag version or for another model; start over with --force (or delete "
+                          "it and rerun with --resume to redo the calibration)") from exc
 
 
 def _context(model: nn.Module, spec: DataSpec, cfg: RunConfig, rundir: RunDir | None, stages: _Stages | None,
@@ -149,8 +163,6 @@ def _context(model: nn.Module, spec: DataSpec, cfg: RunConfig, rundir: RunDir | 
 def _synthesize(model: nn.Module, spec: DataSpec, cfg: RunConfig, rundir: RunDir | None, stages: _Stages | None,
                 progress: Progress | None) -> tuple[Tensor, dict[str, Any]]:
     """(images on the model's device, the method's artifacts) from the registered method ``cfg.method``."""
-    if cfg.method == "real":
-        raise ConfigError("method real samples real images: give --calib-data DIR (a folder of real images)")
     ctx = _context(model, spec, cfg, rundir, stages, progress)
     images = get_method(cfg.method).generate(ctx)
     if cfg.gen.lowpass > 0:  # SynQ: a low-pass filter on the finished synthetic set
@@ -162,16 +174,18 @@ def _synthesize(model: nn.Module, spec: DataSpec, cfg: RunConfig, rundir: RunDir
 def synthesize(model: nn.Module, spec: DataSpec, cfg: RunConfig, progress: Progress | None = None) -> Tensor:
     """Calibration images of a zero-shot method, (N, 3, S, S) on the model's device (no run directory)."""
     cfg = apply_preset(cfg)
-    check_unused_settings(cfg)
+    check_unused_settings(cfg, "generate")  # images only: nothing calibrated or evaluated
     return _synthesize(model, spec, cfg, None, None, progress)[0]
 
 
-def _prepare(cfg: RunConfig, resume: bool, force: bool, calibrates: bool) -> tuple[RunConfig, nn.Module, DataSpec,
-                                                                                    torch.device, RunDir, Ranks]:
+def _prepare(cfg: RunConfig, resume: bool, force: bool, calibrates: bool,
+             command: Literal["run", "generate"] = "run") -> tuple[RunConfig, nn.Module, DataSpec, torch.device,
+                                                                   RunDir, Ranks]:
     """Resolve and check the config, join torchrun's process group if launched by it, load the model, then
     (nothing written before) open the run directory: rank 0 writes it, the other ranks read it."""
     cfg = apply_preset(cfg)
-    check_unused_settings(cfg)
+    check_unused_settings(cfg, command)
+    check_generation(cfg)
     if calibrates:
         check_calibration_minibatch(cfg)
     check_input_paths(cfg)
@@ -187,6 +201,8 @@ def _prepare(cfg: RunConfig, resume: bool, force: bool, calibrates: bool) -> tup
     with distributed.local_main_first(ranks):  # one download per machine into its weights cache
         model, spec = load_model(cfg.model, weights=cfg.weights, trust_checkpoint=cfg.trust_checkpoint,
                                  device=device)
+    if calibrates:  # the names; whether the forward calls them is found when the model is quantized
+        check_unit_names(model, cfg.quant.units)
     rundir = _open_rundir(cfg, resume, force, ranks, device)
     try:  # the fingerprint names the model and its weights file; a resume must also find the same weights in it
         weights = f" with weights {cfg.weights}" if cfg.weights else ""
@@ -323,7 +339,7 @@ def generate_set(cfg: RunConfig, *, resume: bool = False, force: bool = False,
     if cfg.method == "real":
         raise ConfigError("generate makes synthetic images: choose a generation method, not real")
     warmup = cfg.method == "sadag" and not cfg.gen.warmup_model  # SADAG's stage B calibrates
-    cfg, model, spec, _device, rundir, ranks = _prepare(cfg, resume, force, calibrates=warmup)
+    cfg, model, spec, _device, rundir, ranks = _prepare(cfg, resume, force, calibrates=warmup, command="generate")
     with rundir:
         stages = _Stages(rundir, progress, ranks)
         images, artifacts = _synthesize(model, spec, cfg, rundir, stages, stages.progress)

@@ -128,11 +128,14 @@ GENIE_D_SETTINGS = ("genie_iters", "lr_z", "lr_g", "g_decay", "g_decay_every", "
                     "swing", "precision", "bn_scope")
 
 
-def _check_genie_d_settings(path: str, made: dict[str, Any], gen: GenConfig) -> None:
-    """A run that reuses a set records its own gen settings: they must be the ones the set was made with, or
-    the run would claim a Genie-D it did not run (a set saved before a setting existed is not checked on it)."""
+def _check_genie_d_settings(path: str, meta: dict[str, Any], gen: GenConfig, seed: int) -> None:
+    """A run that reuses a set records its own gen settings and seed: they must be the ones the set was made with,
+    or the run would claim a Genie-D it did not run (a set saved before a setting existed is not checked on it)."""
+    made = meta.get("gen") or {}
     diff = [f"gen.{k} {made[k]!r} in the set, {getattr(gen, k)!r} in this run" for k in GENIE_D_SETTINGS
             if k in made and made[k] != getattr(gen, k)]
+    if "seed" in meta and meta["seed"] != seed:  # Genie-D's latents and generators are seeded from it
+        diff.append(f"seed {meta['seed']!r} in the set, {seed!r} in this run")
     if diff:
         raise ConfigError(f"gen.genie_set (--genie-set): {path} was made with other Genie-D settings "
                           f"({'; '.join(diff)}): give this run the set's values (its config.yaml), or make a set "
@@ -152,6 +155,9 @@ def genie_set_batches(ctx: GenerationContext) -> list[GenieBatch]:
     path = ctx.gen.genie_set
     images, info = load_synthetic_set(path)
     states, meta = info["artifacts"].get(GENIE_BATCHES), info["meta"]
+    # pinned first: on resume, a set made again at this path is named as such, whatever else about it changed
+    digest = images_digest(images)
+    pin_input(ctx, "gen.genie_set", digest, f"gen.genie_set (--genie-set) {path}")
     if not states:
         raise ConfigError(f"gen.genie_set (--genie-set): {path} holds no Genie-D batches; make it with `sadag "
                           "generate --method genie`")
@@ -162,7 +168,7 @@ def genie_set_batches(ctx: GenerationContext) -> list[GenieBatch]:
         raise ConfigError(f"gen.genie_set (--genie-set): {path} was low-pass filtered when it was made (gen.lowpass "
                           f"{meta['gen']['lowpass']}); a Genie set is reused as Genie-D made it: make it without "
                           "--lowpass and give --lowpass to the run that reuses it")
-    _check_genie_d_settings(path, meta.get("gen") or {}, ctx.gen)
+    _check_genie_d_settings(path, meta, ctx.gen, ctx.seed)
     sizes = batch_sizes(ctx.gen.num_images, ctx.gen.batch_size)
     found = [int(s["z"].shape[0]) for s in states]
     if found != sizes or images.shape[0] != sum(sizes):
@@ -172,8 +178,6 @@ def genie_set_batches(ctx: GenerationContext) -> list[GenieBatch]:
     if states[0]["z"].shape[1] != ctx.gen.latent_dim:
         raise ConfigError(f"gen.genie_set (--genie-set): {path} has latents of size {states[0]['z'].shape[1]}, "
                           f"gen.latent_dim is {ctx.gen.latent_dim}")
-    digest = images_digest(images)
-    pin_input(ctx, "gen.genie_set", digest, f"gen.genie_set (--genie-set) {path}")
     ctx.artifacts[GENIE_SET_DIGEST] = digest
     parts = images.split(sizes)
     return [batch_from_state(s, parts[i]) for i, s in enumerate(states)]

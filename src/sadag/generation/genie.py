@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from ..config import GenConfig
+from ..config import GenConfig, check_bn_scope
 from ..errors import ConfigError
 from ..models.spec import DataSpec
 from .bn_stats import bn_layers, bn_statistics_losses, capture_bn_inputs, input_prior_losses
@@ -280,15 +280,10 @@ def _parallel(model: nn.Module, spec: DataSpec, cfg: GenConfig, sizes: Sequence[
               only: Sequence[int] | None) -> int:
     if cfg.bn_scope != "set":
         return cfg.parallel_batches or auto_parallel_batches(model, spec, cfg.batch_size, len(sizes))
-    if len(set(sizes)) > 1:
-        raise ConfigError(f"gen.bn_scope 'set' optimizes every batch in one pass, which needs batches of one size: "
-                          f"gen.num_images {cfg.num_images} is not a multiple of gen.batch_size {cfg.batch_size}")
+    check_bn_scope(cfg)
     if only is not None and len(only) < len(sizes):
         raise ConfigError("gen.bn_scope 'set' matches statistics over the whole set: it cannot make a subset of the "
                           "batches (`only`)")
-    if cfg.parallel_batches not in (0, len(sizes)):
-        raise ConfigError(f"gen.bn_scope 'set' optimizes all {len(sizes)} batches in one pass; gen.parallel_batches "
-                          f"{cfg.parallel_batches} would split them: leave it 0")
     return len(sizes)
 
 

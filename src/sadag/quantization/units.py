@@ -75,6 +75,12 @@ def find_units(model: nn.Module, example: Tensor, names: list[str] | None = None
     return order
 
 
+def check_unit_names(model: nn.Module, names: list[str] | None) -> None:
+    """quant.units names modules of ``model``, each once, none inside another (checkable before any work)."""
+    if names:
+        _check_names(names, dict(model.named_modules()))
+
+
 def _check_names(names: list[str], modules: dict[str, nn.Module]) -> None:
     missing = [n for n in names if n not in modules]
     if missing:
