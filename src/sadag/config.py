@@ -226,9 +226,10 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "paper": {},
     "fast": {
         "calib": {"iters": 2000},
-        # Genie-D 300 steps, stage B 150, stage C 60 (1,000 / 500 / 200 before 2026-11-30): ResNet-20 W4A4 79.40
-        # against 79.72 at seed 0, in 15.6 min instead of about 32 on 2 idle cores (README, "The fast preset")
-        "gen": {"num_images": 256, "genie_iters": 300, "warmup_calib_iters": 150, "refine_iters": 60,
+        # Genie-D 100 steps, stage B 150, stage C 60 (Genie-D 1,000 before 2026-11-30, 300 until 2026-12-02):
+        # ResNet-20 W4A4 and W2A4 level with 300 steps over two seeds each, 2 minutes sooner on 2 CPU cores
+        # (README, "The fast preset"; benchmarks/frontier.py)
+        "gen": {"num_images": 256, "genie_iters": 100, "warmup_calib_iters": 150, "refine_iters": 60,
                 "zeroq_iters": 500},
     },
     "smoke": {
