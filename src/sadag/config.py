@@ -227,7 +227,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "fast": {
         "calib": {"iters": 2000},
         # Genie-D 100 steps, stage B 150, stage C 60 (Genie-D 1,000 before 2026-11-30, 300 until 2026-12-02):
-        # ResNet-20 W4A4 and W2A4 level with 300 steps over two seeds each, 2 minutes sooner on 2 CPU cores
+        # ResNet-20 W4A4 and W2A4 level with 300 steps over three seeds each, 2 minutes sooner on 2 CPU cores
         # (README, "The fast preset"; benchmarks/frontier.py)
         "gen": {"num_images": 256, "genie_iters": 100, "warmup_calib_iters": 150, "refine_iters": 60,
                 "zeroq_iters": 500},
