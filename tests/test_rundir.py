@@ -349,3 +349,12 @@ def test_a_stage_redone_whole_on_resume_counts_its_last_run(tmp_path: Path, monk
         with stages.stage("quant_eval", redone_whole=True):  # done again from the start
             pass
     assert stages.seconds == {"calibrate": 10.0, "quant_eval": 5.0}
+
+
+def test_a_resume_keeps_every_session_environment(finished: Path) -> None:
+    first = json.loads((finished / "environment.json").read_text())
+    assert first["sessions"] == [{k: v for k, v in first.items() if k != "sessions"}]
+    run(tiny(finished), resume=True)
+    env = json.loads((finished / "environment.json").read_text())
+    assert env["sessions"][0] == first["sessions"][0] and len(env["sessions"]) == 2
+    assert env["device"] == "cpu" and env["sessions"][1] == {k: v for k, v in env.items() if k != "sessions"}

@@ -8,6 +8,7 @@ continues where it stopped and reaches the same result. Generation methods are l
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from contextlib import contextmanager
@@ -207,10 +208,24 @@ def _prepare(cfg: RunConfig, resume: bool, force: bool, calibrates: bool,
     try:  # the fingerprint names the model and its weights file; a resume must also find the same weights in it
         weights = f" with weights {cfg.weights}" if cfg.weights else ""
         pin_input(rundir, "model", module_digest(model), f"the model {cfg.model!r}{weights}")
+        if rundir.writable:
+            _record_environment(rundir, device, cfg.seed, ranks.world_size)
     except BaseException:
         rundir.close()
         raise
     return cfg, model.to(device).eval(), spec, device, rundir, ranks
+
+
+def _record_environment(rundir: RunDir, device: torch.device, seed: int, world_size: int) -> None:
+    """environment.json: this session's versions, device and threads at the top, and under `sessions` every
+    session's, the first included (a resume on another machine or thread count rounds floats differently)."""
+    now = {**environment(device), "seed": seed, "world_size": world_size}
+    try:
+        old = json.loads(rundir.path("environment.json").read_text())
+    except (OSError, ValueError):  # a new run, or a file that is not JSON: nothing to keep
+        old = None
+    sessions = [] if not isinstance(old, dict) else old.get("sessions") or [old]  # a run made before `sessions`
+    rundir.write_json("environment.json", {**now, "sessions": [*sessions, now]})
 
 
 def _open_rundir(cfg: RunConfig, resume: bool, force: bool, ranks: Ranks, device: torch.device) -> RunDir:
@@ -232,8 +247,6 @@ def _open_rundir_of_rank(cfg: RunConfig, resume: bool, force: bool, ranks: Ranks
         rundir = RunDir(cfg.out, result_settings(cfg, device.type), resume=resume, force=force)
         try:
             rundir.path("config.yaml").write_text(dump_yaml(to_dict(cfg)))
-            rundir.write_json("environment.json", {**environment(device), "seed": cfg.seed,
-                                                   "world_size": ranks.world_size})
         except BaseException:
             rundir.close()
             raise
