@@ -76,8 +76,8 @@ def check_frozen(qmodel: nn.Module) -> None:
                           "(sadag.reconstruct_, or `sadag run`) before exporting")
 
 
-def _some(names: list[str]) -> str:
-    return f"{', '.join(names[:3])}{' ...' if len(names) > 3 else ''}"
+def _some(names: list[str], shown: int = 3) -> str:
+    return f"{', '.join(names[:shown])}{' ...' if len(names) > shown else ''}"
 
 
 def _never_called(qmodel: nn.Module) -> set[str]:
@@ -164,7 +164,7 @@ def save_quantized(qmodel: nn.Module, path: str | Path, *, model_name: str, spec
     tensors = {k: v.detach().cpu().clone().contiguous() for k, v in tensors.items()}  # no shared storage
     bad = [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if bad:  # the loader would refuse the file: never write one
-        raise NumericalError(f"cannot export: {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''} hold NaN or "
+        raise NumericalError(f"cannot export: {_some(bad, 5)} hold NaN or "
                              "infinite values (a diverged calibration); nothing was written")
     _check_scales_to_write(tensors)
     return _write(Path(path), tensors, text)
