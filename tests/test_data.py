@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import pickle
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +16,9 @@ from conftest import IMAGENET_VAL, needs_imagenet, write_image_folder
 from sadag.data import (
     CifarDataset,
     ImageFolderDataset,
+    cifar,
     denormalize,
+    download_cifar,
     load_and_preprocess,
     load_calibration_data,
     load_image,
@@ -118,7 +122,7 @@ def test_saved_sets_and_dispatch(folder: Path, tmp_path: Path) -> None:
 def _fake_cifar(root: Path, folder: str, file: str, label_key: str, n: int) -> np.ndarray:
     rng = np.random.default_rng(1)
     data = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
-    (root / folder).mkdir(parents=True)
+    (root / folder).mkdir(parents=True, exist_ok=True)
     with open(root / folder / file, "wb") as f:
         pickle.dump({b"data": data, label_key.encode(): list(range(n)), b"batch_label": b"test"}, f)
     return data
@@ -139,6 +143,40 @@ def test_cifar_pickle(tmp_path: Path, variant: str, folder: str, file: str, key:
     assert len(CifarDataset(tmp_path / folder, SPEC10, variant=variant)) == 5
     with pytest.raises(DataError, match="labels 0..4, the model has 3 classes"):  # CIFAR-100 data, CIFAR-10 model
         CifarDataset(tmp_path, SPEC32, variant=variant)
+
+
+@pytest.mark.parametrize("resize", [None, 73])
+def test_cifar_is_resized_to_the_model_input_like_an_image_folder(tmp_path: Path, resize: int | None) -> None:
+    data = _fake_cifar(tmp_path, "cifar-10-batches-py", "test_batch", "labels", 3)
+    spec = DataSpec(mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.5), input_size=64, num_classes=10, resize=resize)
+    Image.fromarray(data[1].reshape(3, 32, 32).transpose(1, 2, 0)).save(tmp_path / "one.png")  # lossless
+    x, _ = CifarDataset(tmp_path, spec)[1]
+    assert x.shape == (3, 64, 64) and torch.equal(x, load_and_preprocess(tmp_path / "one.png", spec))
+
+
+def _cifar_archive(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A local stand-in for the CIFAR-10 archive (3 images per batch), served through a file:// URL."""
+    url, _, folder, test_files, train_files, key = cifar.CIFAR_SOURCES["cifar10"]
+    for name in test_files + train_files:
+        _fake_cifar(tmp_path / "src", folder, name, key, 3)
+    archive = tmp_path / "cifar-10-python.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(tmp_path / "src" / folder, arcname=folder)
+    md5 = hashlib.md5(archive.read_bytes()).hexdigest()
+    monkeypatch.setitem(cifar.CIFAR_SOURCES, "cifar10",
+                        (archive.as_uri(), md5, folder, test_files, train_files, key))
+    return tmp_path / "data" / folder
+
+
+def test_a_half_extracted_cifar_folder_is_extracted_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = _cifar_archive(tmp_path, monkeypatch)
+    _fake_cifar(folder.parent, folder.name, "test_batch", "labels", 3)  # the test split only: train files missing
+    with pytest.raises(DataError, match="lacks data_batch_1, .*data_batch_5 .*download=True"):
+        CifarDataset(folder.parent, SPEC10, train=True)
+    assert len(CifarDataset(folder.parent, SPEC10, train=True, download=True)) == 15
+    assert sorted(p.name for p in folder.parent.iterdir()) == ["cifar-10-batches-py", "cifar-10-python.tar.gz"]
+    (folder / "data_batch_3").unlink()
+    assert download_cifar(folder.parent) == folder and (folder / "data_batch_3").is_file()
 
 
 @pytest.mark.parametrize(("data", "labels", "match"), [
@@ -162,8 +200,9 @@ def test_a_very_elongated_image_is_refused_before_resizing(tmp_path: Path) -> No
 
 
 def test_cifar_missing_data_error(tmp_path: Path) -> None:
-    with pytest.raises(DataError, match="download=True"):
+    with pytest.raises(DataError, match="download=True") as info:
         CifarDataset(tmp_path, SPEC32)
+    assert "--download" not in str(info.value)  # no such flag
     with pytest.raises(DataError, match="unknown CIFAR variant"):
         CifarDataset(tmp_path, SPEC32, variant="cifar1000")
 

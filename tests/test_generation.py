@@ -37,6 +37,7 @@ from sadag.generation import (
 from sadag.generation.common import tensor_lr_adam
 from sadag.generation.sadag import capture_linear_input
 from sadag.generation.swing import SwingConv2d
+from sadag.generation.zeroq import zeroq_losses
 from sadag.models.spec import DataSpec
 
 SPEC = DataSpec(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), input_size=16, num_classes=5)
@@ -353,6 +354,68 @@ def test_model_without_bn_raises_model_error() -> None:
         with pytest.raises(ModelError, match="noise") as info:
             call()
         assert "real" in str(info.value) and "BatchNorm" in str(info.value)
+
+
+class AuxNet(TinyNet):
+    """TinyNet plus an auxiliary conv+BN head that runs only in training (as Inception's aux logits)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.aux_conv = nn.Conv2d(8, 4, 1, bias=False)
+        self.aux_bn = nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            self.aux_bn(self.aux_conv(torch.relu(self.bn1(self.conv1(x)))))
+        return super().forward(x)
+
+
+class TrainOnlyBNNet(nn.Module):
+    """BN layers, but none of them in the eval-mode forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn, self.fc = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Linear(4, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        return self.fc((self.bn(y) if self.training else y).mean(dim=(2, 3)))
+
+
+def _aux_copy(model: TinyNet) -> AuxNet:
+    aux = AuxNet()
+    aux.load_state_dict(model.state_dict(), strict=False)
+    return aux.eval()
+
+
+def test_bn_layers_the_forward_skips_are_left_out_with_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+    tiny = tiny_model()
+    aux, cfg = _aux_copy(tiny), small_cfg(num_images=4, genie_iters=3, zeroq_iters=3, refine_iters=2)
+    with caplog.at_level("WARNING", logger="sadag.generation.bn_stats"):
+        batches = generate_genie(aux, SPEC, cfg, seed=0)
+    assert "aux_bn" in caplog.text and "bn1" not in caplog.text
+    # the layers the forward reaches are matched exactly as in the model without the head
+    assert torch.equal(batches[0].images, generate_genie(tiny, SPEC, cfg, seed=0)[0].images)
+    assert torch.equal(generate_zeroq(aux, SPEC, cfg, 0), generate_zeroq(tiny, SPEC, cfg, 0))
+    q = perturbed(tiny)
+    assert torch.equal(refine_sadag(aux, q, batches, SPEC, cfg, seed=0), refine_sadag(tiny, q, batches, SPEC, cfg, 0))
+    assert aux.aux_bn.training is False and all(p.requires_grad for p in aux.parameters())
+
+
+def test_no_bn_layer_reached_raises_model_error() -> None:
+    cfg = small_cfg()
+    for call in (lambda: generate_genie(TrainOnlyBNNet().eval(), SPEC, cfg, 0),
+                 lambda: generate_zeroq(TrainOnlyBNNet().eval(), SPEC, cfg, 0)):
+        with pytest.raises(ModelError, match=r"reaches none of its BatchNorm2d layers \(bn\)"):
+            call()
+
+
+def test_a_hooked_bn_layer_without_input_raises_model_error() -> None:
+    layers, x = bn_layers(tiny_model()), torch.randn(2, 3, 16, 16)
+    for call in (lambda: bn_statistics_loss([torch.randn(2, 8, 16, 16), None], layers),
+                 lambda: zeroq_losses([torch.randn(2, 8, 16, 16), None], layers, x)):
+        with pytest.raises(ModelError, match=r"did not reach the hooked BatchNorm2d layer\(s\) number \[1\]"):
+            call()
 
 
 def test_nan_loss_raises_numerical_error_naming_stage() -> None:

@@ -22,7 +22,7 @@ from torch import nn
 
 from conftest import CIFAR_TEST, R20_WEIGHTS, R56_WEIGHTS, needs_r56, needs_shared
 from sadag.data import ImageFolderDataset, make_loader
-from sadag.errors import ModelError
+from sadag.errors import ConfigError, ModelError
 from sadag.models import DataSpec, list_models, load_checkpoint, load_model, weights
 from sadag.models.cifar_resnet import BasicBlock, CifarResNet
 from sadag.models.pytorchcv_resnet import CifarResUnit, PytorchcvCifarResNet
@@ -176,10 +176,20 @@ def test_zip_download_is_unpacked_and_sha1_checked(tmp_path: Path, monkeypatch: 
     assert second != local and second.read_bytes() == (tmp_path / "other" / "m.pth").read_bytes()
 
 
-def test_offline_download_says_what_to_do(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("SADAG_HOME", str(tmp_path))
-    with pytest.raises(ModelError, match=r"could not download .*--weights PATH"):
-        download((tmp_path / "absent.th").as_uri())
+@pytest.mark.parametrize(("name", "placed", "put"), [
+    ("absent.th", "absent.th", "put it at"),
+    ("absent.pth.zip", "absent.pth", "unzip it and put its checkpoint at"),
+])
+def test_offline_download_says_what_to_do(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str, placed: str,
+                                          put: str) -> None:
+    monkeypatch.setenv("SADAG_HOME", str(tmp_path / "home"))
+    url = (tmp_path / name).as_uri()
+    where = tmp_path / "home" / "weights" / hashlib.sha256(url.encode()).hexdigest()[:16] / placed
+    with pytest.raises(ModelError, match=r"could not download .*--weights PATH") as info:
+        download(url)
+    assert f"{put} {where} " in str(info.value)
+    where.write_bytes(b"a checkpoint copied by hand")  # offline: the file at the path the message names is used
+    assert download(url) == where
 
 
 def test_unknown_model_lists_valid_names() -> None:
@@ -216,6 +226,35 @@ def test_module_instance_with_spec_and_weights(tmp_path: Path) -> None:
     model, got = load_model(CifarResNet(20).train(), weights=str(tmp_path / "dp.pt"), spec=spec)
     assert got is spec and not model.training
     assert torch.equal(model.linear.weight, src.linear.weight)
+
+
+@pytest.mark.parametrize(("fields", "match"), [
+    (dict(mean=(0.5,)), r"mean must hold 3 numbers, one per RGB channel .*3-channel RGB models only"),
+    (dict(std=(0.5,) * 4), r"std must hold 3 numbers"),
+    (dict(std=(0.5, 0.0, 0.5)), r"std must be > 0 in every channel"),
+    (dict(std=(0.5, float("inf"), 0.5)), r"std must hold 3 finite numbers"),
+    (dict(mean=(0.5, float("nan"), 0.5)), r"mean must hold 3 finite numbers"),
+    (dict(mean="rgb"), r"mean must hold 3 numbers"),
+    (dict(input_size=0), r"input_size must be a positive integer, got 0"),
+    (dict(input_size=32.0), r"input_size must be a positive integer, got 32.0"),
+    (dict(num_classes=-1), r"num_classes must be a positive integer"),
+    (dict(resize=0), r"resize must be a positive integer or None"),
+])
+def test_a_data_spec_out_of_range_is_refused(fields: dict, match: str) -> None:
+    base = dict(mean=(0.5,) * 3, std=(0.5,) * 3, input_size=32, num_classes=10)
+    with pytest.raises(ConfigError, match=match):
+        DataSpec(**{**base, **fields})
+    if set(fields) & {"std", "num_classes"}:  # a spec read back from a file too
+        with pytest.raises(ConfigError, match=match):
+            DataSpec.from_dict({**base, **fields})
+
+
+def test_a_model_of_another_channel_count_is_refused_as_such() -> None:
+    gray = nn.Sequential(nn.Conv2d(1, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 10))
+    with pytest.raises(ModelError, match=r"takes 1-channel images \(its first convolution 0 has in_channels=1\): "
+                                         r"sadag supports 3-channel RGB models only") as info:
+        load_model(gray, spec=DataSpec((0.5,) * 3, (0.5,) * 3, 32, 10))
+    assert "input_size" not in str(info.value)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("torchvision") is not None, reason="torchvision is installed")

@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import logging
 import pickle
+import shutil
 import tarfile
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import Dataset
 
 from ..errors import DataError
 from ..files import fetch, file_digest
 from ..models.spec import DataSpec
-from .transforms import normalize
+from .transforms import preprocess
 
 log = logging.getLogger(__name__)
 
@@ -33,11 +36,18 @@ def _source(variant: str) -> tuple:
     return CIFAR_SOURCES[variant]
 
 
+def _missing(folder: Path, names: list[str]) -> list[str]:
+    return [name for name in names if not (folder / name).is_file()]
+
+
 def download_cifar(root: str | Path, variant: str = "cifar10") -> Path:
-    """Download, md5-check and extract the archive under ``root``; return the extracted folder."""
-    url, md5, folder, *_ = _source(variant)
+    """Download, md5-check and extract the archive under ``root``; return the extracted folder.
+
+    A folder that lacks any batch file (an extraction cut short) is extracted again.
+    """
+    url, md5, folder, test_files, train_files, _ = _source(variant)
     root = Path(root)
-    if (root / folder).is_dir():
+    if not _missing(root / folder, test_files + train_files):
         return root / folder
     root.mkdir(parents=True, exist_ok=True)
     archive = root / url.rsplit("/", 1)[1]
@@ -45,11 +55,27 @@ def download_cifar(root: str | Path, variant: str = "cifar10") -> Path:
         fetch(url, archive, DataError, f"download it by hand and extract it under {root}")
     if (found := file_digest(archive, "md5")) != md5:
         raise DataError(f"{archive} has md5 {found}, expected {md5}: delete it and download again")
-    with tarfile.open(archive) as tar:
-        # The "data" filter refuses absolute paths and links out of root (Python >= 3.10.12 / 3.11.4).
-        kwargs = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
-        tar.extractall(root, **kwargs)
+    _extract(archive, root, folder, test_files + train_files)
     return root / folder
+
+
+def _extract(archive: Path, root: Path, folder: str, names: list[str]) -> None:
+    """Extract into a temporary folder under ``root``, then rename ``folder`` into place: a cut-short extraction
+    never leaves a folder that looks complete. An incomplete ``folder`` already there is replaced."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder}.", suffix=".tmp", dir=root))
+    try:
+        with tarfile.open(archive) as tar:
+            # The "data" filter refuses absolute paths and links out of root (Python >= 3.10.12 / 3.11.4).
+            kwargs = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+            tar.extractall(tmp, **kwargs)
+        if missing := _missing(tmp / folder, names):
+            raise DataError(f"{archive} has no {folder}/{missing[0]}: it is not the CIFAR archive; delete it and "
+                            "download again")
+        if (root / folder).exists():
+            (root / folder).rename(tmp / "incomplete")
+        (tmp / folder).rename(root / folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 # The only classes a CIFAR batch pickle needs: numpy arrays (how numpy pickles them) and their dtypes.
@@ -90,18 +116,19 @@ def read_cifar_batch(path: Path, label_key: str) -> tuple[np.ndarray, np.ndarray
 
 
 class CifarDataset(Dataset):
-    """The CIFAR test (or train) split as normalized tensors.
+    """The CIFAR test (or train) split as normalized tensors of ``spec.input_size`` pixels.
 
-    ``root`` holds ``cifar-10-batches-py/`` or ``cifar-100-python/`` (or is that folder itself).
+    ``root`` holds ``cifar-10-batches-py/`` or ``cifar-100-python/`` (or is that folder itself). The 32x32 images
+    go through the same resize and centre crop as ImageFolderDataset's (untouched when the model takes 32x32).
     """
 
     def __init__(self, root: str | Path, spec: DataSpec, variant: str = "cifar10", train: bool = False,
                  download: bool = False) -> None:
         _, _, folder, test_files, train_files, label_key = _source(variant)
-        base = self._locate(Path(root), folder, variant, download)
-        batches = [read_cifar_batch(base / name, label_key) for name in (train_files if train else test_files)]
-        images = torch.from_numpy(np.concatenate([b[0] for b in batches])).permute(0, 3, 1, 2)
-        self.images = normalize(images.float().div_(255.0), spec)
+        names = train_files if train else test_files
+        base = self._locate(Path(root), folder, variant, names, download)
+        batches = [read_cifar_batch(base / name, label_key) for name in names]
+        self.pixels = np.concatenate([b[0] for b in batches])  # uint8 N x 32 x 32 x 3
         self.labels = torch.from_numpy(np.concatenate([b[1] for b in batches]))
         if len(self.labels) and not 0 <= int(self.labels.min()) <= int(self.labels.max()) < spec.num_classes:
             raise DataError(f"{base} has labels {int(self.labels.min())}..{int(self.labels.max())}, the model has "
@@ -109,17 +136,21 @@ class CifarDataset(Dataset):
         self.spec = spec
 
     @staticmethod
-    def _locate(root: Path, folder: str, variant: str, download: bool) -> Path:
+    def _locate(root: Path, folder: str, variant: str, names: list[str], download: bool) -> Path:
         for cand in (root / folder, root):
             if cand.is_dir() and cand.name == folder:
-                return cand
+                if not (missing := _missing(cand, names)):
+                    return cand
+                if download:
+                    return download_cifar(cand.parent, variant)
+                raise DataError(f"{cand} lacks {', '.join(missing)} (an extraction cut short?): pass download=True "
+                                f"or extract {_source(variant)[0]} under {cand.parent} again")
         if download:
             return download_cifar(root, variant)
-        raise DataError(f"{root / folder} not found: pass download=True (or --download) or extract "
-                        f"{_source(variant)[0]} under {root}")
+        raise DataError(f"{root / folder} not found: pass download=True or extract {_source(variant)[0]} under {root}")
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        return self.images[i], int(self.labels[i])
+        return preprocess(Image.fromarray(self.pixels[i]), self.spec), int(self.labels[i])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 from collections.abc import Iterator, Sequence
 
@@ -10,10 +11,17 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ModelError
+from ..modes import eval_mode
 from ..quantization.fold import BN_TYPES, has_running_stats
+
+log = logging.getLogger(__name__)
 
 # Genie adds this fixed eps (not the layer's own) to running_var before the square root.
 BN_STD_EPS = 1e-6
+
+
+def _shown(names: Sequence[str]) -> str:
+    return ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
 
 
 def bn_layers(model: nn.Module) -> list[nn.BatchNorm2d]:
@@ -27,9 +35,8 @@ def bn_layers(model: nn.Module) -> list[nn.BatchNorm2d]:
         )
     untracked = [n or type(m).__name__ for n, m in named if not has_running_stats(m)]
     if untracked:
-        shown = ", ".join(untracked[:8]) + (f" and {len(untracked) - 8} more" if len(untracked) > 8 else "")
         raise ModelError(
-            f"{type(model).__name__}: BatchNorm layer(s) {shown} have no running statistics "
+            f"{type(model).__name__}: BatchNorm layer(s) {_shown(untracked)} have no running statistics "
             "(track_running_stats=False): the BN-based methods (genie, sadag, zeroq) match the images to those "
             "statistics, so they need a model trained with track_running_stats=True; use --method noise or "
             "--method real (real calibration images) instead"
@@ -37,13 +44,44 @@ def bn_layers(model: nn.Module) -> list[nn.BatchNorm2d]:
     return [m for _, m in named]
 
 
+def reached_bn_layers(model: nn.Module, input_size: int) -> list[nn.BatchNorm2d]:
+    """The BatchNorm2d layers (module order) that an eval-mode forward reaches, found by one no-grad probe of one
+    zero image of `input_size` pixels.
+
+    A layer the forward never runs (e.g. an auxiliary head used only in training) has no input whose statistics
+    could match its own: it is left out, with a warning. ModelError when no layer is reached.
+    """
+    layers = bn_layers(model)  # the actionable errors first: no BN at all, or BN without running statistics
+    seen: set[int] = set()
+    handles = [m.register_forward_hook(lambda mod, _i, _o: seen.add(id(mod))) for m in layers]
+    param = next(model.parameters(), None)
+    kw = {} if param is None else {"device": param.device, "dtype": param.dtype}
+    try:
+        with torch.no_grad(), eval_mode(model):
+            model(torch.zeros(1, 3, input_size, input_size, **kw))
+    finally:
+        for h in handles:
+            h.remove()
+    missed = [n or type(m).__name__ for n, m in model.named_modules() if isinstance(m, BN_TYPES) and id(m) not in seen]
+    if len(missed) == len(layers):
+        raise ModelError(f"{type(model).__name__}: the eval-mode forward pass reaches none of its BatchNorm2d layers "
+                         f"({_shown(missed)}), so the BN-based methods (genie, sadag, zeroq) have no statistics to "
+                         "match; use --method noise or --method real instead")
+    if missed:
+        log.warning("%s: BatchNorm2d layer(s) %s are not reached by the eval-mode forward pass (e.g. a head used "
+                    "only in training); their statistics are not matched", type(model).__name__, _shown(missed))
+    return [m for m in layers if id(m) in seen]
+
+
 @contextlib.contextmanager
-def capture_bn_inputs(model: nn.Module) -> Iterator[list[Tensor | None]]:
-    """Yield a list whose slot i holds the latest input of the i-th BatchNorm2d (module order).
+def capture_bn_inputs(model: nn.Module, layers: Sequence[nn.BatchNorm2d] | None = None
+                      ) -> Iterator[list[Tensor | None]]:
+    """Yield a list whose slot i holds the latest input of the i-th of `layers` (default: every BatchNorm2d of
+    the model, in module order; reached_bn_layers gives those a forward runs).
 
     Slots are overwritten at every forward; the hooks are removed on exit, also on error.
     """
-    layers = bn_layers(model)
+    layers = bn_layers(model) if layers is None else list(layers)
     captured: list[Tensor | None] = [None] * len(layers)
 
     def make_hook(i: int):
@@ -89,6 +127,16 @@ def _sqrt_zero_grad_at_zero(var: Tensor) -> Tensor:
     return torch.where(positive, var.where(positive, 1.0).sqrt(), 0.0)
 
 
+def reached_inputs(inputs: Sequence[Tensor | None]) -> list[Tensor]:
+    """The captured BN inputs; ModelError when a hooked layer saw none (a forward that skipped it)."""
+    missing = [i for i, x in enumerate(inputs) if x is None]
+    if missing:
+        raise ModelError(f"the forward pass did not reach the hooked BatchNorm2d layer(s) number {missing} (of "
+                         f"{len(inputs)}): hook only the layers reached_bn_layers finds, or give the model a forward "
+                         "pass that runs the same layers for every input")
+    return [x for x in inputs if x is not None]
+
+
 def bn_statistics_losses(inputs: Sequence[Tensor | None], bn_layers: Sequence[nn.BatchNorm2d],
                          groups: int = 1) -> Tensor:
     """Genie's BN loss of each of `groups` equal batches concatenated along N: shape (groups,).
@@ -97,9 +145,7 @@ def bn_statistics_losses(inputs: Sequence[Tensor | None], bn_layers: Sequence[nn
     are the batch mean and unbiased std of the layer input over (N, H, W); sigma = sqrt(running_var + 1e-6).
     """
     total: Tensor | None = None
-    for x, (mean, std) in zip(inputs, bn_targets(bn_layers), strict=True):
-        if x is None:
-            raise ModelError("a BatchNorm2d layer was not reached by the forward pass; cannot match its statistics")
+    for x, (mean, std) in zip(reached_inputs(inputs), bn_targets(bn_layers), strict=True):
         b_mean, b_std = _shifted_moments(x, mean, groups)
         term = ((b_mean - mean).square().sum(1) + (b_std - std).square().sum(1)) / mean.numel()
         total = term if total is None else total + term

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from ..config import GenConfig, check_bn_scope
 from ..errors import ConfigError
 from ..models.spec import DataSpec
-from .bn_stats import bn_layers, bn_statistics_losses, capture_bn_inputs, input_prior_losses
+from .bn_stats import bn_layers, bn_statistics_losses, capture_bn_inputs, input_prior_losses, reached_bn_layers
 from .common import (
     LOG_EVERY,
     CheckpointClock,
@@ -261,10 +261,10 @@ def generate_genie(
     with frozen_eval(model), torch.enable_grad():
         offsets: list[torch.Generator] = [torch.Generator()]
         net = swing_model(model, offsets) if cfg.swing else model
-        layers = bn_layers(net)
+        layers = reached_bn_layers(net, spec.input_size)
         hooks = _Hooks(on_log, on_state, CheckpointClock(state_every, state_seconds), resume_state)
         parallel = _parallel(model, spec, cfg, sizes, only)
-        with capture_bn_inputs(net) as captured:
+        with capture_bn_inputs(net, layers) as captured:
             for group in batch_groups(sizes, parallel, done, only):
                 batches = _genie_group(net, layers, captured, offsets, spec, cfg, seed, group, sizes[group[0]],
                                        monitor, hooks)

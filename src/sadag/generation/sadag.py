@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from ..config import GenConfig
 from ..errors import ConfigError, ModelError
 from ..models.spec import DataSpec
-from .bn_stats import bn_layers, bn_statistics_losses, capture_bn_inputs, input_prior_losses
+from .bn_stats import bn_statistics_losses, capture_bn_inputs, input_prior_losses, reached_bn_layers
 from .common import (
     LOG_EVERY,
     CheckpointClock,
@@ -441,16 +441,16 @@ def refine_sadag(
     cfg.validate()
     done = dict(done or {})
     ordered = _check_inputs(batches, done)
-    bn_layers(fp_model)
+    layers = reached_bn_layers(fp_model, spec.input_size)
     device = model_device(fp_model)
     iters = cfg.refine_iters
     monitor = StageMonitor("sadag refine", len(ordered) * iters, progress, log, _HINT, log_every)
     checkpoints = checkpoints or RefineCheckpoints()
     clock = CheckpointClock(checkpoints.every, checkpoints.seconds)
     pool, out = _Pool(), []
-    with (frozen_eval(fp_model, q_model), torch.enable_grad(), capture_bn_inputs(fp_model) as bn_inputs,
+    with (frozen_eval(fp_model, q_model), torch.enable_grad(), capture_bn_inputs(fp_model, layers) as bn_inputs,
           capture_linear_input(last_linear(q_model)) as h_slot):
-        nets = _Nets(fp_model, q_model, bn_layers(fp_model), bn_inputs, h_slot)
+        nets = _Nets(fp_model, q_model, layers, bn_inputs, h_slot)
         for group in _groups(ordered, cfg.refine_parallel):
             if all(b.index in done for b in group):
                 for batch in group:

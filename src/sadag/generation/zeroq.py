@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from ..config import GenConfig
 from ..models.spec import DataSpec
-from .bn_stats import BN_STD_EPS, bn_layers, bn_targets, capture_bn_inputs
+from .bn_stats import BN_STD_EPS, bn_targets, capture_bn_inputs, reached_bn_layers, reached_inputs
 from .common import (
     LOG_EVERY,
     Progress,
@@ -50,8 +50,7 @@ def zeroq_losses(inputs: Sequence[Tensor | None], layers: Sequence[nn.BatchNorm2
     networks and stay correct in networks where they are not.
     """
     total = _per_sample_stat_loss(x, torch.zeros_like(x[0, :, 0, 0]), torch.ones_like(x[0, :, 0, 0]), groups)
-    for a, (mean, std) in zip(inputs, bn_targets(layers), strict=True):
-        assert a is not None, "a BatchNorm2d layer was not reached by the forward pass"
+    for a, (mean, std) in zip(reached_inputs(inputs), bn_targets(layers), strict=True):
         total = total + _per_sample_stat_loss(a, mean, std, groups)
     return total
 
@@ -67,14 +66,13 @@ def generate_zeroq(model: nn.Module, spec: DataSpec, cfg: GenConfig, seed: int,
     `only`: the batches to make (torchrun's ranks split them), concatenated in that order; all by default.
     """
     cfg.validate()
-    bn_layers(model)
+    layers = reached_bn_layers(model, spec.input_size)
     device = model_device(model)
     sizes = batch_sizes(cfg.num_images, cfg.batch_size)
     parallel = cfg.parallel_batches or auto_parallel_batches(model, spec, cfg.batch_size, len(sizes))
     monitor = StageMonitor("zeroq", len(sizes) * cfg.zeroq_iters, progress, log, _HINT, log_every)
     out = []
-    with frozen_eval(model), torch.enable_grad(), capture_bn_inputs(model) as captured:
-        layers = bn_layers(model)
+    with frozen_eval(model), torch.enable_grad(), capture_bn_inputs(model, layers) as captured:
         for group in batch_groups(sizes, parallel, (), only):
             out.extend(_zeroq_group(model, layers, captured, spec, cfg, seed, group, sizes[group[0]], device,
                                     monitor))

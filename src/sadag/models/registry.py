@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import itertools
 import logging
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -146,10 +147,16 @@ def check_model_fits_spec(model: nn.Module, spec: DataSpec, label: str, origin: 
     x = torch.zeros(shape, device=ref.device if ref is not None else None,
                     dtype=ref.dtype if ref is not None else None)
     cause: BaseException | None = None
+    first_conv: list[tuple[str, int]] = []
     try:
-        with torch.no_grad(), eval_mode(model):
+        with torch.no_grad(), eval_mode(model), _first_conv(model, first_conv):
             out = model(x)
     except Exception as e:  # any failure here means the model does not fit its spec
+        if first_conv and first_conv[0][1] != 3:
+            name, channels = first_conv[0]
+            raise ModelError(f"{label} takes {channels}-channel images (its first convolution {name} has "
+                             f"in_channels={channels}): sadag supports 3-channel RGB models only; give it a model that "
+                             "takes RGB images") from e
         problem = f"fails on an input of shape {shape}: {type(e).__name__}: {str(e).strip().splitlines()[0][:300]}"
         cause = e
     else:
@@ -175,6 +182,21 @@ def check_model_fits_spec(model: nn.Module, spec: DataSpec, label: str, origin: 
     raise ModelError(f"{label} does not fit its DataSpec (input_size {spec.input_size}, num_classes "
                      f"{spec.num_classes}, from {origin}): the model {problem}. The spec's input_size and num_classes "
                      f"must match the model: correct that spec ({declare}), or the model") from cause
+
+
+@contextlib.contextmanager
+def _first_conv(model: nn.Module, seen: list[tuple[str, int]]) -> Iterator[None]:
+    """Record in ``seen`` the (name, in_channels) of the first Conv2d the forward calls: it tells a model of
+    another channel count from one that does not fit input_size or num_classes."""
+    def hook(name: str, conv: nn.Conv2d) -> Callable[..., None]:
+        return lambda _m, _args: None if seen else seen.append((name or type(conv).__name__, conv.in_channels))
+
+    handles = [m.register_forward_pre_hook(hook(n, m)) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def _own_spec(model: nn.Module, label: str) -> DataSpec | None:

@@ -74,12 +74,13 @@ def download(url: str, sha256_prefix: str | None = None, sha1_prefix: str | None
         cache.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(final)  # what downloads killed mid-way (SIGKILL, out of memory) left
         log.info("downloading %s to %s", url, final)
+        hint = _offline_hint(final, name.endswith(".zip"))
 
         def fetch_verified(tmp: str) -> None:  # checked before it takes its final name: a bad file is never cached
             if name.endswith(".zip"):  # unpacked under names of this process's own
-                _fetch_zip_member(url, Path(tmp))
+                _fetch_zip_member(url, Path(tmp), hint)
             else:
-                copy_url(url, tmp, ModelError, _HINT)
+                copy_url(url, tmp, ModelError, hint)
             verify_hash(Path(tmp), sha256_prefix, "sha256", shown=url)
             verify_hash(Path(tmp), sha1_prefix, "sha1", shown=url)
 
@@ -89,11 +90,17 @@ def download(url: str, sha256_prefix: str | None = None, sha1_prefix: str | None
     return final
 
 
-def _fetch_zip_member(url: str, dest: Path) -> None:
+def _offline_hint(final: Path, zipped: bool) -> str:
+    """What to do when a download fails: the exact path sadag reads the cached file from, offline too."""
+    put = "unzip it and put its checkpoint at" if zipped else "put it at"
+    return f"{_HINT}, or {put} {final} (where sadag looks before downloading)"
+
+
+def _fetch_zip_member(url: str, dest: Path, hint: str) -> None:
     """The single checkpoint of the zip archive at ``url``, written to ``dest``."""
     archive = dest.with_name(dest.name + ".zip")
     try:
-        copy_url(url, archive, ModelError, _HINT)
+        copy_url(url, archive, ModelError, hint)
         with zipfile.ZipFile(archive) as zf:
             members = [m for m in zf.namelist() if m.endswith((".pth", ".pt", ".th", ".tar"))]
             if len(members) != 1:
@@ -102,7 +109,7 @@ def _fetch_zip_member(url: str, dest: Path) -> None:
                 shutil.copyfileobj(src, out)
     except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError) as e:
         raise ModelError(f"{url} is not a readable zip archive ({e}): the download was probably an error page; "
-                         f"try again, or {_HINT}") from e
+                         f"try again, or {hint}") from e
     finally:
         archive.unlink(missing_ok=True)
 
