@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import R20_WEIGHTS, TinyNet, needs_shared, randomize_bn_
+from conftest import R20_WEIGHTS, BasicBlock, TinyNet, needs_shared, randomize_bn_
 from sadag.config import CalibConfig, QuantConfig, parse_bits
 from sadag.errors import ConfigError
 from sadag.quantization.fold import fold_bn_
@@ -377,7 +377,7 @@ def test_a_model_family_registers_its_blocks_and_quantized_twin() -> None:
     torch.manual_seed(0)
     model = FamilyNet().eval()
     before = quantize(model, QuantConfig(w_bits=8, a_bits=None), X).sadag_plan
-    assert before.units == ["stem", "blocks.0.a", "blocks.0.b", "blocks.1.a", "blocks.1.b", "fc"]
+    assert before.units == ["stem", "blocks.0.b", "blocks.1.b", "fc"]  # an FP layer is no unit to calibrate
     assert before.fp_layers == ["blocks.0.a", "blocks.1.a"]  # no twin yet: left in FP
     register_unit_type(TwoConvBlock)
     register_quantized_twin(f"{__name__}.ScaledConv", QuantScaledConv)  # by qualified name
@@ -390,6 +390,108 @@ def test_a_model_family_registers_its_blocks_and_quantized_twin() -> None:
     assert torch.allclose(float_copy(q)(x), model(x), atol=1e-5)  # the twin keeps the family's forward
     with pytest.raises(TypeError, match="must subclass QuantConv2d"):
         register_quantized_twin(ScaledConv, nn.Conv2d)
+
+
+class PresetConv(nn.Conv2d):
+    """A conv subclass that only changes __init__'s defaults: Conv2d's forward, inherited."""
+
+    def __init__(self, cin: int, cout: int) -> None:
+        super().__init__(cin, cout, 3, padding=1, bias=False)
+
+    def describe(self) -> str:  # a method the model's code may call
+        return "preset"
+
+
+class HalvedConv(PresetConv):
+    """Its own forward, and no twin registered: left in FP."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) / 2
+
+
+class TwoConvNet(nn.Module):
+    def __init__(self, second: type[nn.Conv2d] = PresetConv) -> None:
+        super().__init__()
+        self.a, self.b = PresetConv(3, 4), second(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.relu(self.a(x))).mean((2, 3))
+
+
+def test_a_conv_subclass_inheriting_forward_is_quantized_and_calibrated() -> None:
+    from sadag.quantization.modules import QuantConv2d, QuantLinear, quant_class_for
+
+    torch.manual_seed(0)
+    model = TwoConvNet().eval()
+    q = quantize(model, QuantConfig(w_bits=4, a_bits=4), X)
+    assert q.sadag_plan.units == ["a", "b"] and q.sadag_plan.fp_layers == []
+    # the base class's twin, on a layer that stays a PresetConv (one derived class for every such layer)
+    assert isinstance(q.a, QuantConv2d) and isinstance(q.a, PresetConv) and type(q.a) is type(q.b)
+    assert q.a.describe() == "preset" and type(q.a).forward is QuantConv2d.forward
+    x = torch.randn(2, 3, 16, 16)
+    assert torch.allclose(float_copy(q)(x), model(x), atol=1e-6)
+    reconstruct_(q, torch.randn(8, 3, 16, 16), CalibConfig(iters=2, batch_size=4))
+    assert torch.isfinite(q(x)).all()
+    linear = nn.modules.linear.NonDynamicallyQuantizableLinear(2, 2)  # torch's own Linear subclass
+    assert issubclass(quant_class_for(linear), QuantLinear)
+
+
+def test_a_layer_left_in_fp_is_named_and_its_unit_dropped(caplog: pytest.LogCaptureFixture) -> None:
+    torch.manual_seed(0)
+    with caplog.at_level("WARNING"):
+        q = quantize(TwoConvNet(second=HalvedConv).eval(), QuantConfig(w_bits=4, a_bits=4), X)
+    assert "left in full precision: b (HalvedConv): a Conv2d/Linear subclass that overrides forward" in caplog.text
+    assert "not calibrated: b (every layer in it is left in full precision)" in caplog.text
+    assert q.sadag_plan.fp_layers == ["b"] and q.sadag_plan.units == ["a"] and type(q.b) is HalvedConv
+    reconstruct_(q, torch.randn(8, 3, 16, 16), CalibConfig(iters=2, batch_size=4))  # no unit without parameters
+
+
+class BlockTwice(nn.Module):
+    """One registered block applied twice: a reused module."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.block, self.fc = nn.Conv2d(3, 8, 3, padding=1), BasicBlock(8), nn.Linear(8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.block(self.block(self.stem(x))).mean((2, 3)))
+
+
+class ConvTwice(nn.Module):
+    """A conv applied twice."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(torch.relu(self.conv(x)))
+
+
+class ConvTwiceNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = ConvTwice()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x).mean((2, 3))
+
+
+def test_a_module_called_twice_is_named_in_a_warning(tiny_net: nn.Module, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level("WARNING"):
+        q = quantize(randomize_bn_(BlockTwice()), QuantConfig(w_bits=4, a_bits=4), X)
+    assert q.sadag_plan.units == ["stem", "block", "fc"]
+    assert "units called more than once per forward pass: block (2 calls): reconstruction fits each to the " \
+           "inputs and outputs of its first call only" in caplog.text
+    assert "quantized layers called more than once" not in caplog.text  # its layers: named through the block
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        quantize(ConvTwiceNet(), QuantConfig(w_bits=4, a_bits=4, units=["body"]), X)  # a unit calling it twice
+    assert "quantized layers called more than once per forward pass: body.conv (2 calls)" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        quantize(tiny_net, QuantConfig(w_bits=4, a_bits=4), X)
+    assert "more than once" not in caplog.text
 
 
 def test_quantize_takes_its_example_from_the_attached_spec(tiny_net) -> None:  # noqa: ANN001

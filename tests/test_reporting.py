@@ -122,3 +122,29 @@ def test_evaluate_counts_nonfinite_outputs_as_misses() -> None:
     batches = [(torch.zeros(4, 3, 2, 2), torch.tensor([0, 1, 2, 3]))]
     metrics = evaluate(Logits(), batches)
     assert metrics["nonfinite_images"] == 2 and metrics["top1"] == 50.0 and metrics["top5"] == 50.0
+
+
+class HalvedConv(torch.nn.Conv2d):
+    """A conv subclass with its own forward and no quantized twin: left in full precision."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) / 2
+
+
+def fp_head_model():  # noqa: ANN201
+    """A factory for `--model test_reporting:fp_head_model`: TinyNet whose head conv stays in FP."""
+    from conftest import tiny_bn_model
+
+    model, spec = tiny_bn_model()
+    model.head[0] = HalvedConv(8, 16, 3, stride=2, padding=1)
+    return model.eval(), spec
+
+
+def test_layers_left_in_fp_are_named_in_the_report(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    report = run(RunConfig(model="test_reporting:fp_head_model", method="noise", preset="smoke", out=str(out),
+                           device="cpu"), export=False)
+    assert report["fp_layers"] == ["head.0"] == json.loads((out / "report.json").read_text())["fp_layers"]
+    assert "**Left in full precision** (W4A4 does not apply to them): head.0: Conv2d/Linear subclasses" in \
+        (out / "report.md").read_text()
+    assert "Left in full precision" not in report_markdown({**REPORT, "fp_layers": [], "seconds": {}})

@@ -56,6 +56,27 @@ def test_two_ranks_generate_the_one_process_set(tmp_path: Path) -> None:
     assert json.loads((tmp_path / "two" / "environment.json").read_text())["world_size"] == 2
 
 
+def per_rank_model():  # noqa: ANN201
+    """A factory for `--model test_torchrun:per_rank_model` that builds other weights in each process."""
+    from conftest import TinyNet, randomize_bn_
+    from sadag.models import DataSpec
+
+    torch.manual_seed(int(os.environ.get("RANK", "0")))
+    return randomize_bn_(TinyNet()), DataSpec(mean=(0.5,) * 3, std=(0.25,) * 3, input_size=16, num_classes=10)
+
+
+def test_ranks_that_load_different_weights_stop_before_any_work(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    failed = _sadag(["run", "--model", "test_torchrun:per_rank_model", "--preset", "smoke", "--method", "noise",
+                     "--out", str(out)], 2)
+    assert failed.returncode != 0
+    for rank in (0, 1):  # every rank stops, naming the mismatch and what to do
+        assert f"sadag: error (rank {rank} of 2, stage setup): the ranks see different weights of the model " \
+               "'test_torchrun:per_rank_model' (digest of their values) (rank 0 sees '" in failed.stderr, failed.stderr
+    assert "rank 1 sees '" in failed.stderr and "seed its init" in failed.stderr
+    assert not out.exists()  # nothing written
+
+
 @needs_shared
 def test_two_ranks_run_fail_resume_and_match_one_process(tmp_path: Path) -> None:
     """ZeroQ sharded, QDrop reconstruction data-parallel, evaluation sharded; rank 1 fails entering calibration,

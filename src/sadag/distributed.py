@@ -212,10 +212,15 @@ def main_value(value: Any, ranks: Ranks, device: torch.device) -> Any:
     return json.loads(bytes(blob.tolist()).decode())
 
 
-def agree(value: Any, what: str, ranks: Ranks, device: torch.device) -> Any:
+SHARED_RUN_DIR = ("every rank must read the same run directory, on a file system shared by all machines "
+                  "(--out)")
+
+
+def agree(value: Any, what: str, ranks: Ranks, device: torch.device, fix: str = SHARED_RUN_DIR) -> Any:
     """``value`` (JSON-able), checked equal on every rank: each rank compares its own with rank 0's and every
-    rank raises together if any differs (no rank is left waiting in a later collective). For what each rank
-    reads from the run directory, which only a folder shared by all ranks makes equal."""
+    rank raises together if any differs (no rank is left waiting in a later collective). ``fix`` tells the
+    user what to do; by default, for what each rank reads from the run directory, which only a folder shared
+    by all ranks makes equal."""
     main = main_value(value, ranks, device)
     if not ranks.enabled:
         return value
@@ -223,8 +228,7 @@ def agree(value: Any, what: str, ranks: Ranks, device: torch.device) -> Any:
     differ = all_reduce_sum(torch.tensor([int(mine)], dtype=torch.int64, device=device), ranks)
     if int(differ) > 0:
         shown = f"; rank {ranks.rank} sees {value!r}" if mine else ""
-        raise SadagError(f"the ranks see different {what} (rank 0 sees {main!r}{shown}): every rank must read "
-                         "the same run directory, on a file system shared by all machines (--out)")
+        raise SadagError(f"the ranks see different {what} (rank 0 sees {main!r}{shown}): {fix}")
     return value
 
 

@@ -202,18 +202,29 @@ def _prepare(cfg: RunConfig, resume: bool, force: bool, calibrates: bool,
     with distributed.local_main_first(ranks):  # one download per machine into its weights cache
         model, spec = load_model(cfg.model, weights=cfg.weights, trust_checkpoint=cfg.trust_checkpoint,
                                  device=device)
+    digest = _agree_on_weights(model, cfg, ranks, device)
     if calibrates:  # the names; whether the forward calls them is found when the model is quantized
         check_unit_names(model, cfg.quant.units)
     rundir = _open_rundir(cfg, resume, force, ranks, device)
     try:  # the fingerprint names the model and its weights file; a resume must also find the same weights in it
         weights = f" with weights {cfg.weights}" if cfg.weights else ""
-        pin_input(rundir, "model", module_digest(model), f"the model {cfg.model!r}{weights}")
+        pin_input(rundir, "model", digest, f"the model {cfg.model!r}{weights}")
         if rundir.writable:
             _record_environment(rundir, device, cfg.seed, ranks.world_size)
     except BaseException:
         rundir.close()
         raise
     return cfg, model.to(device).eval(), spec, device, rundir, ranks
+
+
+def _agree_on_weights(model: nn.Module, cfg: RunConfig, ranks: Ranks, device: torch.device) -> str:
+    """The digest of the model's state, the same on every rank: a stale weights file on one machine, or a
+    factory that builds its model differently in each process, would give each rank another model."""
+    weights = f" from {cfg.weights}" if cfg.weights else ""
+    fix = ("every rank must load the same model: give every machine the same weights file (--weights), and a "
+           "module:factory model must build the same weights in every process (load them, or seed its init)")
+    return distributed.agree(module_digest(model), f"weights of the model {cfg.model!r}{weights} (digest of "
+                             "their values)", ranks, device, fix=fix)
 
 
 def _record_environment(rundir: RunDir, device: torch.device, seed: int, world_size: int) -> None:
@@ -318,6 +329,7 @@ def _run(cfg: RunConfig, model: nn.Module, spec: DataSpec, device: torch.device,
                   calib_near_duplicates=_count_near_duplicates(images, "calibration images"))
     with stages.stage("calibrate"):
         qmodel = calibrate(model, spec, images, cfg, rundir, progress=stages.progress, ranks=stages.ranks)
+    report["fp_layers"] = list(qmodel.sadag_plan.fp_layers)  # the bits do not apply to them
     if eval_set is not None:
         with stages.stage("quant_eval", redone_whole=True):
             q = _evaluate(qmodel, eval_set, cfg, device, stages, "evaluate quantized")

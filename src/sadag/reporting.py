@@ -156,6 +156,10 @@ def report_markdown(report: dict, stages: list[StageCurves] | None = None, curve
         if report.get(key):
             lines += ["", f"**The {model} model's outputs hold NaN or infinity for {report[key]} images** (counted "
                       "as misses)."]
+    if fp_layers := report.get("fp_layers"):
+        lines += ["", f"**Left in full precision** ({bits} does not apply to them): {', '.join(fp_layers)}: "
+                  "Conv2d/Linear subclasses that override forward, with no quantized twin registered "
+                  "(sadag.quantization.modules.register_quantized_twin)."]
     seconds = report.get("seconds", {})
     if stages:
         lines += ["", "## Stages", ""] + [stage_summary(s, seconds) for s in stages]

@@ -2,10 +2,13 @@
 
 Which float class becomes which quantized class is a table: a model family whose layers subclass
 Conv2d / Linear with their own forward registers a quantized twin with :func:`register_quantized_twin`
-(in ``sadag.models``); a subclass without a twin stays in full precision.
+(in ``sadag.models``). A subclass that inherits its forward unchanged (e.g. one that only changes
+``__init__`` defaults) uses its base class's twin; one with its own forward and no twin stays in full precision.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -79,9 +82,31 @@ register_quantized_twin(nn.Conv2d, QuantConv2d)
 register_quantized_twin(nn.Linear, QuantLinear)
 
 
+_FORWARD = ("forward", "_conv_forward")  # what a twin's forward replaces (Conv2d.forward calls _conv_forward)
+
+
 def quant_class_for(module: nn.Module) -> type | None:
-    """The quantized class for a layer, or None when no twin is registered for its exact class."""
-    return _TWINS.lookup(type(module))
+    """The quantized class for a layer: the twin registered for its class; for a subclass that inherits
+    ``forward`` (and ``_conv_forward``) unchanged from a class with a twin, a class derived from that twin and
+    the layer's own class (:func:`_derived_twin`); None for a subclass with its own forward and no twin."""
+    cls = type(module)
+    found = _TWINS.nearest(cls)
+    if found is None:
+        return None
+    base, twin = found
+    if base is cls:
+        return twin
+    if any(getattr(cls, name, None) is not getattr(base, name, None) for name in _FORWARD):
+        return None
+    return _derived_twin(twin, cls)
+
+
+@functools.cache
+def _derived_twin(twin: type, cls: type) -> type:
+    """``twin``'s quantized forward on a layer that stays an instance of ``cls`` (from_float swaps ``__class__``):
+    the model's code may still check its class or call its other methods. One class per (twin, cls), made at
+    runtime: a model holding it deep-copies, but does not pickle whole (save its state_dict, or export it)."""
+    return type(f"Quant{cls.__name__}", (twin, cls), {"__module__": cls.__module__})
 
 
 def is_quant_layer(module: nn.Module) -> bool:

@@ -14,7 +14,7 @@ from ..errors import ConfigError
 from .fold import fold_bn_
 from .modules import is_quant_layer, quant_class_for
 from .quantizers import ActQuantizer, WeightQuantizer
-from .trace import block_input_consumers, trace_modules
+from .trace import block_input_consumers, trace_modules, warn_reused
 from .units import find_units, unit_layers
 
 log = logging.getLogger(__name__)
@@ -29,7 +29,7 @@ class QuantPlan:
     folded: list[tuple[str, str]] = field(default_factory=list)
     layer_bits: dict[str, tuple[int, int | None]] = field(default_factory=dict)  # layer -> (W, A at its input)
     block_inputs: dict[str, list[str]] = field(default_factory=dict)  # block -> layers reading its input
-    fp_layers: list[str] = field(default_factory=list)  # conv/linear subclasses left unquantized
+    fp_layers: list[str] = field(default_factory=list)  # conv/linear subclasses with their own forward, no twin
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -62,9 +62,12 @@ def quantize(model: nn.Module, cfg: QuantConfig, example: Tensor | None = None, 
     folded = _fold(qmodel, cfg, example, folded)
     units = find_units(qmodel, example, cfg.units)
     skipped = _swap_layers(qmodel, cfg)
+    units = _drop_float_units(qmodel, units)
     modules = dict(qmodel.named_modules())
     layers = [n for n, m in modules.items() if is_quant_layer(m)]
-    order = trace_modules(qmodel, example, layers).order
+    trace = trace_modules(qmodel, example, list(dict.fromkeys(units + layers)))  # a unit may be a layer
+    warn_reused(trace, units)
+    order = [n for n in trace.order if is_quant_layer(modules[n])]
     plan = QuantPlan(config=asdict(cfg), units=units, folded=folded, fp_layers=skipped)
     feeding: dict[str, ActQuantizer | None] = {n: modules[n].input_quantizer for n in layers}
     for unit in units:
@@ -98,19 +101,31 @@ def _fold(qmodel: nn.Module, cfg: QuantConfig, example: Tensor,
 
 
 def _swap_layers(model: nn.Module, cfg: QuantConfig) -> list[str]:
-    """Swap every conv/linear for its quantized twin; returns the layers left in FP (unknown subclasses)."""
-    skipped = []
+    """Swap every conv/linear for its quantized twin; returns the layers left in FP (subclasses with their own
+    forward and no registered twin)."""
+    skipped: dict[str, str] = {}  # name -> class name
     for name, module in list(model.named_modules()):
         if is_quant_layer(module) or not isinstance(module, (nn.Conv2d, nn.Linear)):
             continue
         cls = quant_class_for(module)
         if cls is None:
-            skipped.append(name)
+            skipped[name] = type(module).__name__
             continue
         cls.from_float(module, cfg.w_bits, cfg.a_bits, p=cfg.clip_search_p)
     if skipped:
-        log.warning("left in full precision (a %s subclass with its own forward): %s", "conv/linear", skipped)
-    return skipped
+        log.warning("left in full precision: %s: a Conv2d/Linear subclass that overrides forward (or _conv_forward), "
+                    "with no quantized twin registered for it (sadag.quantization.modules.register_quantized_twin)",
+                    ", ".join(f"{n} ({c})" for n, c in skipped.items()))
+    return list(skipped)
+
+
+def _drop_float_units(model: nn.Module, units: list[str]) -> list[str]:
+    """The units holding a quantized layer: one whose layers are all left in FP has nothing to calibrate."""
+    modules = dict(model.named_modules())
+    kept = [u for u in units if any(is_quant_layer(modules[n]) for n in unit_layers(model, u))]
+    if dropped := [u for u in units if u not in kept]:
+        log.warning("not calibrated: %s (every layer in it is left in full precision)", ", ".join(dropped))
+    return kept
 
 
 def _apply_bit_policy(

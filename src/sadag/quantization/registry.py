@@ -2,7 +2,8 @@
 
 A family registers a class object, or its qualified name ``"package.module.Class"`` when importing the
 class now would import an optional dependency (torchvision, a pip model package): the name is matched
-against a module's exact class when a model is quantized, so nothing is imported early.
+against a module's class (with :meth:`TypeTable.nearest`, also the classes it derives from) when a model is
+quantized, so nothing is imported early.
 """
 
 from __future__ import annotations
@@ -29,10 +30,19 @@ class TypeTable(Generic[V]):
         self._entries[key] = value
 
     def lookup(self, cls: type) -> V | None:
-        """The value for exactly this class (subclasses may change ``forward``, so they do not inherit it)."""
+        """The value for exactly this class (a subclass may change ``forward``: see :meth:`nearest`)."""
         if cls in self._entries:
             return self._entries[cls]
         return self._entries.get(qualified_name(cls))
+
+    def nearest(self, cls: type) -> tuple[type, V] | None:
+        """(class, value) of the first class in ``cls``'s MRO that has an entry; the caller decides whether a
+        subclass may inherit it (one that changes ``forward`` may not)."""
+        for base in cls.__mro__:
+            value = self.lookup(base)
+            if value is not None:
+                return base, value
+        return None
 
     def __contains__(self, cls: type) -> bool:
         return self.lookup(cls) is not None

@@ -6,6 +6,7 @@ input "is" another module's output exactly when the second feeds the first with 
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 import torch
@@ -13,12 +14,15 @@ from torch import Tensor, nn
 
 from ..modes import eval_mode
 
+log = logging.getLogger(__name__)
+
 
 @dataclass
 class Trace:
     order: list[str] = field(default_factory=list)  # traced module names, first call order
     producer: dict[str, str] = field(default_factory=dict)  # module -> module whose output is its input
     consumers: dict[str, list[str]] = field(default_factory=dict)  # module -> modules taking its output
+    calls: dict[str, int] = field(default_factory=dict)  # module -> times the forward called it
 
 
 @torch.no_grad()
@@ -33,6 +37,7 @@ def trace_modules(model: nn.Module, example: Tensor, names: list[str]) -> Trace:
         def hook(_module: nn.Module, args: tuple) -> None:
             if name not in trace.order:
                 trace.order.append(name)
+            trace.calls[name] = trace.calls.get(name, 0) + 1
             if args and isinstance(args[0], Tensor) and id(args[0]) in outputs:
                 src = outputs[id(args[0])]
                 trace.producer.setdefault(name, src)
@@ -61,6 +66,26 @@ def trace_modules(model: nn.Module, example: Tensor, names: list[str]) -> Trace:
         for h in handles:
             h.remove()
     return trace
+
+
+def warn_reused(trace: Trace, units: list[str]) -> None:
+    """Warn about traced units and layers that one forward pass calls more than once (a module reused, e.g. one
+    block applied twice): nothing fails, but calibration fits them to part of what they see."""
+    repeated = [n for n, count in trace.calls.items() if count > 1]
+    blocks = [n for n in repeated if n in units]
+    layers = [n for n in repeated if not any(n == u or n.startswith(u + ".") for u in blocks)]
+    if blocks:
+        log.warning("units called more than once per forward pass: %s: reconstruction fits each to the inputs and "
+                    "outputs of its first call only, and every call shares its quantizers; give each use its own "
+                    "module (a copy) to calibrate them separately", _counts(trace, blocks))
+    if layers:
+        log.warning("quantized layers called more than once per forward pass: %s: every call shares one weight "
+                    "rounding and one input quantizer (a step size fitted to all calls' inputs); give each use its "
+                    "own module (a copy) to quantize them separately", _counts(trace, layers))
+
+
+def _counts(trace: Trace, names: list[str]) -> str:
+    return ", ".join(f"{n} ({trace.calls[n]} calls)" for n in names)
 
 
 def block_input_consumers(model: nn.Module, example: Tensor, block: str, layers: list[str]) -> list[str]:
