@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from sadag import CalibConfig, DataSpec, GenConfig, QuantConfig, quantize, reconstruct_
+from sadag.errors import ConfigError
 from sadag.generation import generate_genie, refine_sadag
 
 pytestmark = pytest.mark.cuda  # skipped without a CUDA device (conftest)
@@ -42,3 +43,25 @@ def test_zero_shot_chain_on_the_gpu(tiny_net: torch.nn.Module) -> None:
         refined = refine_sadag(model, qmodel, batches, SPEC, replace(GEN, neighbor=neighbor), seed=0)
         assert refined.shape == (16, 3, 16, 16) and torch.isfinite(refined).all()
         assert not torch.equal(refined, torch.cat([b.images for b in batches]))
+
+
+def test_calibration_keeps_a_tf32_choice_made_with_the_new_api(tiny_net: torch.nn.Module) -> None:
+    """torch refuses reads of the legacy allow_tf32 flags once fp32_precision is set: calibration (compiled,
+    the CUDA default) must use the new API and leave the user's choice as it found it."""
+    matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
+    saved = matmul.fp32_precision, conv.fp32_precision
+    images = torch.randn(16, 3, 16, 16, device="cuda")
+    try:
+        matmul.fp32_precision, conv.fp32_precision = "tf32", "tf32"
+        qmodel = quantize(tiny_net.cuda(), QuantConfig(4, 4), images[:1])
+        reconstruct_(qmodel, images, CalibConfig(iters=2, batch_size=8))
+        assert (matmul.fp32_precision, conv.fp32_precision) == ("tf32", "tf32")
+    finally:
+        matmul.fp32_precision, conv.fp32_precision = saved
+
+
+def test_cpu_images_for_a_gpu_model_are_refused(tiny_net: torch.nn.Module) -> None:
+    qmodel = quantize(tiny_net.cuda(), QuantConfig(4, 4), torch.zeros(1, 3, 16, 16, device="cuda"))
+    with pytest.raises(ConfigError, match=r"calibration images on cpu for a model on cuda:0: move them with "
+                                          r"images.to\('cuda:0'\)"):
+        reconstruct_(qmodel, torch.randn(8, 3, 16, 16), CalibConfig(iters=0, batch_size=8))

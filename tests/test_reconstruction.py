@@ -119,3 +119,99 @@ def test_public_calibrate_resolves_bits_and_preset(tiny_net: nn.Module) -> None:
                         progress=lambda stage, step, total, metrics: seen.setdefault("total", total))
     assert (q.sadag_plan.config["w_bits"], q.sadag_plan.config["a_bits"]) == (2, 4)
     assert seen["total"] == 20  # the smoke preset's iterations per unit, not the paper's 20,000
+
+
+@pytest.mark.parametrize("images,wrong", [
+    (torch.randn(6, 3, 16, 16, dtype=torch.float64), r"of dtype torch.float64 for a model in torch.float32: convert "
+                                                     r"them with images.to\(torch.float32\)"),
+    (torch.zeros(6, 3, 16, 16, dtype=torch.uint8), r"of dtype torch.uint8: give float images normalised as the model "
+                                                   "expects"),
+    (torch.randn(3, 16, 16), r"of shape \(3, 16, 16\): give a 4-d batch \(N, 3, H, W\)"),
+    (torch.randn(6, 3, 16, 16, device="meta"), r"on meta for a model on cpu: move them with images.to\('cpu'\)"),
+], ids=["float64", "uint8", "3-d", "device"])
+def test_images_of_another_dtype_rank_or_device_are_refused(tiny_net: nn.Module, images: torch.Tensor,
+                                                            wrong: str) -> None:
+    q = quantize(tiny_net, QuantConfig(w_bits=4, a_bits=4), X)
+    with pytest.raises(ConfigError, match="calibration images " + wrong):
+        reconstruct_(q, images, CalibConfig(iters=0, batch_size=2))
+
+
+class ViewHead(nn.Module):
+    """Flattens with view, which needs a contiguous input: fails on channels_last activations."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(8, 4, 3, padding=1), nn.Linear(4 * 8 * 8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.conv(x))
+        return self.fc(y.view(y.size(0), -1))
+
+
+def _view_net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), ViewHead()).eval()
+
+
+def test_a_unit_that_needs_contiguous_inputs_is_calibrated_contiguous(caplog: pytest.LogCaptureFixture) -> None:
+    images, cfg = torch.randn(16, 3, 8, 8), QuantConfig(w_bits=4, a_bits=4, units=["2"])
+    with caplog.at_level("WARNING", logger="sadag.reconstruction.reconstruct"):
+        fused = reconstruct_(quantize(_view_net(), cfg, images[:1]), images, CalibConfig(iters=4, batch_size=8,
+                                                                                         engine="fused"))
+    warned = [r.getMessage() for r in caplog.records if "channels_last" in r.getMessage()]
+    assert len(warned) == 1 and "unit 2/2 (2)" in warned[0] and "view size is not compatible" in warned[0]
+    eager = reconstruct_(quantize(_view_net(), cfg, images[:1]), images, CalibConfig(iters=4, batch_size=8,
+                                                                                     engine="eager"))
+    assert torch.allclose(fused(images), eager(images), atol=1e-5)  # no BatchNorm to fuse: the same function
+
+
+class GuardedBlock(nn.Module):
+    """Wraps its block call in ``try/except Exception``, re-raising with context: capture's stop signal must
+    pass through."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.block = nn.Conv2d(3, 8, 3, padding=1), nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.ReLU())
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        try:
+            x = self.block(self.stem(x))
+        except Exception as e:
+            raise RuntimeError("the block failed") from e
+        return self.fc(x.mean((2, 3)))
+
+
+def test_capture_stops_through_a_models_own_exception_handler() -> None:
+    torch.manual_seed(0)
+    model, images = GuardedBlock().eval(), torch.randn(8, 3, 8, 8)
+    q = quantize(model, QuantConfig(w_bits=4, a_bits=4), images[:1])
+    reconstruct_(q, images, CalibConfig(iters=2, batch_size=4))
+    assert all(a.ready for n, a in q.named_modules() if n.endswith("input_quantizer") and a.bits is not None)
+
+
+def test_a_fixed_weight_step_size_gets_no_gradient(tiny_net: nn.Module) -> None:
+    q = quantize(tiny_net, QuantConfig(w_bits=2, a_bits=4), X)
+    ws = quantizers(q)[0]
+    before = [w.scale.clone() for w in ws]
+    reconstruct_(q, torch.randn(16, 3, 16, 16), CalibConfig(iters=4, batch_size=8, lr_w_scale=0.0))
+    assert all(w.scale.grad is None for w in ws)  # no wasted backward into it, no stale .grad left behind
+    assert all(torch.equal(w.scale, s) for w, s in zip(ws, before, strict=True))
+    assert all(w.alpha.grad is not None for w in ws)  # the rounding was trained
+
+
+def test_tf32_mode_uses_the_new_api_and_restores_the_users_setting() -> None:
+    """Set with the fp32_precision API, torch refuses reads of the legacy allow_tf32 flags: the user's choice
+    must survive (only global flags: runs on a CPU build too)."""
+    from sadag.reconstruction.reconstruct import tf32_mode
+
+    matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
+    saved = matmul.fp32_precision, conv.fp32_precision
+    try:
+        matmul.fp32_precision, conv.fp32_precision = "tf32", "ieee"  # the user's, with the new API
+        for enabled, inside in [(False, "ieee"), (True, "tf32")]:
+            with tf32_mode(enabled, torch.device("cuda")):
+                assert (matmul.fp32_precision, conv.fp32_precision) == (inside, inside)
+            assert (matmul.fp32_precision, conv.fp32_precision) == ("tf32", "ieee")
+    finally:
+        matmul.fp32_precision, conv.fp32_precision = saved

@@ -327,18 +327,6 @@ def test_tf32_is_a_cuda_setting_refused_elsewhere_before_any_work(tmp_path) -> N
     assert not (tmp_path / "r").exists()
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA only")
-def test_tf32_mode_sets_and_restores_the_flags() -> None:
-    from sadag.reconstruction.reconstruct import tf32_mode
-
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    with tf32_mode(True, torch.device("cuda")):
-        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
-    with tf32_mode(False, torch.device("cuda")):
-        assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
-    assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == saved
-
-
 def test_the_generator_runs_channels_last_on_cpu_with_the_same_math(float64, monkeypatch: pytest.MonkeyPatch) -> None:
     from sadag.generation import generator
 

@@ -30,7 +30,13 @@ from ..models import DataSpec, get_model_info, load_model
 from ..models.registry import is_import_path
 from ..quantization.modules import is_quant_layer
 from ..quantization.prepare import quantize
-from ..quantization.quantizers import ActQuantizer, WeightQuantizer
+from ..quantization.quantizers import (
+    ActQuantizer,
+    WeightQuantizer,
+    check_act_quantizers_calibrated,
+    name_a_few,
+    unused_input_quantizers,
+)
 from .registry import unwritable, writable_target
 
 FORMAT = "sadag-quantized"
@@ -65,29 +71,10 @@ def check_frozen(qmodel: nn.Module) -> None:
     off = [n for n, m in layers.items() if m.weight_quantizer.bits is not None and not m.quantize_weight]
     off += [n for n, a in acts.items() if a.bits is not None and not a.active]
     if off:
-        raise ConfigError(f"quantization is switched off in {_some(off)}: the export would carry their bits and "
+        raise ConfigError(f"quantization is switched off in {name_a_few(off)}: the export would carry their bits and "
                           "run them in full precision; switch it on (sadag.quantization.prepare.set_quant_state_("
                           "model)) before exporting")
-    skip = _never_called(qmodel)
-    unset = [n for n, a in acts.items() if a.bits is not None and not a.ready and n not in skip]
-    if unset:
-        raise ConfigError(f"activation quantizers {_some(unset)} were never calibrated (no step size): the export "
-                          "would carry their bits and run them in full precision; calibrate the model first "
-                          "(sadag.reconstruct_, or `sadag run`) before exporting")
-
-
-def _some(names: list[str], shown: int = 3) -> str:
-    return f"{', '.join(names[:shown])}{' ...' if len(names) > shown else ''}"
-
-
-def _never_called(qmodel: nn.Module) -> set[str]:
-    """Input quantizers of layers the forward pass never calls (an auxiliary head): calibration leaves them
-    uninitialised (find_units warns) and no export runs them."""
-    plan = getattr(qmodel, "sadag_plan", None)
-    if plan is None:
-        return set()
-    layers, _ = quantized_parts(qmodel)
-    return {f"{n}.input_quantizer" if n else "input_quantizer" for n in layers if n not in plan.layer_bits}
+    check_act_quantizers_calibrated(qmodel, "the export")
 
 
 def _owned_keys(qmodel: nn.Module) -> set[str]:
@@ -164,7 +151,7 @@ def save_quantized(qmodel: nn.Module, path: str | Path, *, model_name: str, spec
     tensors = {k: v.detach().cpu().clone().contiguous() for k, v in tensors.items()}  # no shared storage
     bad = [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if bad:  # the loader would refuse the file: never write one
-        raise NumericalError(f"cannot export: {_some(bad, 5)} hold NaN or "
+        raise NumericalError(f"cannot export: {name_a_few(bad, 5)} hold NaN or "
                              "infinite values (a diverged calibration); nothing was written")
     _check_scales_to_write(tensors)
     return _write(Path(path), tensors, text)
@@ -174,9 +161,9 @@ def _check_scales_to_write(tensors: dict[str, Tensor]) -> None:
     """The loader's step-size checks, so that sadag never writes a file it would refuse."""
     bad = [k for k, v in tensors.items() if k.endswith(".scale") and not _scale_ok(v, signed=k.startswith("w."))]
     if bad:
-        raise ExportFormatError(f"cannot export: {_some(bad)} hold step sizes that are zero (weights) or not positive "
-                                "(activations), which load_quantized refuses; re-run the calibration. Nothing was "
-                                "written")
+        raise ExportFormatError(f"cannot export: {name_a_few(bad)} hold step sizes that are zero (weights) or not "
+                                "positive (activations), which load_quantized refuses; re-run the calibration. "
+                                "Nothing was written")
 
 
 def _write(path: Path, tensors: dict[str, Tensor], text: str) -> Path:
@@ -474,7 +461,7 @@ def load_quantized(path: str | Path, model: nn.Module | None = None, *,
     layers, acts = quantized_parts(qmodel)
     for name, layer in layers.items():
         _fill_layer(name, layer, tensors, meta["layers"][name])
-    skip = _never_called(qmodel)
+    skip = unused_input_quantizers(qmodel)
     for name, act in acts.items():
         _fill_act(name, act, tensors, meta["act_quantizers"][name], called=name not in skip)
     _fill_fp(qmodel, tensors)

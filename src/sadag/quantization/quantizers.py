@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from ..errors import ConfigError
 from .primitives import (
     GAMMA,
     ZETA,
@@ -177,3 +178,39 @@ class ActQuantizer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}"
+
+
+def unused_input_quantizers(model: nn.Module) -> set[str]:
+    """Input quantizers of quantized layers that quantize()'s trace never reached (an auxiliary head):
+    calibration leaves them uninitialised (find_units warns) and no forward pass runs them."""
+    plan = getattr(model, "sadag_plan", None)
+    if plan is None:
+        return set()
+    # a quantized layer is the parent of a WeightQuantizer (modules.is_quant_layer, which imports this module)
+    layers = {n.rpartition(".")[0] for n, m in model.named_modules() if isinstance(m, WeightQuantizer)}
+    return {f"{n}.input_quantizer" if n else "input_quantizer" for n in layers if n not in plan.layer_bits}
+
+
+def uncalibrated_act_quantizers(model: nn.Module) -> list[str]:
+    """Names of the switched-on activation quantizers with bits but no step size yet (straight from quantize()):
+    they pass their input through in full precision, so the model is not what its bits say."""
+    skip = unused_input_quantizers(model)
+    return [n for n, m in model.named_modules()
+            if isinstance(m, ActQuantizer) and m.bits is not None and m.active and not m.ready and n not in skip]
+
+
+def check_act_quantizers_calibrated(model: nn.Module, action: str) -> None:
+    """Refuse a model whose activation quantizers have bits but no step size (quantize() without reconstruct_):
+    ``action`` ("the export", "the evaluation") would be labelled with activation bits it does not apply."""
+    unset = uncalibrated_act_quantizers(model)
+    if unset:
+        raise ConfigError(
+            f"activation quantizers {name_a_few(unset)} were never calibrated (no step size): {action} would run "
+            "them in full precision, not at their bits; calibrate the model first with sadag.reconstruct_(qmodel, "
+            "images, CalibConfig(...)) or `sadag run` (CalibConfig(iters=0) gives the round-to-nearest baseline: "
+            "nearest-rounded weights, activation ranges from the first calibration minibatch)")
+
+
+def name_a_few(names: list[str], shown: int = 3) -> str:
+    """The first ``shown`` names, and "..." when there are more (error messages)."""
+    return f"{', '.join(names[:shown])}{' ...' if len(names) > shown else ''}"

@@ -6,8 +6,8 @@ import torch
 from torch import Tensor, nn
 
 
-class _StopForward(Exception):
-    pass
+class _StopForward(BaseException):
+    """Not an Exception: a model's own ``try/except Exception`` around a unit call must not swallow it."""
 
 
 def in_layout(x: Tensor, memory_format: torch.memory_format) -> Tensor:

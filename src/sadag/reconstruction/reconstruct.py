@@ -42,7 +42,8 @@ def reconstruct_(
 
     Args:
         qmodel: the fake-quantized model; its FP twin (the reconstruction target) is derived from it.
-        images: (N, 3, H, W) calibration images, normalised as the model expects, on the model's device.
+        images: (N, 3, H, W) calibration images, normalised as the model expects, in the dtype and on the
+            device of the model's parameters (checked first: ConfigError).
         cfg: iterations, minibatch size, learning rates, QDrop probability.
         seed: makes the minibatch sampling and QDrop masks reproducible, unit by unit.
         start_unit: skip units already calibrated (resume).
@@ -53,6 +54,7 @@ def reconstruct_(
             and masks, computes its slice and the gradients are all-reduced (the updates of one process).
     """
     cfg.validate()
+    check_images(qmodel, images)
     check_minibatch(cfg.batch_size, images.shape[0])  # before any unit's work
     check_tf32(cfg, images.device)
     fp_model = float_copy(qmodel)
@@ -70,6 +72,25 @@ def reconstruct_(
         if on_unit is not None:
             on_unit(k)
     return freeze_(qmodel)
+
+
+def check_images(qmodel: nn.Module, images: Tensor) -> None:
+    """Calibration images are a 4-d float batch of the model's dtype on its device: anything else fails deep in
+    torch (or, uint8 pixels, calibrates on unnormalised values)."""
+    param = next(qmodel.parameters(), None)
+    dtype, device = (param.dtype, param.device) if param is not None else (images.dtype, images.device)
+    if images.dim() != 4:
+        raise ConfigError(f"calibration images of shape {tuple(images.shape)}: give a 4-d batch (N, 3, H, W) "
+                          "(a single image x as x.unsqueeze(0))")
+    if not images.is_floating_point():
+        raise ConfigError(f"calibration images of dtype {images.dtype}: give float images normalised as the model "
+                          f"expects (e.g. pixels / 255, then the model's mean and std), as {dtype}")
+    if images.dtype != dtype:
+        raise ConfigError(f"calibration images of dtype {images.dtype} for a model in {dtype}: convert them with "
+                          f"images.to({dtype})")
+    if images.device != device:
+        raise ConfigError(f"calibration images on {images.device} for a model on {device}: move them with "
+                          f"images.to('{device}') (or the model to theirs)")
 
 
 def _unit_parts(unit: nn.Module) -> tuple[list[nn.Module], list[ActQuantizer]]:
@@ -140,6 +161,22 @@ def unit_layout(engine: str, device: torch.device) -> torch.memory_format:
     return torch.channels_last if engine == "fused" and device.type == "cpu" else torch.contiguous_format
 
 
+@torch.no_grad()
+def _layout_that_runs(unit: nn.Module, x: Tensor, layout: torch.memory_format, stage: str) -> torch.memory_format:
+    """channels_last if the unit's forward runs on it, else the contiguous layout: a forward that flattens with
+    ``x.view(x.size(0), -1)`` needs contiguous inputs. The trial forward draws no random numbers (no quantizer
+    is initialised or dropping yet)."""
+    if layout != torch.channels_last or x.dim() != 4:
+        return layout
+    try:
+        unit(in_layout(x, layout))
+    except RuntimeError as e:
+        log.warning("%s: its forward fails on channels_last inputs (%s); calibrating it on contiguous inputs "
+                    "(slower on a CPU)", stage, str(e).splitlines()[0] if str(e) else type(e).__name__)
+        return torch.contiguous_format
+    return layout
+
+
 def _loss_fn(unit: nn.Module, rounding: list, cfg: CalibConfig, engine: str, device: torch.device):  # noqa: ANN202
     def loss(x: Tensor, target: Tensor, beta: Tensor, reg_on: bool) -> tuple[Tensor, Tensor]:
         rec = reconstruction_loss(unit(x), target)
@@ -177,7 +214,7 @@ def calibrate_unit_(
     check_minibatch_split(bs, ranks)
     device = q_in.device
     engine = cfg.resolved_engine(device.type)
-    layout = unit_layout(engine, device)
+    layout = _layout_that_runs(unit, q_in[:bs], unit_layout(engine, device), stage)
     fp_in, q_in, fp_out = (in_layout(t, layout) for t in (fp_in, q_in, fp_out))  # no copy from reconstruct_
     _init_act_quantizers(unit, acts, q_in[:bs])
     for layer in layers:
@@ -194,6 +231,10 @@ def _calibrate(unit: nn.Module, layers: list[nn.Module], acts: list[ActQuantizer
     bs = cfg.batch_size
     rounding = [layer.weight_quantizer for layer in layers]
     opts, scheds, trainable = _optimizers(rounding, acts, cfg)
+    # only what an optimiser updates gets gradients (a fixed weight step size, lr_w_scale 0, gets none)
+    others = {p: p.requires_grad for p in unit.parameters()}
+    for p in others:
+        p.requires_grad_(False)
     for p in trainable:
         p.requires_grad_(True)
     for a in acts:
@@ -213,6 +254,8 @@ def _calibrate(unit: nn.Module, layers: list[nn.Module], acts: list[ActQuantizer
         for a in acts:
             a.drop_prob = 0.0
             a.rows = None
+        for p, wanted in others.items():
+            p.requires_grad_(wanted)
         for p in trainable:
             p.requires_grad_(False)
         for w in rounding:
@@ -227,16 +270,18 @@ def check_tf32(cfg: CalibConfig, device: torch.device) -> None:
 
 @contextlib.contextmanager
 def tf32_mode(enabled: bool, device: torch.device) -> Iterator[None]:
-    """TF32 convolutions and matmuls on or off on CUDA, torch's global flags restored on exit."""
+    """TF32 convolutions and matmuls on or off on CUDA, torch's global settings restored on exit. Only the
+    fp32_precision API: torch refuses to read the legacy allow_tf32 flags once a user has set the new one."""
     if device.type != "cuda":
         yield
         return
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = enabled
+    matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
+    saved = matmul.fp32_precision, conv.fp32_precision
+    matmul.fp32_precision = conv.fp32_precision = "tf32" if enabled else "ieee"
     try:
         yield
     finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+        matmul.fp32_precision, conv.fp32_precision = saved
 
 
 def _engine_context(engine: str, device: torch.device) -> contextlib.AbstractContextManager:
