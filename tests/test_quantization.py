@@ -503,3 +503,47 @@ def test_quantize_takes_its_example_from_the_attached_spec(tiny_net) -> None:  #
     auto = quantize(model, QuantConfig(w_bits=4, a_bits=4))
     given = quantize(model, QuantConfig(w_bits=4, a_bits=4), torch.zeros(2, 3, 16, 16))
     assert auto.sadag_plan.units == given.sadag_plan.units and auto.sadag_spec == spec
+
+
+def _genie_signed_scale(x: torch.Tensor, bits: int, p: float) -> float:
+    """Genie's symmetric signed search, written out: levels -2^(b-1) .. 2^(b-1) - 1 of a step 2 r max|x| / qmax
+    over the clip ratios r (as 1 - i/100: Genie's arange(1.0, 0.0, -0.01) differs only in float rounding)."""
+    m, qmax = x.abs().max(), 2**bits - 1
+    best, best_err = None, float("inf")
+    for i in range(100):
+        s = 2 * m * (1.0 - i / 100) / qmax
+        err = float((torch.clamp(torch.round(x / s), -(2 ** (bits - 1)), 2 ** (bits - 1) - 1) * s - x)
+                    .abs().pow(p).mean())
+        if err < best_err:
+            best, best_err = s, err
+    return float(best)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_the_symmetric_clip_search_is_genies_signed_grid(bits: int) -> None:
+    x = torch.randn(4000, generator=torch.Generator().manual_seed(bits)) * 2 + 0.7  # lopsided: affine would differ
+    scale, zp = clip_search(x, 2**bits - 1, p=P, dim=None, symmetric=True)
+    assert zp.item() == 2 ** (bits - 1)
+    assert scale.item() == pytest.approx(_genie_signed_scale(x, bits, P), rel=1e-5)
+    affine_scale, affine_zp = clip_search(x, 2**bits - 1, p=P, dim=None)
+    assert (affine_scale.item(), affine_zp.item()) != (scale.item(), zp.item())
+    # a non-negative input takes the unsigned grid either way
+    assert [t.item() for t in clip_search(x.relu(), 2**bits - 1, p=P, dim=None, symmetric=True)] == \
+        [t.item() for t in clip_search(x.relu(), 2**bits - 1, p=P, dim=None)]
+
+
+def test_act_grid_symmetric_puts_signed_activations_on_a_signed_grid() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.Conv2d(8, 8, 3, padding=1),
+                          nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.Flatten(),
+                          nn.Linear(8 * 16 * 16, 10))
+    images = torch.randn(16, 3, 16, 16)
+    zero_points = {}
+    for grid in ("affine", "symmetric"):
+        q = quantize(model, QuantConfig(4, 4, act_grid=grid), images[:1])
+        reconstruct_(q, images, CalibConfig(iters=0, batch_size=8))
+        signed, unsigned = q.get_submodule("2").input_quantizer, q.get_submodule("5").input_quantizer
+        assert all(a.symmetric == (grid == "symmetric") for a in quantizers(q)[1])
+        assert unsigned.zero_point.item() == 0  # after a ReLU: the unsigned grid
+        zero_points[grid] = signed.zero_point.item() - 2 ** (signed.bits - 1)  # (the second layer's input: A8)
+    assert zero_points["symmetric"] == 0 and zero_points["affine"] != 0

@@ -95,6 +95,11 @@ class QuantConfig:
                             help="fold BatchNorm into the preceding conv before quantizing (deployable)")
     clip_search_p: float = setting(2.4, help="exponent p of the |w - Q(w)|^p clip-search error",
                                    above=0.0)  # at 0 every clip scores the same
+    act_grid: Literal["affine", "symmetric"] = setting(
+        "affine", flag="--act-grid",
+        help="grid of an activation with negative values: affine (a zero point inside [0, 2^b - 1] over the "
+             "clipped [min, max]) or symmetric (Genie's code: a signed grid over +-max|x|); non-negative "
+             "activations take the unsigned grid either way")
     units: list[str] | None = setting(None, flag="--units", csv=True,
                                       help="comma-separated module names of the reconstruction units (default: "
                                            "detected)")

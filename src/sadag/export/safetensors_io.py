@@ -378,7 +378,8 @@ def _read_spec(raw: object, path: Path) -> DataSpec:
 
 def _quant_types_ok(raw: dict) -> bool:
     units, p = raw.get("units"), raw.get("clip_search_p", 2.4)
-    return (all(isinstance(raw.get(k, True), bool) for k in ("first_last_8bit", "fold_bn"))
+    return (raw.get("act_grid", "affine") in ("affine", "symmetric")
+            and all(isinstance(raw.get(k, True), bool) for k in ("first_last_8bit", "fold_bn"))
             and isinstance(p, (int, float)) and not isinstance(p, bool) and math.isfinite(p) and p > 0
             and (units is None or isinstance(units, list) and all(isinstance(u, str) for u in units)))
 

@@ -83,6 +83,9 @@ def quantize(model: nn.Module, cfg: QuantConfig, example: Tensor | None = None, 
             feeding[name] = quantizer
         plan.block_inputs[unit] = consumers
     _apply_bit_policy(modules, order, feeding, cfg)
+    for m in qmodel.modules():  # read when each is initialised on its first calibration minibatch
+        if isinstance(m, ActQuantizer):
+            m.symmetric = cfg.act_grid == "symmetric"
     plan.layer_bits = {
         n: (modules[n].weight_quantizer.bits, feeding[n].bits if feeding[n] is not None else None) for n in order
     }

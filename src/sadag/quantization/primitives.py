@@ -105,11 +105,14 @@ def affine_params(x_min: Tensor, x_max: Tensor, qmax: int) -> tuple[Tensor, Tens
     return scale, zero_point
 
 
-def clip_search(x: Tensor, qmax: int, *, p: float, dim: int | None = 0, steps: int = 100) -> tuple[Tensor, Tensor]:
+def clip_search(x: Tensor, qmax: int, *, p: float, dim: int | None = 0, steps: int = 100,
+                symmetric: bool = False) -> tuple[Tensor, Tensor]:
     """Choose scale and zero point by searching clipping ratios 1.00, 0.99, ... 0.01 of the range.
 
     Minimises mean |x - Q(x)|^p, per slice along ``dim`` (per output channel for weights) or over the
     whole tensor when ``dim`` is None. Returns (scale, zero_point) shaped for broadcasting against x.
+    ``symmetric``: a slice with negative values searches [-max|x|, max|x|] (Genie's signed activation grid: the
+    zero point is then round(qmax / 2) = 2^(b-1), the levels -2^(b-1) .. 2^(b-1) - 1 times the scale).
     """
     if dim is None:
         flat = x.reshape(1, -1)
@@ -117,12 +120,16 @@ def clip_search(x: Tensor, qmax: int, *, p: float, dim: int | None = 0, steps: i
         flat = x.transpose(0, dim).reshape(x.shape[dim], -1)
     x_min = flat.min(dim=1).values
     x_max = flat.max(dim=1).values
+    signed = x_min < 0 if symmetric else torch.zeros_like(x_min, dtype=torch.bool)
+    x_max = torch.where(signed, torch.maximum(x_max, -x_min), x_max)
+    x_min = torch.where(signed, -x_max, x_min)
     best_err = torch.full_like(x_min, float("inf"))
     best_scale = torch.ones_like(x_min)
     best_zp = torch.zeros_like(x_min)
     for i in range(steps):
         ratio = 1.0 - i / steps
         scale, zp = affine_params(x_min * ratio, x_max * ratio, qmax)
+        zp = torch.where(signed, float((qmax + 1) // 2), zp)  # round(qmax / 2) exactly, whatever the rounding
         q = torch.clamp(torch.round(flat / scale[:, None]) + zp[:, None], 0, qmax)
         err = ((q - zp[:, None]) * scale[:, None] - flat).abs().pow(p).mean(dim=1)
         better = err < best_err

@@ -124,6 +124,7 @@ class ActQuantizer(nn.Module):
         self.active = True  # False turns the quantizer into the identity (FP reference copies)
         self.observing = False
         self.p = p  # clip-search exponent (QuantConfig.clip_search_p)
+        self.symmetric = False  # QuantConfig.act_grid == "symmetric": Genie's signed grid for inputs with negatives
         # (this rank's rows, the whole minibatch's size) in data-parallel calibration: the drop mask is drawn for
         # the whole minibatch from the ranks' identically seeded RNG, and this rank keeps its rows
         self.rows: tuple[slice, int] | None = None
@@ -140,7 +141,7 @@ class ActQuantizer(nn.Module):
 
     def observe_(self, x: Tensor) -> None:
         """Initialise scale and zero point by clip search on a calibration batch."""
-        scale, zero_point = clip_search(x.detach(), self.qmax, p=self.p, dim=None)
+        scale, zero_point = clip_search(x.detach(), self.qmax, p=self.p, dim=None, symmetric=self.symmetric)
         with torch.no_grad():
             self.scale.copy_(scale)
             self.zero_point.copy_(zero_point)
