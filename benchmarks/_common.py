@@ -10,12 +10,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
 import sadag
 from sadag.config import apply_preset, result_settings
 from sadag.pipeline import resolve_device
 from sadag.progress import ProgressPrinter
-from sadag.rundir import RunDir
+from sadag.rundir import MARKER, RunDir
 
 SHARED = Path(os.environ.get("SADAG_SHARED", Path(__file__).resolve().parents[2] / "shared"))
 WEIGHTS = {
@@ -58,6 +59,18 @@ def run_row(cfg: sadag.RunConfig) -> dict[str, Any]:
     report = sadag.run(cfg, resume=True, export=False, progress=log_progress())
     report["wall_seconds"] = round(time.perf_counter() - start, 1)
     return report
+
+
+def calibration_of(directory: Path) -> dict[str, Any]:
+    """The calibration a finished run used: its resolved config.yaml, and the engine from its marker, which holds
+    what "auto" resolved to (a run made before the marker recorded that keeps the engine as typed)."""
+    calib = yaml.safe_load((directory / "config.yaml").read_text())["calib"]
+    marker = directory / MARKER
+    resolved = json.loads(marker.read_text())["settings"] if marker.is_file() else {}
+    # drop_draw: a run made before the setting existed drew uniform masks
+    return {"calib_iters": calib["iters"], "calib_batch_size": calib.get("batch_size"),
+            "drop_draw": calib.get("drop_draw", "uniform"),
+            "engine": resolved.get("calib.engine", calib.get("engine"))}
 
 
 def wide_split(iters: int, batch_size: int, ranks: int) -> tuple[int, int]:

@@ -15,7 +15,8 @@ from typing import Any
 
 import torch
 
-from _common import WORK, base_config, machine, run_row, sections, write_results
+import sadag
+from _common import WORK, base_config, calibration_of, machine, run_row, sections, write_results
 
 # Points are budgets over BASE, the `fast` preset of 2026-11-30 to 2026-12-02, written out here so that a point's
 # name keeps its meaning when the preset moves (the rows name points; their budgets are recorded too). The preset
@@ -42,10 +43,23 @@ def point_budget(point: str) -> dict[str, dict[str, Any]]:
     return {name: {**BASE[name], **POINTS[point].get(name, {})} for name in BASE}
 
 
-def point_config(model: str, point: str, bits: str, seed: int, method: str, work: Path):  # noqa: ANN201
+def point_config(model: str, point: str, bits: str, seed: int, method: str, work: Path) -> sadag.RunConfig:
     budget = point_budget(point)
     out = work / "frontier" / model / f"{method}_{point}_w{bits.replace('/', 'a')}_s{seed}"
     return base_config(model, out, method=method, bits=bits, preset="fast", seed=seed, **sections(budget))
+
+
+def point_row(cfg: sadag.RunConfig, point: str, bits: str, report: dict[str, Any]) -> dict[str, Any]:
+    """A run's row: its budget, and where and how it calibrated. Rows of several sessions share one file (whose
+    meta.machine is the last session's), so each names its machine (this process's: a finished run reused from
+    --work was made on it, as work folders stay on their machine, but maybe at other --threads) and the engine,
+    QDrop draw and minibatch that its run directory records (the engine as "auto" resolved)."""
+    sec = report["seconds"]
+    return {"model": cfg.model, "method": cfg.method, "point": point, "bits": bits, "seed": cfg.seed,
+            "top1": report["quant_top1"], "num_images": cfg.gen.num_images,
+            "genie_iters": cfg.gen.genie_iters, "warmup_calib_iters": cfg.gen.warmup_calib_iters,
+            "refine_iters": cfg.gen.refine_iters, **calibration_of(Path(cfg.out)), "machine": machine(),
+            "seconds": sec, "total_s": round(sum(sec.values()), 1)}
 
 
 def main() -> None:
@@ -66,13 +80,8 @@ def main() -> None:
         for bits in args.bits:
             for seed in args.seeds:
                 cfg = point_config(args.model, point, bits, seed, args.method, Path(args.work))
-                report = run_row(cfg)
-                sec = report["seconds"]
-                row = {"model": args.model, "method": args.method, "point": point, "bits": bits, "seed": seed,
-                       "top1": report["quant_top1"], "num_images": cfg.gen.num_images,
-                       "genie_iters": cfg.gen.genie_iters, "warmup_calib_iters": cfg.gen.warmup_calib_iters,
-                       "refine_iters": cfg.gen.refine_iters, "calib_iters": cfg.calib.iters,
-                       "seconds": sec, "total_s": round(sum(sec.values()), 1)}
+                row = point_row(cfg, point, bits, run_row(cfg))
+                sec = row["seconds"]
                 rows.append(row)
                 cells = " | ".join(f"{sec.get(s, 0):.0f}" for s in STAGES)
                 print(f"| {point} | W{bits.replace('/', 'A')} | {seed} | {row['top1']:.2f} | {cells} | "

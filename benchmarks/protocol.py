@@ -32,7 +32,9 @@ Both print the headroom table and the paired differences with 95% t-intervals of
 calib_iters, ...) from every finished run of the model in --work, whatever --bits/--methods/--seeds say, with the
 budgets read from the runs' own config.yaml; the file's earlier rows of runs that --work does not hold (made on
 another machine, or in a work folder since deleted) are kept. A run that started from a genie run's set is paired
-with that genie row only if the digests say it started from the images the genie row calibrated on (meta.pairs).
+with that genie row only if the digests say it started from the images the genie row calibrated on (meta.pairs; a
+genie row made with --genie-from pairs with nothing: a mismatch there is only reported). Each cell of meta.paired
+counts its unverified pairs (no digest known) and its cross-machine ones (rows record their machine).
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ from _common import (
     RESULTS,
     WORK,
     base_config,
+    calibration_of,
     machine,
     merge_rows,
     run_row,
@@ -65,6 +68,7 @@ from _common import (
     wide_split,
     write_results,
 )
+from sadag.config import result_defaults
 
 METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "real": ("real", {}),
@@ -92,14 +96,16 @@ BASE = "genie"
 VERSUS = {"sadag-pass": "sadag"}
 GEN_KEYS = ("genie_iters", "warmup_calib_iters", "refine_iters", "refine_parallel", "neighbor", "lambda_gm",
             "lambda_div", "lowpass", "bn_scope", "precision")
+MACHINE_KEYS = ("host", "cpu_model", "threads", "torch")  # what a row records of the machine that made it
 # Two-sided 95% Student t quantiles t_{0.975, df}, df = 1..30 (tests/test_protocol_stats.py checks them
 # against a numerical integral of the t density).
 T975 = (12.706205, 4.302653, 3.182446, 2.776445, 2.570582, 2.446912, 2.364624, 2.306004, 2.262157, 2.228139,
         2.200985, 2.178813, 2.160369, 2.144787, 2.131450, 2.119905, 2.109816, 2.100922, 2.093024, 2.085963,
         2.079614, 2.073873, 2.068658, 2.063899, 2.059539, 2.055529, 2.051831, 2.048407, 2.045230, 2.042272)
 Z975 = 1.959964
-# One-sided 80% points t_{0.80, df}, df = 1..30 (checked the same way): with T975 they give the smallest true
-# difference that the 95% interval excludes zero for in four runs of the protocol out of five (80% power).
+# One-sided 80% points t_{0.80, df}, df = 1..30 (checked the same way): with T975 they give the usual
+# approximation of the smallest true difference that the 95% interval excludes zero for in four runs of the
+# protocol out of five (80% power; the exact power is lower at small n, see summarize).
 T80 = (1.376382, 1.060660, 0.978472, 0.940965, 0.919544, 0.905703, 0.896030, 0.888890, 0.883404, 0.879058,
        0.875530, 0.872609, 0.870152, 0.868055, 0.866245, 0.864667, 0.863279, 0.862049, 0.860951, 0.859964,
        0.859074, 0.858266, 0.857530, 0.856855, 0.856236, 0.855665, 0.855137, 0.854647, 0.854192, 0.853767)
@@ -126,10 +132,10 @@ def t_quantile_80(df: int) -> float:
 
 
 def summarize(values: list[float]) -> dict[str, Any]:
-    """mean, sd, n, standard error, the 95% t-interval, and "detectable": the smallest true difference whose
-    95% interval would exclude zero with probability 0.8 at this spread and n, (t_0.975 + t_0.80) SE. A
-    difference half the width of the interval is only just significant: at that size the protocol finds it in
-    about half of its repeats."""
+    """mean, sd, n, standard error, the 95% t-interval, and "detectable": (t_0.975 + t_0.80) SE, the true
+    difference whose 95% interval would exclude zero with probability about 80% at this spread and n (the usual
+    approximation; 79% at n = 5, 73% at n = 2). A difference half the width of the interval is only just
+    significant: at that size the protocol finds it in about half of its repeats."""
     n = len(values)
     out: dict[str, Any] = {"n": n, "mean": statistics.mean(values) if values else None,
                            "sd": None, "se": None, "lo": None, "hi": None, "detectable": None}
@@ -142,13 +148,52 @@ def summarize(values: list[float]) -> dict[str, Any]:
     return out
 
 
-def paired_differences(rows: list[dict[str, Any]], method: str, bits: str, base: str = BASE) -> list[float]:
-    """top1(method) - top1(base) over the seeds both have at these bits."""
-    def by_seed(m: str) -> dict[int, float]:
-        return {r["seed"]: r["top1"] for r in rows if r["method"] == m and r["bits"] == bits}
+def paired_rows(rows: list[dict[str, Any]], method: str, bits: str,
+                base: str = BASE) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """(method's row, base's row) of each seed both have at these bits, by seed."""
+    def by_seed(m: str) -> dict[int, dict[str, Any]]:
+        return {r["seed"]: r for r in rows if r["method"] == m and r["bits"] == bits}
 
     mine, theirs = by_seed(method), by_seed(base)
-    return [mine[s] - theirs[s] for s in sorted(mine.keys() & theirs.keys())]
+    return [(mine[s], theirs[s]) for s in sorted(mine.keys() & theirs.keys())]
+
+
+def paired_differences(rows: list[dict[str, Any]], method: str, bits: str, base: str = BASE) -> list[float]:
+    """top1(method) - top1(base) over the seeds both have at these bits."""
+    return [a["top1"] - b["top1"] for a, b in paired_rows(rows, method, bits, base)]
+
+
+def cross_machine(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Both rows say where they ran, and not the same: another host, CPU, thread count or torch rounds floats
+    otherwise. Rows made before runs recorded their host (machine None or its host None) count as unknown."""
+    ma, mb = a.get("machine") or {}, b.get("machine") or {}
+    known = ma.get("host") is not None and mb.get("host") is not None
+    return known and any(ma.get(k) != mb.get(k) for k in MACHINE_KEYS)
+
+
+def paired_cell(rows: list[dict[str, Any]], method: str, bits: str, base: str,
+                unverified: set[tuple]) -> dict[str, Any]:
+    """The summary of a cell's differences, with how many of its pairs are unverified (no digest confirms they
+    share a set) and cross-machine. Both stay in the differences (a shared set calibrated on another machine adds
+    rounding noise, not bias), but a reader must see how many there are."""
+    pairs = paired_rows(rows, method, bits, base)
+    return {**summarize([a["top1"] - b["top1"] for a, b in pairs]),
+            "unverified": sum(row_key(a) in unverified or row_key(b) in unverified for a, b in pairs),
+            "cross_machine": sum(cross_machine(a, b) for a, b in pairs)}
+
+
+def paired_cells(rows: list[dict[str, Any]], bits: list[str]) -> dict[str, dict[str, Any]]:
+    """meta.paired: every method minus genie, and each VERSUS pair, per bits; a note for every cell with pairs
+    made on two machines."""
+    unverified = {k for k, ok in set_verdicts(rows)[0].items() if ok is None}
+    cells = {f"{m} {b}": paired_cell(rows, m, b, BASE, unverified) for m in METHODS if m != BASE for b in bits}
+    cells.update({f"{m} vs {base} {b}": paired_cell(rows, m, b, base, unverified)
+                  for m, base in VERSUS.items() for b in bits})
+    for name, cell in cells.items():
+        if cell["cross_machine"]:
+            print(f"note: {name}: {cell['cross_machine']} of its {cell['n']} pairs ran on two machines (host, CPU, "
+                  "threads or torch): kept in the differences, with the rounding noise that adds", flush=True)
+    return cells
 
 
 def format_summary(s: dict[str, Any]) -> str:
@@ -245,23 +290,20 @@ def row_of(directory: Path, bits: str, method: str, seed: int) -> dict[str, Any]
     """The protocol's row of a finished run, its budget read from the run's own resolved config.yaml."""
     report = json.loads((directory / "report.json").read_text())
     cfg = yaml.safe_load((directory / "config.yaml").read_text())
-    marker = directory / "sadag-run.json"  # its settings hold the engine that "auto" resolved to
-    resolved = json.loads(marker.read_text())["settings"] if marker.is_file() else {}
     env_file = directory / "environment.json"
     env = json.loads(env_file.read_text()) if env_file.is_file() else {}
     return {"model": report["model"], "bits": bits, "method": method, "seed": seed, "top1": report["quant_top1"],
             "num_images": report["num_calib"], "eval_images": report.get("eval_images"),
-            "calib_iters": cfg["calib"]["iters"],
-            "calib_batch_size": cfg["calib"].get("batch_size"), "fp_top1": report.get("fp_top1"),
-            "drop_draw": cfg["calib"].get("drop_draw", "uniform"),
-            "engine": resolved.get("calib.engine", cfg["calib"].get("engine")),
+            **calibration_of(directory), "fp_top1": report.get("fp_top1"),
             "gen": {k: cfg["gen"].get(k) for k in GEN_KEYS}, "seconds": report.get("seconds", {}),
             # the run whose Genie-D set this one started from (its directory's name), if any
             "genie_set_of": Path(cfg["gen"]["genie_set"]).parent.name if cfg["gen"].get("genie_set") else None,
             "device": report.get("device"), "deterministic": repeatable(report.get("device"), env),
             # by content: the images it calibrated on, and the saved Genie set it started from (None before these
             # were recorded)
-            "calib_digest": report.get("calib_digest"), "genie_set_digest": report.get("genie_set_digest")}
+            "calib_digest": report.get("calib_digest"), "genie_set_digest": report.get("genie_set_digest"),
+            # where it ran, from its latest session (None fields for a run made before environment.json said)
+            "machine": {k: env.get(k) for k in MACHINE_KEYS}}
 
 
 def repeatable(device: str | None, env: dict[str, Any]) -> bool | None:
@@ -343,6 +385,10 @@ ROW_KEY = ("bits", "method", "seed")  # the fields that name a run of one model
 RUN_NAME = re.compile(r"w(\d+)a(\d+)_(.+)_s(\d+)")
 
 
+def row_key(r: dict[str, Any]) -> tuple:
+    return tuple(r[k] for k in ROW_KEY)
+
+
 def finished_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
     """Rows of every finished run of this model in --work, whatever --bits/--methods/--seeds say: the results file
     is rewritten from these, so a collect with fewer arguments than the runs had must not drop rows."""
@@ -356,14 +402,20 @@ def finished_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 def check_one_budget(rows: list[dict[str, Any]]) -> None:
     """Rows pair by (bits, method, seed) alone, so one table (one results file) holds one budget: the same images,
-    Genie-D steps and test images for every method, and the same calibration for all but the calibration
-    variants (whose calibration is what they change). Another budget goes to a file of its own (--tag)."""
+    Genie-D steps and test images for every method; the same calibration (iterations and minibatch, genie-wide's
+    counted back to one process's; engine and QDrop's draw but where a calibration variant changes them); and
+    within each method, across bits and seeds, one engine, draw and generation settings, or rows of two settings
+    would be paired as repeats of one method. Another budget goes to a file of its own (--tag)."""
     def fields(r: dict[str, Any]) -> dict[str, Any]:
-        f = {"num_images": r["num_images"], "eval_images": r.get("eval_images")}
-        if r["method"] != "real":  # real runs generate nothing (since 2026-12-02 they record the preset's steps)
+        method, varied = r["method"], CALIBRATION_VARIANTS.get(r["method"], {})
+        iters, batch = one_process_calibration(r)
+        f = {"num_images": r["num_images"], "eval_images": r.get("eval_images"), "calib_iters": iters,
+             "calib_batch_size": batch}
+        for key in ("engine", "drop_draw"):  # what a variant changes is one within the variant
+            f[f"{key} of {method}" if key in varied else key] = r.get(key)
+        if method != "real":  # real runs generate nothing (since 2026-12-02 they record the preset's steps)
             f["gen.genie_iters"] = r["gen"].get("genie_iters")
-        if r["method"] not in CALIBRATION_VARIANTS:
-            f.update({"calib_iters": r["calib_iters"], "calib_batch_size": r.get("calib_batch_size")})
+            f[f"gen of {method}"] = gen_settings(r["gen"])
         return f
 
     seen: dict[str, dict[Any, list[str]]] = {}
@@ -379,26 +431,59 @@ def check_one_budget(rows: list[dict[str, Any]]) -> None:
                          "(--tag, e.g. --tag n1024)")
 
 
-def check_pairs(rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """The rows that pair, and an account: a run that started from a genie run's set pairs with that genie row
-    exactly only if it started from the images that row calibrated on (their digests). A genie run made again
-    on another machine (other float rounding) breaks that; such a row is left out of the paired differences.
-    Rows made before digests were recorded are kept, counted as unverified."""
-    calibrated = {tuple(r[k] for k in ROW_KEY): r.get("calib_digest") for r in rows}
-    verdict: dict[tuple, bool | None] = {}
+def one_process_calibration(r: dict[str, Any]) -> tuple[Any, Any]:
+    """A row's (iterations, minibatch), a wide split's counted back to the one process that sees the same images
+    per unit (wide_split's inverse): genie-wide is of the budget only if it is the wide split of the others'."""
+    ranks = CALIBRATION_VARIANTS.get(r["method"], {}).get("wide_ranks", 1)
+    iters, batch = r["calib_iters"], r.get("calib_batch_size")
+    if batch is not None and ranks > 1:
+        batch = batch // ranks if batch % ranks == 0 else batch / ranks  # a fraction: the split of no minibatch
+    return iters * ranks, batch
+
+
+def gen_settings(gen: dict[str, Any]) -> str:
+    """A row's generation settings as one comparable value. A setting it does not hold (its run was made, or the
+    row written, before the setting existed) is at its default, the value sadag resumes such a run at."""
+    defaults = result_defaults()
+    return json.dumps({k: defaults[f"gen.{k}"] if gen.get(k) is None else gen[k] for k in GEN_KEYS}, sort_keys=True)
+
+
+def set_verdicts(rows: list[dict[str, Any]]) -> tuple[dict[tuple, bool | None], dict[tuple, bool | None]]:
+    """Whether each run that started from a genie run's set started from the images that genie row calibrated on
+    (their digests; None when either is unknown, made before digests were recorded): first the runs that pair
+    with the genie row of their bits, then the genie rows made with --genie-from, which pair with nothing."""
+    calibrated = {row_key(r): r.get("calib_digest") for r in rows}
+    pairs: dict[tuple, bool | None] = {}
+    genie_from: dict[tuple, bool | None] = {}
     for r in rows:
         if not (source := RUN_NAME.fullmatch(r.get("genie_set_of") or "")):
             continue
         genie = calibrated.get((f"{source[1]}/{source[2]}", source[3], int(source[4])))
         mine = r.get("genie_set_digest")
-        verdict[tuple(r[k] for k in ROW_KEY)] = None if mine is None or genie is None else mine == genie
-    broken = sorted(k for k, ok in verdict.items() if ok is False)
+        (genie_from if r["method"] == BASE else pairs)[row_key(r)] = (
+            None if mine is None or genie is None else mine == genie)
+    return pairs, genie_from
+
+
+def check_pairs(rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The rows that pair, and an account: a run that started from a genie run's set pairs with that genie row
+    exactly only if it started from the images that row calibrated on (their digests). A genie run made again
+    on another machine (other float rounding) breaks that; such a row is left out of the paired differences.
+    Rows made before digests were recorded are kept, counted as unverified. A genie row made with --genie-from
+    on other images than its source row's is only reported: the pairs of its bits verify against its own."""
+    pairs, genie_from = set_verdicts(rows)
+    broken = sorted(k for k, ok in pairs.items() if ok is False)
     for key in broken:
         print(f"not paired: {key} started from another set than its genie row calibrated on (left out)", flush=True)
-    account = {"verified": sum(ok is True for ok in verdict.values()),
-               "unverified": sum(ok is None for ok in verdict.values()), "broken": [list(k) for k in broken]}
+    mismatch = sorted(k for k, ok in genie_from.items() if ok is False)
+    for key in mismatch:
+        print(f"note: {key} (--genie-from) calibrated on another set than its source genie row (kept: the pairs of "
+              "its bits are checked against its own images)", flush=True)
+    account = {"verified": sum(ok is True for ok in pairs.values()),
+               "unverified": sum(ok is None for ok in pairs.values()), "broken": [list(k) for k in broken],
+               "genie_from_mismatch": [list(k) for k in mismatch]}
     left_out = set(broken)
-    return [r for r in rows if tuple(r[k] for k in ROW_KEY) not in left_out], account
+    return [r for r in rows if row_key(r) not in left_out], account
 
 
 def runs_budget(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -465,11 +550,7 @@ def collect(args: argparse.Namespace) -> Path:
     meta = {"budget": runs_budget(rows), "seeds": sorted({r["seed"] for r in rows}), "bits": bits,
             # read from the runs, not from this collect's flags: True only if every run repeats bit for bit
             "deterministic": all(r["deterministic"] is True for r in rows),
-            "pairs": pairs,
-            "paired": {**{f"{m} {b}": summarize(paired_differences(paired, m, b)) for m in METHODS if m != BASE
-                          for b in bits},
-                       **{f"{m} vs {base} {b}": summarize(paired_differences(paired, m, b, base))
-                          for m, base in VERSUS.items() for b in bits}}}
+            "pairs": pairs, "paired": paired_cells(paired, bits)}
     # without --probe the recorded probe stays; with it, the probe of the sets in --work replaces theirs
     probe = merge_rows(recorded["meta"].get("probe", []), probe_rows(args) if args.probe else [],
                        ("bits", "seed", "set"))

@@ -48,6 +48,31 @@ def test_summary_of_known_differences() -> None:
         protocol.t_quantile_975(0)
 
 
+def _power_at_detectable(n: int, steps: int = 4000, top: float = 12.0) -> float:
+    """The exact power of the two-sided 95% t-test when the true difference is summarize's "detectable":
+    P(|Z + d| > t S) over Z normal and S the ratio of the sample SD to the true one (a chi density)."""
+    df = n - 1
+    t, d = protocol.t_quantile_975(df), protocol.t_quantile_975(df) + protocol.t_quantile_80(df)
+    log_k = math.log(2) + df / 2 * math.log(df / 2) - math.lgamma(df / 2)
+
+    def integrand(s: float) -> float:
+        density = math.exp(log_k + (df - 1) * math.log(s) - df * s * s / 2) if s > 0 else math.exp(log_k) * (df == 1)
+        return density * (0.5 * math.erfc((t * s - d) / math.sqrt(2)) + 0.5 * math.erfc((t * s + d) / math.sqrt(2)))
+
+    h = top / steps
+    return h / 3 * (integrand(0.0) + integrand(top) + sum((4 if i % 2 else 2) * integrand(i * h)
+                                                          for i in range(1, steps)))
+
+
+@pytest.mark.parametrize(("n", "power"), [(2, 0.73), (3, 0.77), (4, 0.78), (5, 0.79), (10, 0.80)])
+def test_detectable_is_found_about_four_times_in_five_as_documented(n: int, power: float) -> None:
+    """(t_0.975 + t_0.80) SE is the usual approximation: its exact power is below 80% at small n (summarize's
+    docstring gives these numbers)."""
+    assert _power_at_detectable(n) == pytest.approx(power, abs=0.005)
+    if n in (2, 5):
+        assert f"{round(power * 100)}% at n = {n}" in " ".join(protocol.summarize.__doc__.split())
+
+
 def test_differences_are_paired_by_seed_and_bits() -> None:
     def row(method: str, seed: int, top1: float, bits: str = "4/4") -> dict:
         return {"method": method, "seed": seed, "top1": top1, "bits": bits}
@@ -163,7 +188,7 @@ def test_sadag_pass_refines_every_batch_at_once_and_pairs_with_sadag(tmp_path: P
 
 
 def _finished_run(work: Path, bits: str, method: str, seed: int, top1: float, iters: int = 2000,
-                  device: str = "cpu", env: dict | None = None, genie_set: Path | None = None,
+                  device: str = "cpu", env: dict | None = None, genie_set: Path | None = None, engine: str = "eager",
                   **report: object) -> None:
     """A run directory as a finished protocol run leaves it: report.json (plus ``report``'s fields) and its
     config.yaml (engine as typed, ``genie_set`` if it started from one), and environment.json if ``env`` is given."""
@@ -176,16 +201,16 @@ def _finished_run(work: Path, bits: str, method: str, seed: int, top1: float, it
     if env is not None:
         (run / "environment.json").write_text(json.dumps(env))
     gen = {"genie_iters": 300, **({"genie_set": str(genie_set)} if genie_set else {})}
-    (run / "config.yaml").write_text(yaml.safe_dump({"calib": {"iters": iters, "batch_size": 32, "engine": "auto"},
+    (run / "config.yaml").write_text(yaml.safe_dump({"calib": {"iters": iters, "batch_size": 32, "engine": engine},
                                                      "gen": gen}))
 
 
 def test_collect_reads_every_finished_run_and_its_budget_whatever_the_arguments(tmp_path: Path) -> None:
     import argparse
 
-    _finished_run(tmp_path, "2/2", "genie", 0, 60.0)
-    _finished_run(tmp_path, "4/4", "genie-lowpass", 3, 63.0)
-    _finished_run(tmp_path, "2/2", "sadag", 1, 61.0, iters=500)
+    _finished_run(tmp_path, "2/2", "genie", 0, 60.0, engine="auto")
+    _finished_run(tmp_path, "4/4", "genie-lowpass", 3, 63.0, engine="auto")
+    _finished_run(tmp_path, "2/2", "sadag", 1, 61.0, iters=500, engine="auto")
     protocol.run_dir(tmp_path, "resnet20_cifar10", "2/2", "sadag", 2).mkdir()  # unfinished: no report
     (tmp_path / "protocol" / "resnet20_cifar10" / "w2a2_unknown_s0").mkdir()
     args = argparse.Namespace(work=str(tmp_path), model="resnet20_cifar10", bits=["4/4"], seeds=[0],
@@ -276,10 +301,60 @@ def test_collect_pairs_a_run_with_its_genie_row_only_if_it_started_from_those_im
     _finished_run(work, "2/2", "sadag", 2, 62.0, genie_set=genie_set(2), genie_set_digest="dddd")
     _finished_run(work, "2/2", "real", 1, 70.0, calib_digest="eeee")  # pairs by seed alone
     written = _collect(work)
-    assert written["meta"]["pairs"] == {"verified": 1, "unverified": 1, "broken": [["2/2", "sadag", 1]]}
+    assert written["meta"]["pairs"] == {"verified": 1, "unverified": 1, "broken": [["2/2", "sadag", 1]],
+                                        "genie_from_mismatch": []}
     assert written["meta"]["paired"]["sadag 2/2"]["n"] == 2  # seeds 0 and 2: seed 1 is no pair
+    assert written["meta"]["paired"]["sadag 2/2"]["unverified"] == 1  # seed 2's, counted in its cell
     assert written["meta"]["paired"]["real 2/2"]["n"] == 1
     assert {r["seed"] for r in written["rows"] if r["method"] == "sadag"} == {0, 1, 2}  # the row itself is kept
+
+
+def test_a_genie_row_made_from_another_bits_set_is_no_pair_and_drops_none(tmp_path: Path, results: Path) -> None:
+    """--genie-from: genie at 4/4 calibrates the 2/2 genie run's set. If its digest says otherwise, that is
+    reported, and the 4/4 pairs, verified against the 4/4 genie row's own images, stay."""
+    work = tmp_path / "work"
+    _finished_run(work, "2/2", "genie", 0, 60.0, calib_digest="aaaa")
+    two_bit_set = protocol.run_dir(work, "resnet20_cifar10", "2/2", "genie", 0) / "synthetic"
+    _finished_run(work, "4/4", "genie", 0, 80.0, genie_set=two_bit_set, genie_set_digest="bbbb", calib_digest="bbbb")
+    four_bit_set = protocol.run_dir(work, "resnet20_cifar10", "4/4", "genie", 0) / "synthetic"
+    _finished_run(work, "4/4", "sadag", 0, 81.0, genie_set=four_bit_set, genie_set_digest="bbbb")
+    written = _collect(work)
+    assert written["meta"]["pairs"] == {"verified": 1, "unverified": 0, "broken": [],
+                                        "genie_from_mismatch": [["4/4", "genie", 0]]}
+    assert written["meta"]["paired"]["sadag 4/4"]["n"] == 1
+
+
+def test_a_row_records_the_machine_its_run_says_it_ran_on(tmp_path: Path) -> None:
+    env = {"host": "node-a", "cpu_model": "AMD EPYC", "threads": 1, "torch": "2.13.0", "cpu_count": 2}
+    _finished_run(tmp_path, "2/2", "genie", 0, 60.0, env=env)
+    _finished_run(tmp_path, "2/2", "genie", 1, 60.0, env={"threads": 2, "torch": "2.12.0"})  # before host was
+    _finished_run(tmp_path, "2/2", "genie", 2, 60.0)  # before environment.json
+    rows = [protocol.row_of(protocol.run_dir(tmp_path, "resnet20_cifar10", "2/2", "genie", s), "2/2", "genie", s)
+            for s in range(3)]
+    assert [r["machine"] for r in rows] == [
+        {"host": "node-a", "cpu_model": "AMD EPYC", "threads": 1, "torch": "2.13.0"},
+        {"host": None, "cpu_model": None, "threads": 2, "torch": "2.12.0"},
+        dict.fromkeys(("host", "cpu_model", "threads", "torch"))]
+
+
+def test_each_cell_counts_its_cross_machine_pairs_and_keeps_them(tmp_path: Path, results: Path, capsys) -> None:  # noqa: ANN001
+    here = {"host": "node-a", "cpu_model": "AMD EPYC", "threads": 1, "torch": "2.13.0"}
+    elsewhere = {**here, "host": "node-b"}
+    recorded = [_recorded_row("genie", 0, 60.0, machine=here), _recorded_row("sadag", 0, 61.0, machine=elsewhere),
+                _recorded_row("genie", 1, 60.0, machine=here), _recorded_row("sadag", 1, 62.0, machine=here),
+                _recorded_row("genie", 2, 60.0, machine=here), _recorded_row("sadag", 2, 63.0),  # machine unknown
+                _recorded_row("genie", 3, 60.0, machine={**here, "host": None}),
+                _recorded_row("sadag", 3, 64.0, machine=elsewhere),  # a run made before hosts were recorded
+                _recorded_row("real", 0, 70.0, machine={**here, "threads": 2})]
+    (results / "protocol_resnet20_cifar10.json").write_text(json.dumps({"meta": {}, "rows": recorded}))
+    written = _collect(tmp_path / "work")
+    paired = written["meta"]["paired"]
+    assert (paired["sadag 2/2"]["n"], paired["sadag 2/2"]["cross_machine"]) == (4, 1)
+    assert paired["sadag 2/2"]["mean"] == pytest.approx(2.5)  # the cross-machine pair is in the difference
+    assert paired["real 2/2"]["cross_machine"] == 1  # another thread count rounds differently too
+    assert paired["genie-lowpass 2/2"] == {**protocol.summarize([]), "unverified": 0, "cross_machine": 0}
+    out = capsys.readouterr().out
+    assert "note: sadag 2/2: 1 of its 4 pairs ran on two machines" in out and "note: real 2/2: 1 of its 1" in out
 
 
 def _row(method: str, seed: int, **budget) -> dict:  # noqa: ANN003
@@ -300,6 +375,63 @@ def test_one_results_file_holds_one_budget() -> None:
     protocol.check_one_budget([_row("genie", 0), _row("real", 1, gen={"genie_iters": 4000})])
     with pytest.raises(SystemExit, match="num_images"):  # a variant changes the calibration, not the images
         protocol.check_one_budget([_row("genie", 0), _row("genie-wide", 0, num_images=1024)])
+
+
+def test_a_method_holds_one_engine_draw_and_generation_settings_across_bits_and_seeds() -> None:
+    """Rows of one method pair as its repeats: one of another engine, QDrop draw or Genie-D/SADAG setting must not
+    be one of them, at the same bits or another."""
+    plain = {"engine": "eager", "drop_draw": "uniform", "gen": {"genie_iters": 300, "refine_iters": 200,
+                                                                "lowpass": 0.0, "bn_scope": "batch"}}
+
+    def rows(method: str, **change) -> list[dict]:  # noqa: ANN003
+        return [_row("genie", 0, **plain), _row(method, 0, **plain), _row(method, 1, bits="4/4", **plain),
+                _row(method, 2, **{**plain, **change})]
+
+    protocol.check_one_budget(rows("sadag"))
+    # a setting a row does not hold (its run predates it) is at its default, as sadag resumes such a run
+    protocol.check_one_budget(rows("sadag", gen={**plain["gen"], "bn_scope": None, "precision": "fp32"}))
+    for change, named in (({"engine": "fused"}, "engine"), ({"drop_draw": "bytes"}, "drop_draw"),
+                          ({"gen": {**plain["gen"], "refine_iters": 60}}, "gen of sadag"),
+                          ({"gen": {**plain["gen"], "bn_scope": "set"}}, "gen of sadag")):
+        with pytest.raises(SystemExit, match=rf"different budgets \({named}: .*sadag 2/2 s2.*--tag"):
+            protocol.check_one_budget(rows("sadag", **change))
+    # genie-lowpass's D0 is its own, not genie's; but D0 20 and D0 80 are two methods
+    def d0(value: float) -> dict:
+        return {**plain, "gen": {**plain["gen"], "lowpass": value}}
+
+    lowpass = [_row("genie", 0, **plain), _row("genie-lowpass", 0, **d0(20.0)),
+               _row("genie-lowpass", 1, bits="4/4", **d0(20.0))]
+    protocol.check_one_budget(lowpass)
+    with pytest.raises(SystemExit, match="gen of genie-lowpass"):
+        protocol.check_one_budget([*lowpass, _row("genie-lowpass", 2, **d0(80.0))])
+    # a real run's generation settings are never read (since 2026-12-02 it records the preset's)
+    protocol.check_one_budget(rows("real", gen={"genie_iters": 4000, "refine_iters": 60}))
+
+
+def test_a_calibration_variant_changes_its_own_setting_only() -> None:
+    plain = {"engine": "eager", "drop_draw": "uniform"}
+    base = [_row("genie", 0, **plain), _row("sadag", 0, **plain)]
+    variants = [_row("genie-bytes", 0, engine="eager", drop_draw="bytes"),
+                _row("genie-fused", 0, engine="fused", drop_draw="uniform"),
+                _row("genie-wide", 0, calib_iters=1000, calib_batch_size=64, **plain)]
+    protocol.check_one_budget(base + variants)
+    for bad, named in ((_row("genie-wide", 1, calib_iters=1000, calib_batch_size=32, **plain), "calib_batch_size"),
+                       (_row("genie-wide", 1, calib_iters=2000, calib_batch_size=64, **plain), "calib_iters"),
+                       (_row("genie-bytes", 1, calib_iters=500, engine="eager", drop_draw="bytes"), "calib_iters"),
+                       (_row("genie-bytes", 1, engine="fused", drop_draw="bytes"), "engine"),
+                       (_row("genie-fused", 1, engine="eager", drop_draw="uniform"), "engine of genie-fused"),
+                       (_row("sadag", 1, engine="fused", drop_draw="uniform"), "engine")):
+        with pytest.raises(SystemExit, match=rf"different budgets \({named}: "):
+            protocol.check_one_budget(base + variants + [bad])
+
+
+@pytest.mark.parametrize("name", ["protocol_resnet20_cifar10", "protocol_resnet20_cifar10_n1024",
+                                  "protocol_resnet56_cifar10", "protocol_resnet56_cifar10_rerun1202"])
+def test_the_recorded_results_files_hold_one_budget(name: str) -> None:
+    """Their rows were collected before the engine, draw and generation settings were compared within a method;
+    they pass (some genie and sadag rows lack bn_scope, precision or refine_parallel: made before those existed)."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / f"{name}.json"
+    protocol.check_one_budget(json.loads(path.read_text())["rows"])
 
 
 def test_arguments_that_would_lose_or_fake_runs_are_refused() -> None:

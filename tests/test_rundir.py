@@ -358,3 +358,35 @@ def test_a_resume_keeps_every_session_environment(finished: Path) -> None:
     env = json.loads((finished / "environment.json").read_text())
     assert env["sessions"][0] == first["sessions"][0] and len(env["sessions"]) == 2
     assert env["device"] == "cpu" and env["sessions"][1] == {k: v for k, v in env.items() if k != "sessions"}
+
+
+def test_the_environment_names_the_machine_and_never_fails_for_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """environment.json says where a session ran (two machines round floats differently): the host, and the CPU
+    from /proc/cpuinfo on Linux, else what platform knows, else None."""
+    import builtins
+    import platform
+
+    from sadag.rundir import environment
+
+    env = environment(torch.device("cpu"))
+    assert env["host"] == (platform.node() or None)
+    if platform.system() == "Linux" and Path("/proc/cpuinfo").is_file():
+        names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                 if line.startswith("model name")]
+        assert env["cpu_model"] == (names[0] if names else platform.processor() or None)
+    real_open = builtins.open
+
+    def unreadable(file, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        if str(file) == "/proc/cpuinfo":
+            raise PermissionError(file)
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(platform, "system", lambda: "Linux")
+    monkeypatch.setattr(builtins, "open", unreadable)
+    monkeypatch.setattr(platform, "processor", lambda: "x86_64")
+    assert environment(torch.device("cpu"))["cpu_model"] == "x86_64"
+    monkeypatch.setattr(platform, "processor", lambda: "")
+    assert environment(torch.device("cpu"))["cpu_model"] is None
+    monkeypatch.setattr(platform, "system", lambda: "Darwin")
+    monkeypatch.setattr(platform, "processor", lambda: "arm")
+    assert environment(torch.device("cpu"))["cpu_model"] == "arm"

@@ -306,6 +306,19 @@ def module_digest(module: torch.nn.Module) -> str:
 def environment(device: torch.device) -> dict[str, Any]:
     from . import __version__
 
+    def cpu_model() -> str | None:
+        # the CPU names the machine's float rounding better than the platform string; on Linux the kernel's
+        # name for it, elsewhere what platform knows; never a reason for a run to fail
+        if platform.system() == "Linux":
+            try:
+                with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as info:
+                    for line in info:  # the first processor's line: the rest repeat it
+                        if line.startswith("model name"):
+                            return line.partition(":")[2].strip() or None
+            except OSError:
+                pass
+        return platform.processor() or None
+
     env = {
         "sadag": __version__,
         "torch": torch.__version__,
@@ -314,6 +327,8 @@ def environment(device: torch.device) -> dict[str, Any]:
         "device": str(device),
         "threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
+        "host": platform.node() or None,  # two sessions of one run on two machines round floats differently
+        "cpu_model": cpu_model(),
         # CPU kernels repeat bit for bit at a fixed thread count; CUDA ones only with this on
         "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
     }
