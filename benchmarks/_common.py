@@ -13,7 +13,7 @@ import torch
 import yaml
 
 import sadag
-from sadag.config import apply_preset, result_settings
+from sadag.config import METHOD_GEN_READS, apply_preset, result_settings
 from sadag.pipeline import resolve_device
 from sadag.progress import ProgressPrinter
 from sadag.rundir import MARKER, RunDir
@@ -41,10 +41,15 @@ def base_config(model: str, out: Path, **kwargs: Any) -> sadag.RunConfig:
                            class_index=str(class_index) if class_index else None, out=str(out), **kwargs)
 
 
-def sections(budget: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """A budget table's {"calib": {...}, "gen": {...}} as explicit RunConfig sections (they win over the preset)."""
+def sections(budget: dict[str, dict[str, Any]], method: str | None = None) -> dict[str, Any]:
+    """A budget table's {"calib": {...}, "gen": {...}} as explicit RunConfig sections (they win over the preset).
+    With ``method``, only the gen settings that method reads: sadag refuses a setting its method would ignore,
+    and one budget table serves every method."""
     kinds = {"quant": sadag.QuantConfig, "calib": sadag.CalibConfig, "gen": sadag.GenConfig}
-    return {name: kinds[name](**values) for name, values in budget.items()}
+    reads = METHOD_GEN_READS.get(method) if method else None
+    return {name: kinds[name](**{k: v for k, v in values.items()
+                                 if name != "gen" or reads is None or k in reads})
+            for name, values in budget.items()}
 
 
 def run_row(cfg: sadag.RunConfig) -> dict[str, Any]:

@@ -46,7 +46,7 @@ def point_budget(point: str) -> dict[str, dict[str, Any]]:
 def point_config(model: str, point: str, bits: str, seed: int, method: str, work: Path) -> sadag.RunConfig:
     budget = point_budget(point)
     out = work / "frontier" / model / f"{method}_{point}_w{bits.replace('/', 'a')}_s{seed}"
-    return base_config(model, out, method=method, bits=bits, preset="fast", seed=seed, **sections(budget))
+    return base_config(model, out, method=method, bits=bits, preset="fast", seed=seed, **sections(budget, method))
 
 
 def point_row(cfg: sadag.RunConfig, point: str, bits: str, report: dict[str, Any]) -> dict[str, Any]:

@@ -68,7 +68,7 @@ from _common import (
     wide_split,
     write_results,
 )
-from sadag.config import result_defaults
+from sadag.config import METHOD_GEN_READS, result_defaults
 
 METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "real": ("real", {}),
@@ -283,7 +283,7 @@ def run_config(args: argparse.Namespace, bits: str, method: str, seed: int, inpu
         del budget_sections["gen"]
     out = run_dir(Path(args.work), args.model, bits, method, seed)
     return base_config(args.model, out, method=kind, bits=bits, preset="paper", seed=seed, device=args.device,
-                       eval_limit=args.eval_limit, **sections(budget_sections), **extra)
+                       eval_limit=args.eval_limit, **sections(budget_sections, kind), **extra)
 
 
 def row_of(directory: Path, bits: str, method: str, seed: int) -> dict[str, Any]:
@@ -415,7 +415,7 @@ def check_one_budget(rows: list[dict[str, Any]]) -> None:
             f[f"{key} of {method}" if key in varied else key] = r.get(key)
         if method != "real":  # real runs generate nothing (since 2026-12-02 they record the preset's steps)
             f["gen.genie_iters"] = r["gen"].get("genie_iters")
-            f[f"gen of {method}"] = gen_settings(r["gen"])
+            f[f"gen of {method}"] = gen_settings(r["gen"], METHODS[method][0] if method in METHODS else None)
         return f
 
     seen: dict[str, dict[Any, list[str]]] = {}
@@ -441,11 +441,14 @@ def one_process_calibration(r: dict[str, Any]) -> tuple[Any, Any]:
     return iters * ranks, batch
 
 
-def gen_settings(gen: dict[str, Any]) -> str:
-    """A row's generation settings as one comparable value. A setting it does not hold (its run was made, or the
-    row written, before the setting existed) is at its default, the value sadag resumes such a run at."""
-    defaults = result_defaults()
-    return json.dumps({k: defaults[f"gen.{k}"] if gen.get(k) is None else gen[k] for k in GEN_KEYS}, sort_keys=True)
+def gen_settings(gen: dict[str, Any], kind: str | None = None) -> str:
+    """A row's generation settings that its method ``kind`` reads, as one comparable value (the others are
+    whatever the preset said, and since 2026-12-02 not given: they differ between rows and change nothing). A
+    setting it does not hold (its run was made, or the row written, before the setting existed) is at its
+    default, the value sadag resumes such a run at."""
+    defaults, reads = result_defaults(), METHOD_GEN_READS.get(kind, GEN_KEYS)
+    return json.dumps({k: defaults[f"gen.{k}"] if gen.get(k) is None else gen[k] for k in GEN_KEYS if k in reads},
+                      sort_keys=True)
 
 
 def set_verdicts(rows: list[dict[str, Any]]) -> tuple[dict[tuple, bool | None], dict[tuple, bool | None]]:

@@ -39,7 +39,7 @@ from zero_shot import METHODS, ONE_SEED, set_path
 def last_layer_terms(fp: nn.Module, q: nn.Module, images: Tensor, chunk: int = 256) -> tuple[Tensor, Tensor]:
     """e = f_FP(x) - f_Q(x) and h = the Q model's last linear input, for every image."""
     es, hs = [], []
-    with capture_linear_input(last_linear(q)) as slot:
+    with capture_linear_input(last_linear(q, images.shape[-1])) as slot:
         for part in images.split(chunk):
             e = fp(part) - q(part)
             es.append(e)

@@ -95,7 +95,7 @@ def synthetic_set(model: str, method: str, seed: int, budget: str, work: Path) -
         if method != "sadag-random":  # and from its stage-B model, which no neighbor/loss option changes
             gen["warmup_model"] = str(synthetic_set(model, "sadag-random", seed, budget, work) / "warmup.safetensors")
     cfg = base_config(model, out, method=kind, bits="4/4", preset=PRESET, seed=seed,
-                      **sections({"gen": gen, "calib": BUDGETS[budget]["calib"]}))
+                      **sections({"gen": gen, "calib": BUDGETS[budget]["calib"]}, kind))
     return sadag.generate_set(cfg, resume=True, progress=log_progress())
 
 
@@ -103,7 +103,7 @@ def budget_gen(budget: str, method: str) -> dict[str, Any]:
     """The gen settings of a set of this budget and method, resolved as its run resolves them (a setting the
     budget leaves out is the preset's: `fast` gets the preset's 256 images, real as many as the synthetic sets)."""
     gen = {**BUDGETS[budget]["gen"], **METHODS[method][1]}
-    resolved = to_dict(apply_preset(sadag.RunConfig(preset=PRESET, **sections({"gen": gen}))).gen)
+    resolved = to_dict(apply_preset(sadag.RunConfig(preset=PRESET, **sections({"gen": gen}, METHODS[method][0]))).gen)
     return {k: v for k, v in resolved.items() if k not in SET_PATHS}
 
 

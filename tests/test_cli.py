@@ -12,8 +12,9 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
-from conftest import CIFAR_TEST, CIFAR_TRAIN, R20_WEIGHTS, TINY, needs_shared
+from conftest import CIFAR_TEST, CIFAR_TRAIN, R20_WEIGHTS, TINY, needs_shared, tiny_bn_model
 
 R20 = ["--model", "resnet20_cifar10", "--weights", str(R20_WEIGHTS)]
 REPORT_KEYS = {"model", "method", "w_bits", "a_bits", "seed", "num_calib", "fp_top1", "quant_top1", "quant_top5",
@@ -260,3 +261,35 @@ def test_a_mistyped_input_path_leaves_no_run_directory(tmp_path: Path, cli, monk
     code, _, err = cli(["run", *TINY, "--out", "run", *flags])
     assert code == 2 and message in err, err
     assert not (tmp_path / "run").exists()  # the corrected command can use the same --out
+
+
+def odd_size_model():  # noqa: ANN201
+    """A factory for `--model test_cli:odd_size_model`: the tiny BN model at 30 x 30 (not a multiple of 4)."""
+    from dataclasses import replace
+
+    model, spec = tiny_bn_model()
+    return model, replace(spec, input_size=30)
+
+
+def float64_model():  # noqa: ANN201
+    """A factory for `--model test_cli:float64_model`: the tiny BN model in float64."""
+    model, spec = tiny_bn_model()
+    return model.to(torch.float64), spec
+
+
+@pytest.mark.parametrize(("model", "method", "message"), [
+    ("odd_size_model", "genie", "this model's input size is 30: use --method zeroq or --method noise for it"),
+    ("odd_size_model", "sadag", "this model's input size is 30: use --method zeroq or --method noise for it"),
+    ("float64_model", "zeroq", "TinyNet has parameters in torch.float64 (stem.0.weight and 14 more): sadag "
+                               "generates and calibrates in torch.float32"),
+    ("float64_model", "noise", "convert it with model.float() (a module:factory model: return model.float())"),
+])
+@pytest.mark.parametrize("command", ["run", "generate"])
+def test_a_model_the_method_cannot_use_is_refused_before_the_run_directory(tmp_path: Path, cli, command: str,
+                                                                           model: str, method: str,
+                                                                           message: str) -> None:
+    out = tmp_path / "run"
+    code, _, err = cli([command, "--model", f"test_cli:{model}", "--preset", "smoke", "--method", method,
+                        "--out", out])
+    assert code == 2 and message in err, err
+    assert not out.exists()  # the corrected command can use the same --out

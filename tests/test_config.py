@@ -11,6 +11,7 @@ from conftest import TINY
 from sadag import CalibConfig, GenConfig, QuantConfig, RunConfig, apply_preset
 from sadag.cli import build_parser, config_from_args
 from sadag.config import (
+    METHOD_GEN_READS,
     PRESETS,
     check_unused_settings,
     dump_yaml,
@@ -20,6 +21,7 @@ from sadag.config import (
     to_dict,
 )
 from sadag.errors import ConfigError
+from sadag.methods import METHODS, GenerationMethod, method_names
 
 FAST_GENIE_ITERS = PRESETS["fast"]["gen"]["genie_iters"]
 
@@ -183,6 +185,51 @@ def test_generation_settings_equal_to_the_preset_pass_with_calib_data(tmp_path: 
     check_unused_settings(apply_preset(RunConfig(calib_data="set", preset="smoke", gen=GenConfig(genie_iters=10))))
     with pytest.raises(ConfigError, match=r"gen.genie_iters \(--gen-iters\) 11 applies to generated images"):
         check_unused_settings(apply_preset(RunConfig(calib_data="set", preset="smoke", gen=GenConfig(genie_iters=11))))
+
+
+@pytest.mark.parametrize(("method", "flags", "named"), [
+    ("zeroq", ["--gen-precision", "bf16", "--bn-scope", "set", "--refine-iters", "7", "--lambda-gm", "0.5"],
+     "gen.precision (--gen-precision) 'bf16' (read by genie, sadag); gen.bn_scope (--bn-scope) 'set' (read by "
+     "genie, sadag); gen.refine_iters (--refine-iters) 7 (read by sadag); gen.lambda_gm (--lambda-gm) 0.5 (read by "
+     "sadag), so they would change nothing: drop them"),
+    ("noise", ["--gen-batch-size", "8"], "gen.batch_size (--gen-batch-size) 8 (read by zeroq, genie, sadag), so it"),
+    ("genie", ["--warmup-calib-iters", "3", "--zeroq-iters", "9"], "gen.warmup_calib_iters (--warmup-calib-iters) 3 "
+     "(read by sadag); gen.zeroq_iters (--zeroq-iters) 9 (read by zeroq)"),
+    ("sadag", ["--zeroq-iters", "9"], "gen.zeroq_iters (--zeroq-iters) 9 (read by zeroq)"),
+])
+@pytest.mark.parametrize("command", ["run", "generate"])
+def test_generation_settings_the_method_does_not_read_are_refused(tmp_path: Path, cli, command: str, method: str,
+                                                                 flags: list[str], named: str) -> None:
+    out = tmp_path / "run"
+    code, _, err = cli([command, *TINY, "--method", method, "--out", out, *flags])
+    assert code == 2 and f"method {method!r} does not read {named}" in err, err
+    assert not out.exists()
+
+
+def test_only_explicit_generation_settings_other_than_the_presets_are_refused(tmp_path: Path) -> None:
+    # the presets set Genie-D and SADAG budgets for every method; a run's config.yaml gives every field explicitly,
+    # and loads back with another method
+    for preset in PRESETS:
+        check_unused_settings(apply_preset(RunConfig(method="zeroq", preset=preset)))
+    path = tmp_path / "config.yaml"
+    path.write_text(dump_yaml(to_dict(apply_preset(RunConfig(method="sadag", preset="smoke", out="x")))))
+    for method in ("noise", "zeroq", "genie"):
+        check_unused_settings(apply_preset(load_config(path, method=method)), "generate")
+    check_unused_settings(apply_preset(RunConfig(method="zeroq", preset="smoke", gen=GenConfig(refine_iters=5))))
+    with pytest.raises(ConfigError, match=r"method 'zeroq' does not read gen.refine_iters \(--refine-iters\) 6"):
+        check_unused_settings(apply_preset(RunConfig(method="zeroq", preset="smoke", gen=GenConfig(refine_iters=6))))
+
+
+def test_a_method_registered_elsewhere_is_not_checked(monkeypatch: pytest.MonkeyPatch) -> None:
+    """sadag cannot know which gen settings another method reads."""
+    monkeypatch.setitem(METHODS, "mine", GenerationMethod("mine", lambda ctx: None))
+    check_unused_settings(apply_preset(RunConfig(method="mine", preset="smoke", gen=GenConfig(refine_iters=6))))
+
+
+def test_every_generation_setting_is_read_by_some_method() -> None:
+    read = {name for reads in METHOD_GEN_READS.values() for name in reads}
+    assert read == {f.name for f, _ in schema_fields(GenConfig)}
+    assert set(METHOD_GEN_READS) <= set(method_names())
 
 
 @pytest.mark.parametrize(("method", "refused"), [("noise", False), ("sadag", True)])

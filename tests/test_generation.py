@@ -34,8 +34,11 @@ from sadag.generation import (
     swing_model,
     swing_shift,
 )
-from sadag.generation.common import tensor_lr_adam
-from sadag.generation.sadag import capture_linear_input
+from sadag.generation import sadag as sadag_module
+from sadag.generation.common import batch_seed, tensor_lr_adam
+from sadag.generation.generator import GenieGenerator
+from sadag.generation.genie import init_batch
+from sadag.generation.sadag import capture_linear_input, last_linear
 from sadag.generation.swing import SwingConv2d
 from sadag.generation.zeroq import zeroq_losses
 from sadag.models.spec import DataSpec
@@ -81,11 +84,15 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def tiny_model(seed: int = 0, dtype: torch.dtype = torch.float32) -> TinyNet:
     torch.manual_seed(seed)
-    model = TinyNet()
-    for m in bn_layers(model):  # non-trivial targets
+    return with_bn_targets(TinyNet()).to(dtype).eval()
+
+
+def with_bn_targets(model: nn.Module) -> nn.Module:
+    """Non-trivial BN statistics to match, drawn from the global RNG (seed it first)."""
+    for m in bn_layers(model):
         m.running_mean.uniform_(-0.5, 0.5)
         m.running_var.uniform_(0.5, 2.0)
-    return model.to(dtype).eval()
+    return model
 
 
 def perturbed(model: nn.Module, scale: float = 0.05, seed: int = 1) -> nn.Module:
@@ -247,6 +254,26 @@ def test_progress_logs_first_and_every_kth_iteration() -> None:
     assert [step for _, step, _, _ in seen] == [1, 3, 6, 7, 8, 10, 13, 14]
 
 
+@pytest.mark.parametrize("stage", ["genie-d", "zeroq", "sadag refine"])
+def test_progress_of_batches_made_in_one_pass_moves_forward_counting_them_all(stage: str) -> None:
+    """2 passes of 2 batches, 4 iterations each, every one logged: the steps count every batch's iterations, one
+    apart, so a progress bar never moves back and reads the share done (not a batch's own b * iters + it + 1)."""
+    model = tiny_model()
+    cfg = small_cfg(num_images=12, batch_size=3, genie_iters=4, zeroq_iters=4, refine_iters=4, parallel_batches=2,
+                    refine_parallel=2)
+    seen, progress = recorder()
+    if stage == "genie-d":
+        generate_genie(model, SPEC, cfg, seed=0, progress=progress, log_every=1)
+    elif stage == "zeroq":
+        generate_zeroq(model, SPEC, cfg, seed=0, progress=progress, log_every=1)
+    else:
+        batches = generate_genie(model, SPEC, cfg, seed=0)
+        refine_sadag(model, perturbed(model), batches, SPEC, cfg, seed=0, progress=progress, log_every=1)
+    assert [(name, step, total) for name, step, total, _ in seen] == [(stage, k, 16) for k in range(1, 17)]
+    # each record still names its batch (metrics.jsonl's curves are per batch): a pass's batches in turn
+    assert [int(m["batch"]) for *_, m in seen] == [0, 1] * 4 + [2, 3] * 4
+
+
 def test_genie_inspector_sees_each_log_point_without_changing_the_images() -> None:
     model, cfg = tiny_model(), small_cfg(num_images=6, batch_size=3, genie_iters=5)
     seen: list[tuple[int, int, tuple[int, ...], tuple[int, ...]]] = []
@@ -274,6 +301,21 @@ def test_genie_seeded_and_batches_independent() -> None:
                              on_batch=lambda b: finished.append(b.index))
     assert finished == [1]
     assert torch.equal(resumed[1].images, full[1].images) and torch.equal(resumed[1].z, full[1].z)
+
+
+def test_a_batch_generator_is_seeded_without_touching_the_callers_random_state(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = small_cfg()
+    with torch.random.fork_rng(devices=[]):  # the weights as torch.manual_seed seeded them before
+        torch.manual_seed(batch_seed(3, 1, "genie-g"))
+        expected = GenieGenerator(SPEC.input_size, cfg.latent_dim).state_dict()
+    reseeded: list[int] = []  # torch.manual_seed reseeds every CUDA device, which fork_rng(devices=[]) leaves changed
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", reseeded.append)
+    monkeypatch.setattr(torch.cuda, "manual_seed", reseeded.append)
+    before = torch.get_rng_state()
+    gen, _ = init_batch(SPEC, cfg, 3, 1, 4, torch.device("cpu"))
+    assert reseeded == [] and torch.equal(torch.get_rng_state(), before)
+    assert all(torch.equal(value, gen.state_dict()[k]) for k, value in expected.items())  # the same initial weights
 
 
 def test_zeroq_and_noise_seeded() -> None:
@@ -416,6 +458,67 @@ def test_a_hooked_bn_layer_without_input_raises_model_error() -> None:
                  lambda: zeroq_losses([torch.randn(2, 8, 16, 16), None], layers, x)):
         with pytest.raises(ModelError, match=r"did not reach the hooked BatchNorm2d layer\(s\) number \[1\]"):
             call()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_a_model_in_another_dtype_is_refused_naming_the_fix(dtype: torch.dtype) -> None:
+    """The generators, latents and ZeroQ's pixels are float32: another model dtype failed inside conv2d."""
+    other, cfg = tiny_model(dtype=dtype), small_cfg(num_images=4, genie_iters=1, zeroq_iters=1, refine_iters=1)
+    batches = generate_genie(tiny_model(), SPEC, cfg, seed=0)
+    for call in (lambda: generate_genie(other, SPEC, cfg, 0), lambda: generate_zeroq(other, SPEC, cfg, 0),
+                 lambda: refine_sadag(other, perturbed(other), batches, SPEC, cfg, 0),
+                 lambda: refine_sadag(tiny_model(), other, batches, SPEC, cfg, 0)):
+        with pytest.raises(ModelError, match=rf"parameters in {dtype} \(conv1.weight and 7 more\).*model\.float\(\)"):
+            call()
+
+
+def test_the_generator_refuses_an_input_size_it_cannot_make_naming_other_methods() -> None:
+    for size in (30, 2):
+        with pytest.raises(ConfigError, match=rf"input size is {size}: use --method zeroq or --method noise"):
+            GenieGenerator(size)
+
+
+class SENet(TinyNet):
+    """The classifier declared before a squeeze-and-excitation block whose Linear layers run before it (as in
+    MobileNetV3 or EfficientNet), and optionally a training-only head declared after it: in module order either
+    passes for the last linear layer."""
+
+    def __init__(self, head: bool) -> None:
+        super().__init__()
+        self.se = nn.Sequential(nn.Linear(12, 3), nn.ReLU(), nn.Linear(3, 12), nn.Sigmoid())
+        self.aux_head = nn.Linear(12, 5) if head else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = torch.relu(self.bn2(self.conv2(x)))
+        x = x * self.se(x.mean(dim=(2, 3)))[:, :, None, None]
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+@pytest.mark.parametrize("head", [False, True], ids=["se-block", "se-block-and-unused-head"])
+def test_sadag_takes_h_at_the_last_linear_layer_the_forward_calls(monkeypatch: pytest.MonkeyPatch,
+                                                                  head: bool) -> None:
+    torch.manual_seed(0)
+    fp = with_bn_targets(SENet(head)).eval()
+    q, cfg = perturbed(fp), small_cfg(num_images=4, genie_iters=2, refine_iters=2)
+    hooked: list[nn.Module] = []
+    capture = sadag_module.capture_linear_input
+    monkeypatch.setattr(sadag_module, "capture_linear_input", lambda layer: (hooked.append(layer), capture(layer))[1])
+    images = refine_sadag(fp, q, generate_genie(fp, SPEC, cfg, seed=0), SPEC, cfg, seed=0)
+    assert hooked == [q.fc] and torch.isfinite(images).all()
+
+
+class UnusedLinearNet(TinyNet):
+    """Its only nn.Linear is never called by the eval-mode forward."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x)))))).mean(dim=(2, 3))[:, :5]
+
+
+def test_a_model_whose_forward_calls_no_linear_layer_is_refused_for_sadag() -> None:
+    with pytest.raises(ModelError, match=r"UnusedLinearNet: the eval-mode forward pass calls none of its nn.Linear "
+                                         r"layers \(fc\).*use --method genie"):
+        last_linear(UnusedLinearNet().eval(), SPEC.input_size)
 
 
 def test_nan_loss_raises_numerical_error_naming_stage() -> None:

@@ -72,12 +72,13 @@ def test_batch_seeds_of_the_existing_stages_never_change() -> None:
 
 
 GEN = sadag.GenConfig(genie_iters=3, warmup_calib_iters=2, refine_iters=2)
+GENIE_GEN = sadag.GenConfig(genie_iters=3)  # what method genie reads of GEN (it refuses the rest)
 
 
 def test_sadag_continues_from_a_genie_set_and_a_warmup_model_exactly(tmp_path: Path) -> None:
     calib = sadag.CalibConfig(iters=2)
     fresh = sadag.run(tiny(tmp_path / "fresh", method="sadag", gen=GEN, calib=calib), export=False)
-    genie_set = sadag.generate_set(tiny(tmp_path / "genie", method="genie", gen=GEN, calib=calib))
+    genie_set = sadag.generate_set(tiny(tmp_path / "genie", method="genie", gen=GENIE_GEN, calib=calib))
     gen = sadag.GenConfig(genie_iters=3, warmup_calib_iters=2, refine_iters=2, genie_set=str(genie_set))
     from_set = sadag.run(tiny(tmp_path / "from_set", method="sadag", gen=gen, calib=calib), export=False)
     gen.warmup_model = str(tmp_path / "fresh" / "warmup.safetensors")
@@ -90,7 +91,7 @@ def test_sadag_continues_from_a_genie_set_and_a_warmup_model_exactly(tmp_path: P
 
 
 def test_a_genie_set_or_warmup_model_that_does_not_fit_is_refused(tmp_path: Path) -> None:
-    genie_set = sadag.generate_set(tiny(tmp_path / "genie", method="genie", gen=GEN))
+    genie_set = sadag.generate_set(tiny(tmp_path / "genie", method="genie", gen=GENIE_GEN))
     noise_set = sadag.generate_set(tiny(tmp_path / "noise", method="noise"))
     cases = [
         (dict(genie_set=str(noise_set)), "holds no Genie-D batches"),
@@ -120,7 +121,7 @@ def test_a_genie_set_or_warmup_model_that_does_not_fit_is_refused(tmp_path: Path
 def test_genie_from_a_saved_set_reuses_it_and_only_adds_the_lowpass(tmp_path: Path) -> None:
     from sadag.generation.lowpass import apply_lowpass
 
-    genie_set = sadag.generate_set(tiny(tmp_path / "genie", method="genie", gen=GEN))
+    genie_set = sadag.generate_set(tiny(tmp_path / "genie", method="genie", gen=GENIE_GEN))
     gen = sadag.GenConfig(genie_iters=3, genie_set=str(genie_set), lowpass=4.0)
     filtered = sadag.generate_set(tiny(tmp_path / "lowpass", method="genie", gen=gen))
     spec = sadag.load_model("conftest:tiny_bn_model")[1]
@@ -130,8 +131,8 @@ def test_genie_from_a_saved_set_reuses_it_and_only_adds_the_lowpass(tmp_path: Pa
     assert torch.allclose(again, apply_lowpass(original, spec, 4.0), atol=1e-6)
     # the filtered set is not Genie-D's output any more: reused as a Genie set it would be filtered twice
     # (genie) or refined from images its generators do not make (sadag)
-    for method in ("genie", "sadag"):
-        gen = sadag.GenConfig(genie_iters=3, warmup_calib_iters=2, refine_iters=2, genie_set=str(filtered))
+    for method, steps in (("genie", {}), ("sadag", {"warmup_calib_iters": 2, "refine_iters": 2})):
+        gen = sadag.GenConfig(genie_iters=3, genie_set=str(filtered), **steps)  # what each method reads
         with pytest.raises(ConfigError, match="was low-pass filtered when it was made"):
             sadag.run(tiny(tmp_path / f"twice_{method}", method=method, gen=gen), export=False)
 
@@ -142,7 +143,7 @@ def test_reports_name_their_images_by_digest_and_a_resume_refuses_an_input_file_
     from sadag.rundir import RunDirError
 
     calib = sadag.CalibConfig(iters=2)
-    genie = sadag.run(tiny(tmp_path / "genie", method="genie", gen=GEN, calib=calib), export=False)
+    genie = sadag.run(tiny(tmp_path / "genie", method="genie", gen=GENIE_GEN, calib=calib), export=False)
     genie_set = tmp_path / "genie" / "synthetic"
     assert genie["calib_digest"] == images_digest(load_synthetic_set(genie_set)[0]) and "genie_set_digest" not in genie
     gen = sadag.GenConfig(genie_iters=3, genie_set=str(genie_set), lowpass=4.0)
@@ -151,14 +152,14 @@ def test_reports_name_their_images_by_digest_and_a_resume_refuses_an_input_file_
     # killed mid-calibration, then the file each reads again on resume is made again
     warmup = tmp_path / "w" / "quantized.safetensors"
     sadag.run(tiny(warmup.parent, method="noise", calib=calib))
-    kept_set = sadag.generate_set(tiny(tmp_path / "kept", method="genie", gen=GEN, seed=2))  # not made again below
+    kept_set = sadag.generate_set(tiny(tmp_path / "kept", method="genie", gen=GENIE_GEN, seed=2))  # not made again
     with_warmup = sadag.GenConfig(genie_iters=3, refine_iters=2, genie_set=str(kept_set), warmup_model=str(warmup))
     victims = {"genie_set": tiny(tmp_path / "v1", method="genie", gen=gen, calib=calib),
                "calib_data": tiny(tmp_path / "v2", calib_data=str(genie_set), calib=calib),
                "warmup_model": tiny(tmp_path / "v3", method="sadag", gen=with_warmup, calib=calib, seed=2)}
     for cfg in victims.values():
         run_killed_at(monkeypatch, "calib.pt", cfg)
-    sadag.run(tiny(tmp_path / "genie", method="genie", gen=GEN, calib=calib, seed=1), force=True, export=False)
+    sadag.run(tiny(tmp_path / "genie", method="genie", gen=GENIE_GEN, calib=calib, seed=1), force=True, export=False)
     sadag.run(tiny(warmup.parent, method="noise", calib=calib, seed=1), force=True)
     for name, cfg in victims.items():
         with pytest.raises(RunDirError, match=rf"{name} \(--[a-z-]+\) .* is not the one this run started from"):

@@ -86,11 +86,11 @@ def test_resume_may_change_what_cannot_change_the_result(finished: Path) -> None
 
 def test_a_run_made_before_a_setting_existed_resumes_at_its_default_only(finished: Path) -> None:
     marker = json.loads((finished / MARKER).read_text())
-    del marker["settings"]["gen.bn_scope"]  # as written by a version without gen.bn_scope
+    del marker["settings"]["quant.act_grid"]  # as written by a version without quant.act_grid
     (finished / MARKER).write_text(json.dumps(marker))
     run(tiny(finished), resume=True)
-    with pytest.raises(RunDirError, match="gen.bn_scope: 'batch' in the run, 'set' now"):
-        run(tiny(finished, gen=sadag.GenConfig(bn_scope="set")), resume=True)
+    with pytest.raises(RunDirError, match="quant.act_grid: 'affine' in the run, 'symmetric' now"):
+        run(tiny(finished, quant=sadag.QuantConfig(act_grid="symmetric")), resume=True)
 
 
 def test_a_run_made_before_a_changed_default_resumes_at_the_old_behaviour_only(finished: Path) -> None:

@@ -38,9 +38,9 @@ def _tiny_pair() -> tuple[nn.Module, nn.Module]:
 
 
 @contextlib.contextmanager
-def _nets(fp: nn.Module, q: nn.Module) -> Iterator[_Nets]:
+def _nets(fp: nn.Module, q: nn.Module, input_size: int) -> Iterator[_Nets]:
     with (frozen_eval(fp, q), torch.enable_grad(), capture_bn_inputs(fp) as bn_inputs,
-          capture_linear_input(last_linear(q)) as h_slot):
+          capture_linear_input(last_linear(q, input_size)) as h_slot):
         yield _Nets(fp, q, bn_layers(fp), bn_inputs, h_slot)
 
 
@@ -50,7 +50,7 @@ def _measure(fp: nn.Module, q: nn.Module, spec: DataSpec, cfg: GenConfig, rho: f
     of the images."""
     batch = generate_genie(fp, spec, cfg, seed=0)[0]
     out = {}
-    with _nets(fp, q) as nets:
+    with _nets(fp, q, spec.input_size) as nets:
         for mode, pair in _PAIRS.items():
             gen, z = load_batch_generator(batch, spec, cfg, torch.device("cpu"))
             images: list[Tensor] = []
@@ -71,7 +71,7 @@ def _direction(fp: nn.Module, q: nn.Module, mode: str, seed: int) -> Tensor:
     gen, z = load_batch_generator(batch, SPEC, CFG, torch.device("cpu"))
     seen: list[Tensor] = []
     handle = gen.register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach().clone()))
-    with _nets(fp, q) as nets:
+    with _nets(fp, q, SPEC.input_size) as nets:
         _PAIRS[mode](nets, _Latents(gen, z, [torch.Generator().manual_seed(seed)]), 0.7)
     handle.remove()
     assert torch.equal(seen[0], z.detach())

@@ -501,8 +501,23 @@ def apply_preset(cfg: RunConfig) -> RunConfig:
     return out
 
 
-# settings only some generation methods read: with any other source of images they would be ignored
-_METHOD_SETTINGS = {"genie_set": ("--genie-set", ("genie", "sadag")), "warmup_model": ("--warmup-model", ("sadag",))}
+# The gen settings each built-in method reads (the code that reads them: generation/genie.py, sadag.py, zeroq.py,
+# noise.py, builtin.py; lowpass: the pipeline filters any method's set). A setting given to a method that does not
+# read it is refused; a method registered elsewhere is not checked (sadag cannot know what it reads).
+_GENIE_D_READS = ("num_images", "batch_size", "latent_dim", "genie_iters", "lr_z", "lr_g", "g_decay", "g_decay_every",
+                  "plateau_patience", "min_lr_z", "swing", "parallel_batches", "precision", "bn_scope", "genie_set",
+                  "lowpass")
+METHOD_GEN_READS: dict[str, tuple[str, ...]] = {
+    "noise": ("num_images", "lowpass"),
+    "zeroq": ("num_images", "batch_size", "parallel_batches", "plateau_patience", "min_lr_z", "zeroq_iters",
+              "zeroq_lr", "lowpass"),
+    "genie": _GENIE_D_READS,
+    "sadag": (*_GENIE_D_READS, "warmup_calib_iters", "warmup_model", "refine_iters", "refine_parallel", "refine_lr_z",
+              "refine_lr_g", "refine_min_lr_z", "refine_g_decay", "lambda_gm", "lambda_div", "rho", "zeta",
+              "neighbor"),
+}
+# settings naming an input that only some methods read: refused with any other method (registered ones too)
+_METHOD_INPUTS = ("genie_set", "warmup_model")
 # what only calibration and evaluation read: generating a set alone (sadag generate, sadag.synthesize) reads none
 _RUN_ONLY = {"calib_data": "--calib-data", "num_calib": "--num-calib", "eval_data": "--eval-data",
              "eval_limit": "--eval-limit", "class_index": "--class-index"}
@@ -525,15 +540,46 @@ def check_unused_settings(cfg: RunConfig, command: Literal["run", "generate"] = 
         if value is not None and not cfg.eval_data:  # calibration ignores labels
             raise ConfigError(f"{name} ({flag}) {value}: it applies to the images of --eval-data, and this run has "
                               "none: give --eval-data or drop it")
-    for name, (flag, methods) in _METHOD_SETTINGS.items():
+    for name in _METHOD_INPUTS:
         if getattr(cfg.gen, name) is None:
             continue
+        methods = _readers(name)
         source = f"calibrates on --calib-data {cfg.calib_data}" if cfg.calib_data else f"uses method {cfg.method!r}"
         if cfg.calib_data or cfg.method not in methods:
-            raise ConfigError(f"gen.{name} ({flag}) is read by method {' and '.join(methods)} when it generates "
+            raise ConfigError(f"{_gen_label(name)} is read by method {' and '.join(methods)} when it generates "
                               f"images; this run {source}: drop it")
     if cfg.calib_data:
         _check_no_generation(cfg)
+    elif cfg.method in METHOD_GEN_READS:
+        _check_method_reads(cfg)
+
+
+def _readers(name: str) -> list[str]:
+    """The built-in methods that read gen setting ``name``."""
+    return [m for m, reads in METHOD_GEN_READS.items() if name in reads]
+
+
+def _gen_label(name: str) -> str:
+    return _label(GenConfig.__dataclass_fields__[name], f"gen.{name}")
+
+
+def _given_unread(cfg: RunConfig, reads: tuple[str, ...]) -> list[str]:
+    """The gen settings set explicitly to another value than the preset's that are not in ``reads``. A value equal
+    to the preset's passes: a run's saved config.yaml gives every field, and must load back whatever its method."""
+    preset = PRESETS[cfg.preset].get("gen", {})
+    return [f.name for f in fields(cfg.gen) if f.name not in reads and f.name in explicit_fields(cfg.gen)
+            and getattr(cfg.gen, f.name) != preset.get(f.name, _default(f))]
+
+
+def _check_method_reads(cfg: RunConfig) -> None:
+    """Refuse gen settings that the run's built-in method never reads (they would change nothing)."""
+    unread = _given_unread(cfg, METHOD_GEN_READS[cfg.method])
+    if unread:
+        given = "; ".join(f"{_gen_label(n)} {getattr(cfg.gen, n)!r} (read by {', '.join(_readers(n))})"
+                          for n in unread)
+        it, they = ("it", "it") if len(unread) == 1 else ("them", "they")
+        raise ConfigError(f"method {cfg.method!r} does not read {given}, so {they} would change nothing: drop {it}, "
+                          f"or choose a method that reads {it}")
 
 
 def _check_generate_only(cfg: RunConfig) -> None:
@@ -551,16 +597,13 @@ def _check_no_generation(cfg: RunConfig) -> None:
         raise ConfigError(f"method (--method) {cfg.method!r} generates calibration images, and this run calibrates "
                           f"on --calib-data {cfg.calib_data}, so it would make none: drop --method (a saved set "
                           "keeps the method that made it), or drop --calib-data to generate")
-    preset = PRESETS[cfg.preset].get("gen", {})
-    for f in fields(cfg.gen):
-        if f.name in _CALIB_DATA_READS or f.name not in explicit_fields(cfg.gen):
-            continue
-        value = getattr(cfg.gen, f.name)
-        if value != preset.get(f.name, _default(f)):
-            raise ConfigError(f"{_label(f, 'gen.' + f.name)} {value!r} applies to generated images, and this run "
-                              f"calibrates on --calib-data {cfg.calib_data}, so none are generated: drop it"
-                              + (" (to filter a saved Genie set: --method genie --genie-set DIR --lowpass D0)"
-                                 if f.name == "lowpass" else ""))
+    unread = _given_unread(cfg, _CALIB_DATA_READS)
+    if unread:
+        name = unread[0]
+        raise ConfigError(f"{_gen_label(name)} {getattr(cfg.gen, name)!r} applies to generated images, and this run "
+                          f"calibrates on --calib-data {cfg.calib_data}, so none are generated: drop it"
+                          + (" (to filter a saved Genie set: --method genie --genie-set DIR --lowpass D0)"
+                             if name == "lowpass" else ""))
 
 
 def check_input_paths(cfg: RunConfig) -> None:
@@ -606,11 +649,23 @@ def check_bn_scope(gen: GenConfig) -> None:
                           f"{gen.parallel_batches} would split them: leave it 0")
 
 
-def check_generation(cfg: RunConfig) -> None:
+def check_genie_input_size(input_size: int) -> None:
+    """The Genie generator starts at S/4 x S/4 and upsamples twice by 2: it makes S x S images for S = 4k only."""
+    if input_size % 4 != 0 or input_size < 4:
+        raise ConfigError(f"the Genie generator (methods genie and sadag) makes images whose size is a multiple of 4, "
+                          f"and this model's input size is {input_size}: use --method zeroq or --method noise for it")
+
+
+def check_generation(cfg: RunConfig, input_size: int | None = None) -> None:
     """For a resolved config: what Genie-D would refuse once running, refused before the run directory exists
-    (it runs in genie and sadag when they make their own Genie-D batches)."""
-    if cfg.method in _METHOD_SETTINGS["genie_set"][1] and not cfg.calib_data and not cfg.gen.genie_set:
+    (it runs in genie and sadag when they make their own Genie-D batches). ``input_size``: the model's, once it is
+    loaded (SADAG's refinement runs the Genie generator also on the batches of a saved set)."""
+    if cfg.method not in _readers("genie_iters") or cfg.calib_data:  # no Genie-D, no Genie generator
+        return
+    if not cfg.gen.genie_set:
         check_bn_scope(cfg.gen)
+    if input_size is not None:
+        check_genie_input_size(input_size)
 
 
 def check_calibration_minibatch(cfg: RunConfig) -> None:

@@ -41,6 +41,7 @@ from .errors import ConfigError, DataError, SadagError
 from .evaluation import evaluate
 from .generation import GenerationContext, get_method, images_digest, near_duplicates, save_synthetic_set
 from .generation.builtin import GENIE_SET_DIGEST
+from .generation.common import check_model_dtype
 from .generation.duplicates import NEAR_COPY_COSINE
 from .generation.lowpass import apply_lowpass
 from .models import DataSpec, load_model
@@ -202,6 +203,8 @@ def _prepare(cfg: RunConfig, resume: bool, force: bool, calibrates: bool,
     with distributed.local_main_first(ranks):  # one download per machine into its weights cache
         model, spec = load_model(cfg.model, weights=cfg.weights, trust_checkpoint=cfg.trust_checkpoint,
                                  device=device)
+    check_model_dtype(model)  # every image sadag makes or loads is float32: other floats fail deep in the run
+    check_generation(cfg, spec.input_size)  # what needs the model's input size
     digest = _agree_on_weights(model, cfg, ranks, device)
     if calibrates:  # the names; whether the forward calls them is found when the model is quantized
         check_unit_names(model, cfg.quant.units)

@@ -11,8 +11,8 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ModelError
-from ..modes import eval_mode
 from ..quantization.fold import BN_TYPES, has_running_stats
+from .common import probe_forward
 
 log = logging.getLogger(__name__)
 
@@ -20,7 +20,8 @@ log = logging.getLogger(__name__)
 BN_STD_EPS = 1e-6
 
 
-def _shown(names: Sequence[str]) -> str:
+def shown_names(names: Sequence[str]) -> str:
+    """At most 8 names, comma-separated, and how many more (error messages)."""
     return ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
 
 
@@ -36,7 +37,7 @@ def bn_layers(model: nn.Module) -> list[nn.BatchNorm2d]:
     untracked = [n or type(m).__name__ for n, m in named if not has_running_stats(m)]
     if untracked:
         raise ModelError(
-            f"{type(model).__name__}: BatchNorm layer(s) {_shown(untracked)} have no running statistics "
+            f"{type(model).__name__}: BatchNorm layer(s) {shown_names(untracked)} have no running statistics "
             "(track_running_stats=False): the BN-based methods (genie, sadag, zeroq) match the images to those "
             "statistics, so they need a model trained with track_running_stats=True; use --method noise or "
             "--method real (real calibration images) instead"
@@ -54,22 +55,19 @@ def reached_bn_layers(model: nn.Module, input_size: int) -> list[nn.BatchNorm2d]
     layers = bn_layers(model)  # the actionable errors first: no BN at all, or BN without running statistics
     seen: set[int] = set()
     handles = [m.register_forward_hook(lambda mod, _i, _o: seen.add(id(mod))) for m in layers]
-    param = next(model.parameters(), None)
-    kw = {} if param is None else {"device": param.device, "dtype": param.dtype}
     try:
-        with torch.no_grad(), eval_mode(model):
-            model(torch.zeros(1, 3, input_size, input_size, **kw))
+        probe_forward(model, input_size)
     finally:
         for h in handles:
             h.remove()
     missed = [n or type(m).__name__ for n, m in model.named_modules() if isinstance(m, BN_TYPES) and id(m) not in seen]
     if len(missed) == len(layers):
         raise ModelError(f"{type(model).__name__}: the eval-mode forward pass reaches none of its BatchNorm2d layers "
-                         f"({_shown(missed)}), so the BN-based methods (genie, sadag, zeroq) have no statistics to "
-                         "match; use --method noise or --method real instead")
+                         f"({shown_names(missed)}), so the BN-based methods (genie, sadag, zeroq) have no statistics "
+                         "to match; use --method noise or --method real instead")
     if missed:
         log.warning("%s: BatchNorm2d layer(s) %s are not reached by the eval-mode forward pass (e.g. a head used "
-                    "only in training); their statistics are not matched", type(model).__name__, _shown(missed))
+                    "only in training); their statistics are not matched", type(model).__name__, shown_names(missed))
     return [m for m in layers if id(m) in seen]
 
 

@@ -7,13 +7,13 @@ import hashlib
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..errors import NumericalError
+from ..errors import ModelError, NumericalError
 from ..modes import eval_mode
 from ..progress import LOG_EVERY, Progress, host_floats, widest_float
 
@@ -46,6 +46,30 @@ def model_device(model: nn.Module) -> torch.device:
     for b in model.buffers():
         return b.device
     return torch.device("cpu")
+
+
+def check_model_dtype(model: nn.Module) -> None:
+    """The generators, latents, ZeroQ's pixels and every saved or real image are made in torch's default dtype
+    (float32): a model whose floating parameters are in another (float64, bfloat16) passes the checks and then
+    fails deep inside its first convolution, so it is refused here, naming the fix."""
+    want = torch.get_default_dtype()
+    other = [(n, p.dtype) for n, p in model.named_parameters() if p.is_floating_point() and p.dtype != want]
+    if other:
+        name, dtype = other[0]
+        more = f" and {len(other) - 1} more" if len(other) > 1 else ""
+        fix = "model.float()" if want == torch.float32 else f"model.to({want})"
+        raise ModelError(f"{type(model).__name__} has parameters in {dtype} ({name}{more}): sadag generates and "
+                         f"calibrates in {want} (torch's default dtype), so the model must be in it too: convert it "
+                         f"with {fix} (a module:factory model: return {fix})")
+
+
+def probe_forward(model: nn.Module, input_size: int) -> None:
+    """One no-grad, eval-mode forward pass of one zero image of ``input_size`` pixels in the model's dtype and on
+    its device: what the forward calls, seen by the caller's hooks (the caller's train/eval flags are restored)."""
+    param = next(model.parameters(), None)
+    kw = {} if param is None else {"device": param.device, "dtype": param.dtype}
+    with torch.no_grad(), eval_mode(model):
+        model(torch.zeros(1, 3, input_size, input_size, **kw))
 
 
 @contextlib.contextmanager
@@ -197,6 +221,19 @@ class StageMonitor:
                        ", ".join(f"{k}={v:.4g}" for k, v in out.items()))
         if self.progress is not None:
             self.progress(self.stage, step, self.total, out)
+
+    def report_group(self, indices: Sequence[int], it: int, iters: int,
+                     metrics: Sequence[dict[str, Tensor | float]]) -> None:
+        """report() for each batch of a group optimized in one pass, metrics[k] being the k-th batch's.
+
+        The steps count every iteration of every batch (the batches before the group's first whole, the group's
+        G batches it + 1 times each), one apart in batch order: the progress bar moves forward only and reads the share
+        of the stage that is done (a batch's own b * iters + it + 1 would jump back at each batch of a group);
+        with one batch per group they are the batch's own steps.
+        """
+        start = indices[0] * iters + it * len(indices)
+        for k, (b, values) in enumerate(zip(indices, metrics, strict=True)):
+            self.report(b, it, start + k + 1, values)
 
     def check(self, batch: int, it: int, value: float = math.nan) -> None:
         if self.bad is not None and bool(self.bad):

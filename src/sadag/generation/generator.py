@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..errors import ConfigError
+from ..config import check_genie_input_size
 
 # benchmarks/throughput.py turns this off to time the plain layout in the same run
 CHANNELS_LAST_ON_CPU = True
@@ -23,8 +23,7 @@ class GenieGenerator(nn.Module):
 
     def __init__(self, image_size: int, latent_dim: int = 256, c1: int = 128, c2: int = 64) -> None:
         super().__init__()
-        if image_size % 4 != 0 or image_size < 4:
-            raise ConfigError(f"the Genie generator needs an input size divisible by 4, got {image_size}")
+        check_genie_input_size(image_size)
         self.init_size = image_size // 4
         self.latent_dim = latent_dim
         self.linear = nn.Linear(latent_dim, c1 * self.init_size ** 2)

@@ -22,12 +22,14 @@ from .common import (
     Progress,
     StageMonitor,
     batch_seed,
+    check_model_dtype,
     cpu_generator,
     frozen_eval,
     latent_state,
     load_latent_state,
     model_device,
     plateau_adam,
+    probe_forward,
 )
 from .generator import GenieGenerator, grouped_forward
 from .swing import swing_model
@@ -61,8 +63,10 @@ def init_batch(spec: DataSpec, cfg: GenConfig, seed: int, index: int, size: int,
                device: torch.device) -> tuple[GenieGenerator, Tensor]:
     """A fresh generator and latents for batch `index`, seeded from (seed, index) only, on CPU first
     so the values do not depend on the device or on the global RNG."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(batch_seed(seed, index, "genie-g"))
+    with torch.random.fork_rng(devices=[]):  # the layers' init draws from the CPU generator: restored after
+        # that generator alone: torch.manual_seed would also reseed every CUDA device, which fork_rng(devices=[])
+        # does not restore (the caller's CUDA random stream would change)
+        torch.default_generator.manual_seed(batch_seed(seed, index, "genie-g"))
         gen = GenieGenerator(spec.input_size, cfg.latent_dim)
     z = torch.randn(size, cfg.latent_dim, generator=cpu_generator(batch_seed(seed, index, "genie-z")))
     return gen.to(device).train(), z.to(device).requires_grad_()
@@ -182,7 +186,9 @@ def _genie_group(net: nn.Module, layers: list[nn.BatchNorm2d], captured: list, o
                 opt_g.param_groups[0]["lr"] = cfg.lr_g * cfg.g_decay ** ((it + 1) // cfg.g_decay_every)
         monitor.observe(losses.sum())
         if monitor.due(it, iters):
-            _report_group(monitor, indices, it, iters, losses, plateaus, gens, zs, x, hooks.on_log)
+            metrics = [{"loss": losses[k], "lr_z": plateaus[k].lr} for k in range(count)]
+            monitor.report_group(indices, it, iters, metrics)
+            _inspect_group(indices, it, gens, zs, x, hooks.on_log)
         if hooks.on_state is not None and hooks.clock.due(it + 1, iters):
             hooks.clock.save(lambda done: hooks.on_state(group_state(indices, done, gens, zs, opts, plateaus, offsets)),
                              it + 1)
@@ -194,13 +200,12 @@ def _genie_group(net: nn.Module, layers: list[nn.BatchNorm2d], captured: list, o
             for b, gen, z, images in zip(indices, gens, zs, x.chunk(count), strict=True)]
 
 
-def _report_group(monitor: StageMonitor, indices: Sequence[int], it: int, iters: int, losses: Tensor,
-                  plateaus: list[DevicePlateau], gens: list[GenieGenerator], zs: list[Tensor], x: Tensor,
-                  on_log: GenieInspector | None) -> None:
+def _inspect_group(indices: Sequence[int], it: int, gens: list[GenieGenerator], zs: list[Tensor], x: Tensor,
+                   on_log: GenieInspector | None) -> None:
+    if on_log is None:
+        return
     for k, (b, images) in enumerate(zip(indices, x.detach().chunk(len(indices)), strict=True)):
-        monitor.report(b, it, b * iters + it + 1, {"loss": losses[k], "lr_z": plateaus[k].lr})
-        if on_log is not None:
-            on_log(b, it, gens[k], zs[k].detach(), images)
+        on_log(b, it, gens[k], zs[k].detach(), images)
 
 
 def batch_groups(sizes: Sequence[int] | Mapping[int, int], parallel: int, done: Collection[int],
@@ -253,6 +258,7 @@ def generate_genie(
     """
     cfg.validate()
     bn_layers(model)  # fail early, with the actionable message, on a model without BN
+    check_model_dtype(model)
     sizes = batch_sizes(cfg.num_images, cfg.batch_size)
     done = dict(done or {})
     _check_done(done, sizes)
@@ -298,8 +304,7 @@ def _activation_floats(model: nn.Module, spec: DataSpec) -> int:
     leaves = [m for m in model.modules() if not list(m.children())]
     handles = [m.register_forward_hook(hook) for m in leaves]
     try:
-        with torch.no_grad():
-            model(torch.zeros(1, 3, spec.input_size, spec.input_size, device=model_device(model)))
+        probe_forward(model, spec.input_size)
     finally:
         for h in handles:
             h.remove()

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from ..config import GenConfig
 from ..errors import ConfigError, ModelError
 from ..models.spec import DataSpec
-from .bn_stats import bn_statistics_losses, capture_bn_inputs, input_prior_losses, reached_bn_layers
+from .bn_stats import bn_statistics_losses, capture_bn_inputs, input_prior_losses, reached_bn_layers, shown_names
 from .common import (
     LOG_EVERY,
     CheckpointClock,
@@ -22,9 +22,11 @@ from .common import (
     Progress,
     StageMonitor,
     batch_seed,
+    check_model_dtype,
     frozen_eval,
     model_device,
     plateau_adam,
+    probe_forward,
 )
 from .generator import GenieGenerator, grouped_forward
 from .genie import GenieBatch, batch_groups, finished_images, group_state, load_batch_generator, load_group_state
@@ -79,14 +81,30 @@ def diversity_loss(e: Tensor, h: Tensor, pool_e: Tensor | None, pool_h: Tensor |
     return diversity_losses(e, h, pool_e, pool_h, zeta).sum()
 
 
-def last_linear(model: nn.Module) -> nn.Linear:
+def last_linear(model: nn.Module, input_size: int) -> nn.Linear:
+    """The last nn.Linear that the eval-mode forward pass calls (SADAG's h is its input), found by one no-grad probe
+    of one zero image of `input_size` pixels, as reached_bn_layers does. Not the last in module order: a classifier
+    declared before an SE block's Linear layers, or a training-only head declared after it, comes last there."""
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
     if not linears:
         raise ModelError(
             f"{type(model).__name__} has no nn.Linear layer: SADAG needs the classifier's last linear layer "
             "to form per-sample gradients; use --method genie for this model"
         )
-    return linears[-1]
+    called: list[nn.Module] = []
+    handles = [m.register_forward_pre_hook(lambda mod, _args: called.append(mod)) for m in linears]
+    try:
+        probe_forward(model, input_size)
+    finally:
+        for h in handles:
+            h.remove()
+    if not called:
+        names = shown_names([n for n, m in model.named_modules() if isinstance(m, nn.Linear)])
+        raise ModelError(
+            f"{type(model).__name__}: the eval-mode forward pass calls none of its nn.Linear layers ({names}): SADAG "
+            "needs the classifier's last linear layer to form per-sample gradients; use --method genie for this model"
+        )
+    return called[-1]
 
 
 @contextlib.contextmanager
@@ -128,9 +146,13 @@ class _Nets:
             n = bn_images.shape[0]
             rows = [a[:n] if a is not None else None for a in self.bn_inputs]
             bn = bn_statistics_losses(rows, self.bn, groups) + input_prior_losses(bn_images, groups)
+        self.h_slot[0] = None  # a forward that skips the layer must not reuse the previous input
         q_out = self.q(x)
         h = self.h_slot[0]
-        assert h is not None, "the quantized model's last nn.Linear was not called"
+        if h is None:
+            raise ModelError(f"{type(self.q).__name__}: this forward pass did not call the last nn.Linear layer that "
+                             "the probe found (its input is SADAG's h): SADAG needs a forward that runs the same "
+                             "layers for every input; use --method genie for this model")
         return fp_out - q_out, h.flatten(1), bn
 
 
@@ -362,9 +384,8 @@ def _refine_group(nets: _Nets, batches: list[GenieBatch], pool: _Pool, spec: Dat
             opt_g.param_groups[0]["lr"] = cfg.refine_lr_g * cfg.refine_g_decay ** (it + 1)
         monitor.observe(losses.sum())
         if monitor.due(it, iters):
-            for k, b in enumerate(group.indices):
-                monitor.report(b, it, b * iters + it + 1, {"loss": losses[k], **{n: t[k] for n, t in terms.items()},
-                                                            "lr_z": group.plateaus[k].lr})
+            monitor.report_group(group.indices, it, iters, [{"loss": losses[k], **{n: t[k] for n, t in terms.items()},
+                                                             "lr_z": group.plateaus[k].lr} for k in range(count)])
         if checkpoints.save is not None and clock.due(it + 1, iters):
             clock.save(lambda done: checkpoints.save(group.state(done)), it + 1)
     monitor.check(group.indices[-1], max(iters - 1, 0))
@@ -439,6 +460,8 @@ def refine_sadag(
     one bit for bit. `checkpoints` saves and resumes the batch in progress.
     """
     cfg.validate()
+    for model in (fp_model, q_model):  # the generators' images are in torch's default dtype
+        check_model_dtype(model)
     done = dict(done or {})
     ordered = _check_inputs(batches, done)
     layers = reached_bn_layers(fp_model, spec.input_size)
@@ -449,7 +472,7 @@ def refine_sadag(
     clock = CheckpointClock(checkpoints.every, checkpoints.seconds)
     pool, out = _Pool(), []
     with (frozen_eval(fp_model, q_model), torch.enable_grad(), capture_bn_inputs(fp_model, layers) as bn_inputs,
-          capture_linear_input(last_linear(q_model)) as h_slot):
+          capture_linear_input(last_linear(q_model, spec.input_size)) as h_slot):
         nets = _Nets(fp_model, q_model, layers, bn_inputs, h_slot)
         for group in _groups(ordered, cfg.refine_parallel):
             if all(b.index in done for b in group):

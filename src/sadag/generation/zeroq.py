@@ -16,6 +16,7 @@ from .common import (
     Progress,
     StageMonitor,
     batch_seed,
+    check_model_dtype,
     cpu_generator,
     frozen_eval,
     model_device,
@@ -66,6 +67,7 @@ def generate_zeroq(model: nn.Module, spec: DataSpec, cfg: GenConfig, seed: int,
     `only`: the batches to make (torchrun's ranks split them), concatenated in that order; all by default.
     """
     cfg.validate()
+    check_model_dtype(model)  # its pixels are made in torch's default dtype
     layers = reached_bn_layers(model, spec.input_size)
     device = model_device(model)
     sizes = batch_sizes(cfg.num_images, cfg.batch_size)
@@ -100,7 +102,6 @@ def _zeroq_group(model: nn.Module, layers: list[nn.BatchNorm2d], captured: list,
             plateau.step(loss)
         monitor.observe(losses.sum())
         if monitor.due(it, iters):
-            for k, b in enumerate(indices):
-                monitor.report(b, it, b * iters + it + 1, {"loss": losses[k], "lr": plateaus[k].lr})
+            monitor.report_group(indices, it, iters, [{"loss": losses[k], "lr": plateaus[k].lr} for k in range(count)])
     monitor.check(indices[-1], max(iters - 1, 0))
     return [x.detach().float().cpu() for x in xs]
