@@ -75,6 +75,17 @@ def test_metrics_reach_the_host_in_one_dtype_the_device_has() -> None:
     assert out == {"loss": 0.25, "lr": 0.1, "step": 3.0} and list(out) == ["loss", "lr", "step"]
 
 
+def test_batches_of_one_pass_are_drawn_against_their_own_iterations(tmp_path: Path) -> None:
+    """Two batches optimized in one pass log steps that count both (1, 2 at iteration 1; 21, 22 at 11): each
+    batch's curve is drawn against its own iteration, not stretched over the pass."""
+    rundir = RunDir(tmp_path / "r", {})
+    _write(rundir, [{"stage": "genie-d", "step": 2 * it + b + 1, "total": 40, "batch": b, "iteration": it + 1,
+                     "loss": 1.0 / (it + 1)} for it in (0, 10, 19) for b in (0, 1)])
+    genie = read_curves(rundir.metrics_file)[0]
+    assert {batch: sorted(points) for batch, points in genie.lines["loss"].items()} == \
+        {"batch 0": [1, 11, 20], "batch 1": [1, 11, 20]}
+
+
 def test_a_unit_that_logs_its_rounding_loss_gets_that_panel(tmp_path: Path) -> None:
     rundir = RunDir(tmp_path / "r", {})
     _write(rundir, [{"stage": "calibrate unit 1/1 (fc)", "step": s, "total": 20, "rec_loss": 0.5 / s,

@@ -102,10 +102,11 @@ def read_curves(metrics_file: Path) -> list[StageCurves]:
         if unit:
             curves.add(f"{unit['k']}: {unit['unit']}", step, rec)
             continue
-        # generation steps count across batches: restart the axis at each batch's first logged step
+        # generation steps count across batches (and across the batches of a pass): the batch's own iteration, or
+        # for a run logged before that was recorded, the axis restarted at each batch's first logged step
         batch = f"batch {int(rec.get('batch', 0))}"
         start = starts.setdefault((name, batch), step)
-        curves.add(batch, step - start + 1, rec)
+        curves.add(batch, int(rec["iteration"]) if "iteration" in rec else step - start + 1, rec)
     return [stages[n] for n in _ORDER if n in stages]
 
 

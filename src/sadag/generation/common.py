@@ -217,6 +217,7 @@ class StageMonitor:
         out = host_floats(metrics)
         self.check(batch, it, out.get("loss", 0.0))
         out["batch"] = float(batch)
+        out["iteration"] = float(it + 1)  # the batch's own (step counts all batches of a pass: the curves' x is this)
         self.log.debug("%s batch %d iteration %d: %s", self.stage, batch, it + 1,
                        ", ".join(f"{k}={v:.4g}" for k, v in out.items()))
         if self.progress is not None:
